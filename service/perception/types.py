@@ -1,0 +1,54 @@
+"""What perception hands downstream (to skills). Data flows one way: skills import these, never the reverse."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels of the analysed frame
+
+
+@dataclass(frozen=True)
+class Detection:
+    label: str                 # COCO class name: "person", "bicycle", "car", ...
+    score: float
+    box: Box
+    track_id: int | None = None
+    velocity: tuple[float, float] = (0.0, 0.0)  # box-centre pixels per second
+    looming: float = 0.0       # relative box-area growth per second; > 0 means approaching
+
+
+@dataclass(frozen=True)
+class Face:
+    box: Box
+    score: float
+    landmarks: tuple[tuple[float, float], ...] = ()
+    embedding: np.ndarray | None = None   # identity template, when the identity stage ran
+
+
+@dataclass(frozen=True)
+class TextLine:
+    text: str
+    score: float
+    box: Box
+
+
+@dataclass(frozen=True)
+class Motion:
+    fraction: float                                  # share of the frame's pixels that moved
+    regions: tuple[Box, ...] = ()
+    zones: dict[str, float] = field(default_factory=dict)  # moved fraction per configured zone
+
+
+@dataclass(frozen=True)
+class FrameAnalysis:
+    camera_id: str
+    role: str                  # "cabin" | "exterior"
+    position: str              # "front", "rear", "left", "right", "cabin_front", "cabin_rear"
+    timestamp: float           # capture time, seconds since the epoch
+    frame: np.ndarray          # the analysed BGR frame
+    motion: Motion | None = None
+    detections: tuple[Detection, ...] = ()
+    faces: tuple[Face, ...] = ()
+    texts: tuple[TextLine, ...] = ()
+    stages_run: tuple[str, ...] = ()   # which cascade stages ran on this frame (the governor may skip some)
