@@ -1,0 +1,37 @@
+"""The Events service: a durable server stream with a resume cursor."""
+from __future__ import annotations
+
+import grpc
+
+from incar.v1 import events_pb2, events_pb2_grpc
+from service.store.events import EventLog
+
+MAX_KIND_FILTERS = 32
+
+
+class EventsServicer(events_pb2_grpc.EventsServicer):
+    def __init__(self, log: EventLog):
+        self.log = log
+
+    async def _check_kinds(self, kinds, context) -> list[str]:
+        if len(kinds) > MAX_KIND_FILTERS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"kinds: at most {MAX_KIND_FILTERS} filters")
+        for kind in kinds:
+            if not kind or len(kind) > 64:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "kinds: each filter must be 1..64 characters")
+        return list(kinds)
+
+    async def Subscribe(self, request, context):
+        kinds = await self._check_kinds(request.kinds, context)
+        after = self.log.latest_cursor() if request.only_new else request.after_cursor
+        async for event in self.log.follow(after, kinds):
+            yield event
+
+    async def ListEvents(self, request, context):
+        kinds = await self._check_kinds(request.kinds, context)
+        limit = request.limit or 100
+        if limit > 1000:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"limit: at most 1000, got {limit}")
+        events = self.log.after(request.after_cursor, limit, kinds)
+        next_cursor = events[-1].cursor if events else request.after_cursor
+        return events_pb2.ListEventsResponse(events=events, next_cursor=next_cursor)

@@ -1,0 +1,189 @@
+"""The incar gRPC server (grpc.aio): health per service, reflection, interceptors, graceful shutdown.
+
+`Application` wires the parts in the one direction data flows: cameras and vehicle state in, perception and
+the model, skills, events out. `incar serve` runs it until SIGTERM/SIGINT, then drains streams and stops.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from incar.v1 import events_pb2, system_pb2, system_pb2_grpc, vehicle_pb2
+from service import __version__
+from service.config import Config, ConfigError, load_config
+from service.events_service import EventsServicer
+from service.store.db import Database
+from service.store.events import EventLog
+from service.telemetry.interceptors import TelemetryInterceptor
+from service.telemetry.logging import configure_logging
+from service.telemetry.metrics import SERVICE_UP, start_metrics_server
+from service.vehicle import VehicleServicer, VehicleStateStore
+
+log = structlog.get_logger(__name__)
+
+SYSTEM = "incar.v1.System"
+
+
+class HealthBoard:
+    """gRPC health per service plus the reason behind each status (served by incar.v1.System)."""
+
+    def __init__(self):
+        self.servicer = health.aio.HealthServicer()
+        self.status: dict[str, tuple[bool, str]] = {}
+
+    async def set(self, service: str, serving: bool, reason: str = "") -> None:
+        previous = self.status.get(service)
+        self.status[service] = (serving, reason)
+        await self.servicer.set(service, health_pb2.HealthCheckResponse.SERVING if serving
+                                else health_pb2.HealthCheckResponse.NOT_SERVING)
+        SERVICE_UP.labels(service or "overall").set(1 if serving else 0)
+        if previous != (serving, reason):
+            log.info("health", service=service or "overall", serving=serving, reason=reason or None)
+
+    async def refresh_overall(self) -> None:
+        named = {k: v for k, v in self.status.items() if k}
+        down = [f"{k}: {v[1]}" for k, v in named.items() if not v[0]]
+        await self.set("", not down, "; ".join(down))
+
+    async def shutdown(self) -> None:
+        await self.servicer.enter_graceful_shutdown()
+
+
+class SystemServicer(system_pb2_grpc.SystemServicer):
+    def __init__(self, app: "Application"):
+        self.app = app
+
+    async def GetStatus(self, request, context):
+        return system_pb2.SystemStatus(
+            components=[system_pb2.ComponentStatus(name=name, serving=s, reason=r)
+                        for name, (s, r) in sorted(self.app.health.status.items()) if name],
+            version=__version__, model=self.app.model_name, backend=self.app.backend_name,
+            vehicle_mode=self.app.vehicle.mode())
+
+
+class Application:
+    def __init__(self, config: Config):
+        self.config = config
+        self.health = HealthBoard()
+        self.server: grpc.aio.Server | None = None
+        self.port: int = 0
+        self.metrics_port: int = 0
+        self.model_name = ""
+        self.backend_name = ""
+        self._tasks: list[asyncio.Task] = []
+        self._stopping = asyncio.Event()
+
+        data_dir = Path(config.server.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = data_dir
+        self.db = Database(data_dir / "incar.db")
+        self.events = EventLog(self.db)
+        self.vehicle = VehicleStateStore(self.db)
+
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        return [TelemetryInterceptor()]
+
+    async def start(self) -> int:
+        cfg = self.config.server
+        self.db.migrate()
+        self.vehicle.load()
+        self.server = grpc.aio.server(
+            interceptors=self._interceptors(),
+            options=[("grpc.max_receive_message_length", cfg.max_receive_message_bytes),
+                     ("grpc.max_send_message_length", cfg.max_receive_message_bytes),
+                     ("grpc.so_reuseport", 0)])
+        services = self._register(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
+        reflection.enable_server_reflection(services + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self.port = self.server.add_insecure_port(cfg.listen)
+        if not self.port:
+            raise RuntimeError(f"server.listen: cannot bind {cfg.listen}")
+        for name in services:
+            await self.health.set(name, False, "starting")
+        await self.server.start()
+        self.metrics_port = start_metrics_server(cfg.metrics_listen)
+        await self._became_ready()
+        log.info("serving", listen=cfg.listen, port=self.port, metrics_port=self.metrics_port, version=__version__)
+        return self.port
+
+    def _register(self, server: grpc.aio.Server) -> list[str]:
+        from incar.v1 import events_pb2_grpc, vehicle_pb2_grpc
+        events_pb2_grpc.add_EventsServicer_to_server(EventsServicer(self.events), server)
+        vehicle_pb2_grpc.add_VehicleServicer_to_server(VehicleServicer(self.vehicle), server)
+        system_pb2_grpc.add_SystemServicer_to_server(SystemServicer(self), server)
+        return [events_pb2.DESCRIPTOR.services_by_name["Events"].full_name,
+                vehicle_pb2.DESCRIPTOR.services_by_name["Vehicle"].full_name,
+                SYSTEM]
+
+    async def _became_ready(self) -> None:
+        for name in list(self.health.status):
+            if name:
+                await self.health.set(name, True)
+        await self.health.refresh_overall()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: health says NOT_SERVING, new RPCs are refused, streams get `grace` seconds to finish."""
+        grace = self.config.server.shutdown_grace_seconds if grace is None else grace
+        log.info("shutting_down", grace_s=grace)
+        await self.health.shutdown()
+        for task in self._tasks:
+            task.cancel()
+        if self.server is not None:
+            await self.server.stop(grace)
+        self.db.close()
+        self._stopping.set()
+
+    async def wait(self) -> None:
+        await self._stopping.wait()
+
+
+async def _serve(config: Config) -> int:
+    app = Application(config)
+    await app.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await app.stop()
+    return 0
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML config file (embedded defaults apply to what it leaves out)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one setting (repeatable); environment: INCAR_SECTION__KEY=VALUE")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    try:
+        return load_config(args.config, overrides=args.set)
+    except ConfigError as exc:
+        print(f"incar: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def serve_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="incar serve", description="Run the incar gRPC service")
+    add_config_arguments(parser)
+    parser.add_argument("--listen", help="host:port for gRPC (same as --set server.listen=...)")
+    parser.add_argument("--data-dir", help="data directory (same as --set server.data_dir=...)")
+    args = parser.parse_args(argv)
+    if args.listen:
+        args.set.append(f"server.listen={args.listen}")
+    if args.data_dir:
+        args.set.append(f"server.data_dir={args.data_dir}")
+    config = config_from_args(args)
+    configure_logging(config.server.log_level, config.server.log_format)
+    return asyncio.run(_serve(config))
+
+
+main = serve_main

@@ -1,0 +1,1 @@
+"""Telemetry: Prometheus metrics (one `incar_` prefix), structlog JSON logs, gRPC interceptors."""

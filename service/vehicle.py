@@ -1,0 +1,138 @@
+"""Vehicle state: the latest snapshot from the vehicle gateway, validated, persisted, and fanned out to listeners."""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+import structlog
+
+from incar.v1 import vehicle_pb2, vehicle_pb2_grpc
+from service.store.db import Database, StoreUnavailableError
+
+log = structlog.get_logger(__name__)
+
+MIGRATIONS = [
+    """
+    CREATE TABLE vehicle_state (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        time REAL NOT NULL,
+        state BLOB NOT NULL
+    );
+    """,
+]
+
+MOVING_KMH = 3.0   # below this the car counts as standing (safe-exit warnings apply)
+
+
+def vehicle_mode(state: vehicle_pb2.VehicleState, sentry_armed: bool = False) -> str:
+    """The mode the power budgets are set for: driving, parked_awake, sentry or off."""
+    if state.gear in (vehicle_pb2.GEAR_DRIVE, vehicle_pb2.GEAR_REVERSE) or state.speed_kmh >= MOVING_KMH:
+        return "driving"
+    if state.ignition in (vehicle_pb2.IGNITION_ON, vehicle_pb2.IGNITION_ACCESSORY):
+        return "parked_awake"
+    if state.locked and sentry_armed:
+        return "sentry"
+    return "off"
+
+
+def validate_state(state: vehicle_pb2.VehicleState) -> None:
+    """Raise ValueError naming the field when a snapshot cannot be right."""
+    for name, enum in (("gear", vehicle_pb2.Gear), ("ignition", vehicle_pb2.Ignition)):
+        if getattr(state, name) not in enum.values():
+            raise ValueError(f"{name}: unknown value {getattr(state, name)}")
+    if not math.isfinite(state.speed_kmh) or not 0 <= state.speed_kmh <= 400:
+        raise ValueError(f"speed_kmh: expected 0..400, got {state.speed_kmh}")
+    if not math.isfinite(state.battery_percent) or not 0 <= state.battery_percent <= 100:
+        raise ValueError(f"battery_percent: expected 0..100, got {state.battery_percent}")
+    if state.gps_valid:
+        gps = state.gps
+        if not (math.isfinite(gps.latitude_deg) and -90 <= gps.latitude_deg <= 90):
+            raise ValueError(f"gps.latitude_deg: expected -90..90, got {gps.latitude_deg}")
+        if not (math.isfinite(gps.longitude_deg) and -180 <= gps.longitude_deg <= 180):
+            raise ValueError(f"gps.longitude_deg: expected -180..180, got {gps.longitude_deg}")
+        if not math.isfinite(gps.altitude_m) or not math.isfinite(gps.accuracy_m) or gps.accuracy_m < 0:
+            raise ValueError("gps: altitude_m and accuracy_m must be finite, accuracy_m >= 0")
+    seen = set()
+    for i, door in enumerate(state.doors):
+        if door.door not in vehicle_pb2.DoorId.values() or door.door == vehicle_pb2.DOOR_ID_UNSPECIFIED:
+            raise ValueError(f"doors[{i}].door: unknown door {door.door}")
+        if door.door in seen:
+            raise ValueError(f"doors[{i}].door: {vehicle_pb2.DoorId.Name(door.door)} listed twice")
+        seen.add(door.door)
+    for i, seat in enumerate(state.seats):
+        if seat.seat not in vehicle_pb2.SeatId.values() or seat.seat == vehicle_pb2.SEAT_ID_UNSPECIFIED:
+            raise ValueError(f"seats[{i}].seat: unknown seat {seat.seat}")
+        if seat.occupancy not in vehicle_pb2.Occupancy.values():
+            raise ValueError(f"seats[{i}].occupancy: unknown value {seat.occupancy}")
+    if len(state.key_fob_id) > 128:
+        raise ValueError("key_fob_id: longer than 128 characters")
+
+
+Listener = Callable[[vehicle_pb2.VehicleState, vehicle_pb2.VehicleState], None]
+
+
+class VehicleStateStore:
+    """Holds the latest snapshot; survives restarts; calls listeners with (previous, current)."""
+
+    def __init__(self, db: Database, clock=time.time):
+        self.db = db
+        self.clock = clock
+        db.register_migrations("vehicle", MIGRATIONS)
+        self._lock = threading.Lock()
+        self._state: vehicle_pb2.VehicleState | None = None
+        self._listeners: list[Listener] = []
+        self.sentry_armed: Callable[[], bool] = lambda: False
+
+    def load(self) -> None:
+        row = self.db.connect().execute("SELECT state FROM vehicle_state WHERE id=1").fetchone()
+        if row:
+            self._state = vehicle_pb2.VehicleState.FromString(row["state"])
+
+    @property
+    def current(self) -> vehicle_pb2.VehicleState:
+        with self._lock:
+            return vehicle_pb2.VehicleState() if self._state is None else vehicle_pb2.VehicleState.FromString(
+                self._state.SerializeToString())
+
+    def mode(self) -> str:
+        return vehicle_mode(self.current, self.sentry_armed())
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def update(self, state: vehicle_pb2.VehicleState) -> vehicle_pb2.VehicleState:
+        validate_state(state)
+        if not state.HasField("time"):
+            state.time.FromNanoseconds(int(self.clock() * 1e9))
+        with self.db.transaction() as tx:
+            tx.execute("INSERT INTO vehicle_state(id, time, state) VALUES(1, ?, ?) "
+                       "ON CONFLICT(id) DO UPDATE SET time=excluded.time, state=excluded.state",
+                       (self.clock(), state.SerializeToString()))
+        with self._lock:
+            previous, self._state = self._state or vehicle_pb2.VehicleState(), state
+        for listener in self._listeners:
+            try:
+                listener(previous, state)
+            except Exception:
+                log.exception("vehicle.listener_failed", listener=getattr(listener, "__qualname__", repr(listener)))
+        return state
+
+
+class VehicleServicer(vehicle_pb2_grpc.VehicleServicer):
+    def __init__(self, store: VehicleStateStore):
+        self.store = store
+
+    async def UpdateState(self, request, context):
+        try:
+            self.store.update(request)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"vehicle state: {exc}")
+        except StoreUnavailableError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"vehicle state not stored: {exc}")
+        return vehicle_pb2.UpdateStateResponse(vehicle_mode=self.store.mode())
+
+    async def GetState(self, request, context):
+        return self.store.current
