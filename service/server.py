@@ -16,7 +16,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from incar.v1 import events_pb2, system_pb2, system_pb2_grpc, vehicle_pb2
+from incar.v1 import common_pb2, events_pb2, system_pb2, system_pb2_grpc, vehicle_pb2
 from service import __version__
 from service.config import Config, ConfigError, load_config
 from service.events_service import EventsServicer
@@ -25,7 +25,7 @@ from service.store.events import EventLog
 from service.telemetry.interceptors import TelemetryInterceptor
 from service.telemetry.logging import configure_logging
 from service.telemetry.metrics import SERVICE_UP, start_metrics_server
-from service.vehicle import VehicleServicer, VehicleStateStore
+from service.vehicle import VehicleServicer, VehicleStateStore, transitions
 
 log = structlog.get_logger(__name__)
 
@@ -87,6 +87,11 @@ class Application:
         self.db = Database(data_dir / "incar.db")
         self.events = EventLog(self.db)
         self.vehicle = VehicleStateStore(self.db)
+        self.vehicle.add_listener(self._vehicle_events)
+
+    def _vehicle_events(self, previous: vehicle_pb2.VehicleState, current: vehicle_pb2.VehicleState) -> None:
+        for kind, message in transitions(previous, current):
+            self.events.append(kind, "system", common_pb2.SEVERITY_INFO, message)
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [TelemetryInterceptor()]

@@ -136,3 +136,22 @@ class VehicleServicer(vehicle_pb2_grpc.VehicleServicer):
 
     async def GetState(self, request, context):
         return self.store.current
+
+
+def transitions(previous: vehicle_pb2.VehicleState, current: vehicle_pb2.VehicleState) -> list[tuple[str, str]]:
+    """(kind, message) for the changes an HMI cares about: locks, parking, ignition, doors."""
+    out = []
+    if current.locked != previous.locked:
+        out.append(("vehicle.locked", "Car locked") if current.locked else ("vehicle.unlocked", "Car unlocked"))
+    parked = current.gear == vehicle_pb2.GEAR_PARK
+    if parked and previous.gear != vehicle_pb2.GEAR_PARK:
+        out.append(("vehicle.parked", "Gear in park"))
+    if current.ignition != previous.ignition and current.ignition != vehicle_pb2.IGNITION_UNSPECIFIED:
+        name = vehicle_pb2.Ignition.Name(current.ignition).removeprefix("IGNITION_").lower()
+        out.append((f"vehicle.ignition_{name}", f"Ignition {name}"))
+    before = {d.door: d.open for d in previous.doors}
+    for door in current.doors:
+        if door.open and not before.get(door.door, False):
+            name = vehicle_pb2.DoorId.Name(door.door).removeprefix("DOOR_ID_").lower()
+            out.append(("vehicle.door_opened", f"Door {name.replace('_', ' ')} opened"))
+    return out
