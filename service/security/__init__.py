@@ -1,0 +1,1 @@
+"""Transport security (TLS / mutual TLS), client identities and roles, and the development CA."""
