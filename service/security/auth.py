@@ -161,44 +161,57 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 yield b""  # pragma: no cover - makes this an async generator (stream handler)
             return grpc.stream_stream_rpc_method_handler(not_mounted)
 
+        # Requests arrive as bytes and are parsed only after the caller is known to be allowed: no untrusted
+        # parsing for strangers, and corrupt wire bytes get INVALID_ARGUMENT (grpc's own path says UNKNOWN).
+        deserialize = handler.request_deserializer
+
+        async def parse(raw, context):
+            if deserialize is None:
+                return raw
+            try:
+                return deserialize(raw)
+            except Exception as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"{method}: request is not a valid protobuf message: {exc}")
+
+        async def parse_stream(raw_iterator, context):
+            async for raw in raw_iterator:
+                yield await parse(raw, context)
+
         if handler.unary_unary:
             inner = handler.unary_unary
 
-            async def unary_unary(request, context):
+            async def unary_unary(raw, context):
                 await check(method, context, metadata)
-                return await inner(request, context)
-            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
-                                                       handler.response_serializer)
+                return await inner(await parse(raw, context), context)
+            return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
         if handler.unary_stream:
             inner = handler.unary_stream
 
-            async def unary_stream(request, context):
+            async def unary_stream(raw, context):
                 await check(method, context, metadata)
-                result = inner(request, context)
+                result = inner(await parse(raw, context), context)
                 if hasattr(result, "__aiter__"):
                     async for item in result:
                         yield item
                 else:
                     await result
-            return grpc.unary_stream_rpc_method_handler(unary_stream, handler.request_deserializer,
-                                                        handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(unary_stream, None, handler.response_serializer)
         if handler.stream_unary:
             inner = handler.stream_unary
 
-            async def stream_unary(request_iterator, context):
+            async def stream_unary(raw_iterator, context):
                 await check(method, context, metadata)
-                return await inner(request_iterator, context)
-            return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer,
-                                                        handler.response_serializer)
+                return await inner(parse_stream(raw_iterator, context), context)
+            return grpc.stream_unary_rpc_method_handler(stream_unary, None, handler.response_serializer)
         inner = handler.stream_stream
 
-        async def stream_stream(request_iterator, context):
+        async def stream_stream(raw_iterator, context):
             await check(method, context, metadata)
-            result = inner(request_iterator, context)
+            result = inner(parse_stream(raw_iterator, context), context)
             if hasattr(result, "__aiter__"):
                 async for item in result:
                     yield item
             else:
                 await result
-        return grpc.stream_stream_rpc_method_handler(stream_stream, handler.request_deserializer,
-                                                     handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(stream_stream, None, handler.response_serializer)

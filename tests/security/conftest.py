@@ -40,7 +40,12 @@ class _SecuredApplication(Application):
 
     def _register(self, server):
         integration.check(self.config)
-        server.add_insecure_port = lambda listen: integration.add_port(self.config, server)
+        plain_bind = server.add_insecure_port
+
+        class _Binder:  # what add_port sees as the server: the real secure bind, the real plaintext bind
+            add_insecure_port = staticmethod(plain_bind)
+            add_secure_port = staticmethod(server.add_secure_port)
+        server.add_insecure_port = lambda listen: integration.add_port(self.config, _Binder)
         return super()._register(server)
 
 
