@@ -1,0 +1,454 @@
+"""CameraHub: every camera's frames in (gRPC stream or OpenCV source), decoded off the event loop, kept in a
+ring per camera and handed to analysis consumers, latest-wins.
+
+Admission, in order, on the event loop (cheap checks only):
+  bad input (empty/unknown camera id, role, position, encoding, header dimensions, pixel limit, raw length)
+      -> FrameError (the servicer answers INVALID_ARGUMENT naming the field and camera)
+  capture time older than max_frame_age_seconds -> dropped STALE
+  capture time not after the camera's latest admitted frame -> dropped OUT_OF_ORDER
+  (the camera is alive from here on: the watchdog sees it)
+  the governor's analysis rate for this camera -> dropped RATE_LIMITED (before decoding: that is the saving)
+  queued for decode; when max_pending_frames are already waiting, the oldest waiting one is dropped OVERLOAD.
+`submit` returns when its frame is decoded and stored (accepted) or dropped, so the ack tells the truth.
+One decode per camera is in flight at a time (frames stay in order); cameras decode in parallel in the pool.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import structlog
+from prometheus_client import Counter, Gauge, Histogram
+
+from incar.v1 import cameras_pb2, common_pb2
+from service.cameras.config import CAMERA_ID, CamerasConfig, CameraConfig
+from service.cameras.frames import FrameError, ImageSpec, check_image, decode_and_resize, resize_for_model
+from service.cameras.ring import CameraFrame, FrameRing
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["CameraHub", "CameraFrame", "FrameError", "UnknownCameraError", "CameraLimitError"]
+
+FRAMES_ACCEPTED = Counter("incar_camera_frames_accepted_total", "Frames decoded and stored", ["camera"])
+FRAMES_DROPPED = Counter("incar_camera_frames_dropped_total", "Valid frames not processed, by reason",
+                         ["camera", "reason"])
+FRAMES_INVALID = Counter("incar_camera_frames_invalid_total", "Frames refused as bad input, by offending field",
+                         ["field"])
+FRAME_AGE = Histogram("incar_camera_frame_age_seconds", "Capture to stored-and-decoded time", ["camera"],
+                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0))
+DECODE_SECONDS = Histogram("incar_camera_decode_seconds", "Decode plus resize time per frame", ["camera"],
+                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5))
+CAMERA_UP = Gauge("incar_camera_up", "1 while the camera delivers frames (watchdog)", ["camera"])
+CAMERA_FPS = Gauge("incar_camera_frames_per_second", "Accepted frames per second, recent window", ["camera"])
+QUEUE_DEPTH = Gauge("incar_camera_queue_depth", "Frames waiting for decode", ["camera"])
+RING_BYTES = Gauge("incar_camera_ring_bytes", "Bytes held in the camera's ring buffer", ["camera"])
+
+ROLE_NAMES = {common_pb2.CAMERA_ROLE_CABIN: "cabin", common_pb2.CAMERA_ROLE_EXTERIOR: "exterior"}
+ROLE_VALUES = {name: value for value, name in ROLE_NAMES.items()}
+POSITION_NAMES = {value: name[len("MOUNT_POSITION_"):].lower()
+                  for name, value in common_pb2.MountPosition.items()}
+POSITION_VALUES = {name: value for value, name in POSITION_NAMES.items()}
+REASON_LABELS = {cameras_pb2.DROP_REASON_OVERLOAD: "overload", cameras_pb2.DROP_REASON_STALE: "stale",
+                 cameras_pb2.DROP_REASON_OUT_OF_ORDER: "out_of_order",
+                 cameras_pb2.DROP_REASON_RATE_LIMITED: "rate_limited"}
+FPS_WINDOW = 30
+
+StateCallback = Callable[[str, bool, str], object]
+
+
+class UnknownCameraError(FrameError):
+    """A frame from a camera that is not declared while allow_unknown_cameras is off."""
+
+    def __init__(self, camera_id: str):
+        super().__init__("camera_id", f"unknown camera {camera_id!r} (not declared and allow_unknown_cameras is off)")
+
+
+class CameraLimitError(RuntimeError):
+    """max_cameras reached: a new camera cannot register (RESOURCE_EXHAUSTED)."""
+
+
+@dataclass
+class _Pending:
+    capture_time: float
+    received_time: float
+    sequence: int
+    future: asyncio.Future
+    spec: ImageSpec | None = None
+    data: bytes = b""
+    decoded: np.ndarray | None = None   # from OpenCV sources: already BGR
+
+
+@dataclass
+class _Camera:
+    id: str
+    role: str
+    position: str
+    source: str
+    ring: FrameRing
+    pulled: bool = False
+    pending: deque = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    worker: asyncio.Task | None = None
+    last_admitted_capture: float = -math.inf
+    last_rate_capture: float = -math.inf
+    last_alive: float | None = None          # monotonic
+    last_frame_time: float | None = None     # capture time of the newest stored frame
+    last_frame_age: float = 0.0
+    up: bool = False
+    state_reason: str = "no frame yet"
+    accepted: int = 0
+    dropped: int = 0
+    accepted_at: deque = field(default_factory=lambda: deque(maxlen=FPS_WINDOW))
+
+    def fps(self, now: float, timeout: float) -> float:
+        if len(self.accepted_at) < 2 or now - self.accepted_at[-1] > timeout:
+            return 0.0
+        span = self.accepted_at[-1] - self.accepted_at[0]
+        return (len(self.accepted_at) - 1) / span if span > 0 else 0.0
+
+
+class _Consumer:
+    """The newest undelivered frame per camera; a newer frame replaces an undelivered one (latest-wins)."""
+
+    def __init__(self):
+        self.latest: dict[str, CameraFrame] = {}
+        self.ready = asyncio.Event()
+
+    def offer(self, frame: CameraFrame) -> None:
+        self.latest.pop(frame.camera_id, None)   # re-insert at the end: cameras waiting longer go first
+        self.latest[frame.camera_id] = frame
+        self.ready.set()
+
+    async def get(self) -> CameraFrame:
+        while not self.latest:
+            self.ready.clear()
+            await self.ready.wait()
+        return self.latest.pop(next(iter(self.latest)))
+
+
+def _timestamp_seconds(frame: cameras_pb2.Frame, default: float) -> float:
+    if not frame.HasField("capture_time"):
+        return default   # a camera without a clock: its frame is as old as its arrival
+    return frame.capture_time.seconds + frame.capture_time.nanos / 1e9
+
+
+class CameraHub:
+    def __init__(self, config: CamerasConfig | None = None):
+        self.config = config or CamerasConfig()
+        self.config.validate()
+        self._cameras: dict[str, _Camera] = {}
+        self._consumers: set[_Consumer] = set()
+        self._callbacks: list[StateCallback] = []
+        self._rates: dict[str, float | None] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._watchdog: asyncio.Task | None = None
+        self._sources: list = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        for declared in self.config.cameras:
+            self._add_camera(declared.id, declared.role, declared.position,
+                             declared.source if declared.pulled else "grpc", pulled=declared.pulled)
+
+    # lifecycle -----------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the decode pool, the watchdog and the configured OpenCV sources."""
+        from service.cameras.sources import OpenCVSource
+        if self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._pool = ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="camera-decode")
+        self._watchdog = asyncio.create_task(self._watch(), name="camera-watchdog")
+        for declared in self.config.cameras:
+            if declared.pulled:
+                source = OpenCVSource(declared, self, self._loop, self.config)
+                source.start()
+                self._sources.append(source)
+        log.info("camera_hub_started", cameras=sorted(self._cameras), sources=len(self._sources))
+
+    async def stop(self) -> None:
+        for source in self._sources:
+            source.stop()
+        await asyncio.gather(*(asyncio.to_thread(source.join, 5.0) for source in self._sources))
+        self._sources.clear()
+        tasks = [t for t in [self._watchdog, *(c.worker for c in self._cameras.values())] if t]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for camera in self._cameras.values():
+            camera.worker = None
+            while camera.pending:
+                item = camera.pending.popleft()
+                if not item.future.done():
+                    item.future.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool, self._watchdog, self._loop = None, None, None
+
+    async def __aenter__(self) -> "CameraHub":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    # ingest --------------------------------------------------------------------------------------------------
+    async def submit(self, frame: cameras_pb2.Frame) -> cameras_pb2.FrameAck:
+        """A frame from the gRPC stream. Raises FrameError (bad input) or CameraLimitError."""
+        received = time.time()
+        camera_id = frame.camera_id
+        try:
+            camera = self._camera_for(frame)
+            if camera.pulled:
+                raise FrameError("camera_id", f"camera {camera_id!r} is fed by its configured source "
+                                              f"{camera.source!r}, not over gRPC")
+            spec = check_image(frame.image, self.config.max_pixels)
+        except FrameError as exc:
+            FRAMES_INVALID.labels(exc.field).inc()
+            log.info("camera_frame_invalid", camera=camera_id, field=exc.field, error=str(exc))
+            raise
+        return await self._admit(camera, _timestamp_seconds(frame, received), received, frame.sequence,
+                                 spec=spec, data=frame.image.data)
+
+    async def submit_decoded(self, camera_id: str, bgr: np.ndarray, capture_time: float,
+                             sequence: int) -> cameras_pb2.FrameAck:
+        """A frame an OpenCV source already decoded (BGR HxWx3 uint8) for a declared camera."""
+        camera = self._cameras[camera_id]
+        if bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
+            raise FrameError("image", f"expected BGR uint8 HxWx3, got {bgr.dtype} {bgr.shape}")
+        if bgr.shape[0] * bgr.shape[1] > self.config.max_pixels:
+            raise FrameError("image", f"{bgr.shape[1]}x{bgr.shape[0]} is over the limit of "
+                                      f"{self.config.max_pixels} pixels")
+        return await self._admit(camera, capture_time, time.time(), sequence, decoded=bgr)
+
+    def _camera_for(self, frame: cameras_pb2.Frame) -> _Camera:
+        camera_id = frame.camera_id
+        if not camera_id:
+            raise FrameError("camera_id", "empty")
+        if not CAMERA_ID.match(camera_id):
+            raise FrameError("camera_id", f"expected 1-64 characters [A-Za-z0-9._-], got {camera_id[:80]!r}")
+        if frame.role != common_pb2.CAMERA_ROLE_UNSPECIFIED and frame.role not in ROLE_NAMES:
+            raise FrameError("role", f"unknown value {frame.role}")
+        if frame.position not in POSITION_NAMES:
+            raise FrameError("position", f"unknown value {frame.position}")
+        role = ROLE_NAMES.get(frame.role)
+        position = POSITION_NAMES[frame.position]
+        camera = self._cameras.get(camera_id)
+        if camera is None:
+            if not self.config.allow_unknown_cameras:
+                raise UnknownCameraError(camera_id)
+            if role is None:
+                raise FrameError("role", "unspecified on the camera's first frame (CABIN or EXTERIOR)")
+            if len(self._cameras) >= self.config.max_cameras:
+                raise CameraLimitError(f"camera {camera_id!r}: max_cameras ({self.config.max_cameras}) reached")
+            camera = self._add_camera(camera_id, role, position, "grpc")
+            log.info("camera_registered", camera=camera_id, role=role, position=position)
+            return camera
+        if role is not None and role != camera.role:
+            raise FrameError("role", f"camera is {camera.role}, frame says {role}")
+        if position != "unspecified" and camera.position != "unspecified" and position != camera.position:
+            raise FrameError("position", f"camera is mounted {camera.position}, frame says {position}")
+        return camera
+
+    def _add_camera(self, camera_id: str, role: str, position: str, source: str, pulled: bool = False) -> _Camera:
+        camera = _Camera(camera_id, role, position, source,
+                         FrameRing(self.config.ring_seconds, self.config.ring_max_bytes), pulled=pulled)
+        self._cameras[camera_id] = camera
+        CAMERA_UP.labels(camera_id).set(0)
+        return camera
+
+    async def _admit(self, camera: _Camera, capture_time: float, received: float, sequence: int, *,
+                     spec: ImageSpec | None = None, data: bytes = b"",
+                     decoded: np.ndarray | None = None) -> cameras_pb2.FrameAck:
+        if self._loop is None:
+            raise RuntimeError("CameraHub.start() has not been awaited")
+        age = received - capture_time
+        if age > self.config.max_frame_age_seconds:
+            return self._dropped(camera, sequence, cameras_pb2.DROP_REASON_STALE,
+                                 f"captured {age:.3f} s ago; max_frame_age_seconds is "
+                                 f"{self.config.max_frame_age_seconds:g}")
+        if capture_time <= camera.last_admitted_capture:
+            return self._dropped(camera, sequence, cameras_pb2.DROP_REASON_OUT_OF_ORDER,
+                                 f"capture time {capture_time:.6f} is not after the camera's latest "
+                                 f"{camera.last_admitted_capture:.6f}")
+        camera.last_admitted_capture = capture_time
+        self._alive(camera)
+        rate = self._rates.get(camera.id)
+        if rate is not None and (rate <= 0 or capture_time - camera.last_rate_capture < 1.0 / rate):
+            return self._dropped(camera, sequence, cameras_pb2.DROP_REASON_RATE_LIMITED,
+                                 f"analysis rate for this camera is {rate:g} fps")
+        camera.last_rate_capture = capture_time
+        item = _Pending(capture_time, received, sequence, self._loop.create_future(), spec, data, decoded)
+        replaced = []
+        while len(camera.pending) >= self.config.max_pending_frames:
+            replaced.append(camera.pending.popleft())
+        camera.pending.append(item)
+        for old in replaced:
+            self._resolve(old, self._dropped(camera, old.sequence, cameras_pb2.DROP_REASON_OVERLOAD,
+                                             f"sequence {item.sequence} replaced it before decoding"))
+        QUEUE_DEPTH.labels(camera.id).set(len(camera.pending))
+        camera.wake.set()
+        if camera.worker is None or camera.worker.done():
+            camera.worker = asyncio.create_task(self._work(camera), name=f"camera-decode-{camera.id}")
+        # The caller may go away (stream cancelled); the frame is still processed for everyone else.
+        return await asyncio.shield(item.future)
+
+    def _dropped(self, camera: _Camera, sequence: int, reason: int, detail: str) -> cameras_pb2.FrameAck:
+        camera.dropped += 1
+        FRAMES_DROPPED.labels(camera.id, REASON_LABELS[reason]).inc()
+        return cameras_pb2.FrameAck(camera_id=camera.id, sequence=sequence, accepted=False, drop_reason=reason,
+                                    detail=detail, queue_depth=len(camera.pending))
+
+    @staticmethod
+    def _resolve(item: _Pending, result: cameras_pb2.FrameAck | BaseException) -> None:
+        if item.future.done():
+            return
+        if isinstance(result, BaseException):
+            item.future.set_exception(result)
+        else:
+            item.future.set_result(result)
+
+    async def _work(self, camera: _Camera) -> None:
+        loop = asyncio.get_running_loop()
+        size = self.config.model_size
+        while True:
+            while not camera.pending:
+                camera.wake.clear()
+                await camera.wake.wait()
+            item = camera.pending.popleft()
+            QUEUE_DEPTH.labels(camera.id).set(len(camera.pending))
+            started = time.perf_counter()
+            try:
+                if item.decoded is not None:
+                    original = item.decoded
+                    image = await loop.run_in_executor(self._pool, resize_for_model, original, size)
+                else:
+                    original, image = await loop.run_in_executor(self._pool, decode_and_resize, item.spec,
+                                                                 item.data, size)
+            except FrameError as exc:
+                FRAMES_INVALID.labels(exc.field).inc()
+                log.info("camera_frame_invalid", camera=camera.id, field=exc.field, error=str(exc))
+                self._resolve(item, exc)
+                continue
+            except Exception as exc:   # an OpenCV failure on hostile data is bad input, not a server fault
+                log.warning("camera_decode_failed", camera=camera.id, error=repr(exc))
+                self._resolve(item, FrameError("image.data", f"could not be decoded ({exc.__class__.__name__})"))
+                continue
+            DECODE_SECONDS.labels(camera.id).observe(time.perf_counter() - started)
+            self._store(camera, item, original, image)
+
+    def _store(self, camera: _Camera, item: _Pending, original: np.ndarray, image: np.ndarray) -> None:
+        original.flags.writeable = False
+        image.flags.writeable = False
+        frame = CameraFrame(camera.id, camera.role, camera.position, item.capture_time, item.received_time,
+                            image, original, item.sequence)
+        camera.ring.append(frame)
+        camera.accepted += 1
+        camera.last_frame_time = item.capture_time
+        now = time.time()
+        camera.last_frame_age = max(0.0, now - item.capture_time)
+        camera.accepted_at.append(time.monotonic())
+        FRAMES_ACCEPTED.labels(camera.id).inc()
+        FRAME_AGE.labels(camera.id).observe(camera.last_frame_age)
+        CAMERA_FPS.labels(camera.id).set(camera.fps(time.monotonic(), self.config.watchdog_timeout_seconds))
+        RING_BYTES.labels(camera.id).set(camera.ring.nbytes)
+        for consumer in self._consumers:
+            consumer.offer(frame)
+        self._resolve(item, cameras_pb2.FrameAck(camera_id=camera.id, sequence=item.sequence, accepted=True,
+                                                 queue_depth=len(camera.pending)))
+
+    # watchdog ------------------------------------------------------------------------------------------------
+    def _alive(self, camera: _Camera) -> None:
+        camera.last_alive = time.monotonic()
+        if not camera.up:
+            self._set_up(camera, True, "frames arriving")
+
+    async def _watch(self) -> None:
+        timeout = self.config.watchdog_timeout_seconds
+        period = min(0.5, timeout / 4)
+        started = time.monotonic()
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for camera in list(self._cameras.values()):
+                CAMERA_FPS.labels(camera.id).set(camera.fps(now, timeout))
+                if camera.up and now - camera.last_alive > timeout:
+                    self._set_up(camera, False, f"no frame for {timeout:g} s")
+                elif camera.last_alive is None and camera.state_reason == "no frame yet" and now - started > timeout:
+                    # a declared camera that never delivered: say so once (its state was already down)
+                    self._set_up(camera, False, f"no frame within {timeout:g} s of start")
+
+    def _set_up(self, camera: _Camera, up: bool, reason: str) -> None:
+        camera.up, camera.state_reason = up, reason
+        CAMERA_UP.labels(camera.id).set(1 if up else 0)
+        (log.info if up else log.warning)("camera_state", camera=camera.id, up=up, reason=reason)
+        for callback in self._callbacks:
+            try:
+                result = callback(camera.id, up, reason)
+                if inspect.isawaitable(result):
+                    asyncio.ensure_future(result)
+            except Exception:
+                log.exception("camera_state_callback_failed", camera=camera.id)
+
+    def on_camera_state(self, callback: StateCallback) -> None:
+        """callback(camera_id, up, reason) on every up/down transition (a coroutine function is scheduled)."""
+        self._callbacks.append(callback)
+
+    # readers -------------------------------------------------------------------------------------------------
+    def latest(self, camera_id: str) -> CameraFrame | None:
+        camera = self._cameras.get(camera_id)
+        return camera.ring.latest() if camera else None
+
+    def history(self, camera_id: str, seconds: float) -> list[CameraFrame]:
+        """Frames of the last `seconds` before the camera's newest frame, oldest first."""
+        camera = self._cameras.get(camera_id)
+        newest = camera.ring.latest() if camera else None
+        if newest is None:
+            return []
+        return camera.ring.since(newest.capture_time - seconds)
+
+    async def frames(self) -> AsyncIterator[CameraFrame]:
+        """New decoded frames from every camera; a slow consumer gets the newest frame per camera."""
+        consumer = _Consumer()
+        self._consumers.add(consumer)
+        try:
+            while True:
+                yield await consumer.get()
+        finally:
+            self._consumers.discard(consumer)
+
+    def set_analysis_rate(self, camera_id: str, fps: float | None) -> None:
+        """The power governor's knob: at most `fps` frames per second are decoded for this camera (the rest are
+        dropped RATE_LIMITED before decoding); 0 pauses the camera's analysis; None removes the limit."""
+        if fps is not None and (math.isnan(fps) or fps < 0):
+            raise ValueError(f"fps: must be >= 0 or None, got {fps}")
+        self._rates[camera_id] = fps
+        log.info("camera_analysis_rate", camera=camera_id, fps=fps)
+
+    def camera_ids(self) -> list[str]:
+        return sorted(self._cameras)
+
+    def camera_status(self, camera_id: str) -> cameras_pb2.CameraStatus:
+        """Raises KeyError for an unknown camera."""
+        camera = self._cameras[camera_id]
+        status = cameras_pb2.CameraStatus(
+            camera_id=camera.id, role=ROLE_VALUES[camera.role], position=POSITION_VALUES[camera.position],
+            source=camera.source, up=camera.up,
+            frames_per_second=camera.fps(time.monotonic(), self.config.watchdog_timeout_seconds),
+            frames_accepted=camera.accepted, frames_dropped=camera.dropped, buffered_frames=len(camera.ring),
+            last_frame_age_s=camera.last_frame_age)
+        if camera.last_frame_time is not None:
+            status.last_frame_time.FromNanoseconds(int(camera.last_frame_time * 1e9))
+        return status
+
+    def status(self) -> list[cameras_pb2.CameraStatus]:
+        return [self.camera_status(camera_id) for camera_id in sorted(self._cameras)]
+
+    def queue_depth(self, camera_id: str) -> int:
+        camera = self._cameras.get(camera_id)
+        return len(camera.pending) if camera else 0

@@ -1,0 +1,49 @@
+"""Helpers for the camera tests: real JPEGs, frames, metrics."""
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+from prometheus_client import REGISTRY
+
+from incar.v1 import cameras_pb2, cameras_pb2_grpc, common_pb2
+from service.cameras.config import CamerasConfig
+from service.cameras.hub import CameraHub
+from service.cameras.servicer import add_to_server
+
+DATA = Path(__file__).parent / "data"
+IMAGES = sorted(DATA.glob("*.jpg"))
+MAX_MESSAGE = 8 * 1024 * 1024
+
+
+def jpeg_bytes(name: str = "dog.jpg") -> bytes:
+    return (DATA / name).read_bytes()
+
+
+def unique(prefix: str) -> str:
+    """Camera ids are unique per test: metrics live in the process-wide registry."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def metric(name: str, **labels) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def make_frame(camera_id: str, data: bytes | None = None, *, encoding=common_pb2.IMAGE_ENCODING_JPEG,
+               role=common_pb2.CAMERA_ROLE_CABIN, position=common_pb2.MOUNT_POSITION_CABIN_FRONT,
+               sequence: int = 0, capture_time: float | None = None, width: int = 0, height: int = 0):
+    frame = cameras_pb2.Frame(camera_id=camera_id, role=role, position=position, sequence=sequence,
+                              image=common_pb2.Image(encoding=encoding, width=width, height=height,
+                                                     data=jpeg_bytes() if data is None else data))
+    frame.capture_time.FromNanoseconds(int((time.time() if capture_time is None else capture_time) * 1e9))
+    return frame
+
+
+class Served:
+    def __init__(self, hub: CameraHub, server: grpc.aio.Server, channel: grpc.aio.Channel):
+        self.hub, self.server, self.channel = hub, server, channel
+        self.stub = cameras_pb2_grpc.CamerasStub(channel)
+
+
