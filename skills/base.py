@@ -1,0 +1,248 @@
+"""The one interface every skill implements, and what skills share.
+
+A skill takes three inputs — perception results (`FrameAnalysis`), the vehicle state (protobuf) and a clock — and
+produces two outputs: durable events (through an `EventLog`-like sink) and answers (through its gRPC service).
+Wording is the model's job (`Narrator.complete`, which `GenerationEngine` satisfies); facts are the skill's.
+"""
+from __future__ import annotations
+
+import re
+import time
+from abc import ABC
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import structlog
+from prometheus_client import Counter, Histogram
+
+from incar.v1 import common_pb2, vehicle_pb2
+from service.perception.types import Face, FrameAnalysis, TextLine
+from service.store.db import Database
+
+log = structlog.get_logger(__name__)
+
+MOVING_KMH = 3.0   # below this the car counts as standing still
+
+SKILL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0)
+SKILL_LATENCY = Histogram("incar_skill_latency_seconds", "Time a skill takes to decide on one input",
+                          ["skill"], buckets=SKILL_BUCKETS)
+SKILL_BUDGET_VIOLATIONS = Counter("incar_skill_budget_violations_total",
+                                  "Skill decisions that took longer than the skill's latency budget", ["skill"])
+
+
+class Narrator(Protocol):
+    """What skills need from the language model; `service.runtime.engine.GenerationEngine` satisfies it."""
+
+    async def complete(self, prompt: str, *, priority: str, max_tokens: int = 64, json_schema: str | None = None,
+                       images: Sequence[np.ndarray] = (), system: str | None = None) -> str: ...
+
+
+class EventSink(Protocol):
+    """`service.store.events.EventLog` satisfies it: committed before it returns, then streamed."""
+
+    def append(self, kind: str, skill: str, severity: int, message: str, payload: dict | None = None,
+               camera_id: str = "", attachment_ids: Sequence[str] = ()) -> common_pb2.Event: ...
+
+
+class FrameSource(Protocol):
+    """The camera ring buffers (`service.cameras.hub.CameraHub` satisfies it). Frames carry `camera_id`,
+    `capture_time` (epoch s) and `original` (BGR as received)."""
+
+    def latest(self, camera_id: str) -> Any | None: ...
+
+    def history(self, camera_id: str, seconds: float) -> list[Any]: ...
+
+
+FaceEmbedder = Callable[[np.ndarray], list[Face]]     # BGR image -> faces with `embedding` set
+SignReader = Callable[[np.ndarray], list[TextLine]]   # BGR image -> OCR lines
+
+
+DRAFT_MARK = "Draft:"
+
+
+def narration_prompt(task: str, facts: dict[str, Any], draft: str) -> str:
+    """Every skill prompt has the same shape: the task, the facts (ground truth), and a draft sentence the model
+    may reword. The draft is what the template narrator says, so both paths carry the same facts."""
+    lines = [task, "Facts:"]
+    lines += [f"- {key}: {value}" for key, value in facts.items() if value not in (None, "")]
+    lines.append(f"{DRAFT_MARK} {draft}")
+    lines.append("Answer with one or two short sentences. Keep every fact; add none.")
+    return "\n".join(lines)
+
+
+class TemplateNarrator:
+    """The documented fallback while no model is loaded (or in tests without a bundle): says the draft verbatim.
+
+    Deterministic, instant, and it cannot invent facts. The service swaps in the real engine once it is ready.
+    """
+
+    name = "template"
+
+    async def complete(self, prompt: str, *, priority: str, max_tokens: int = 64, json_schema: str | None = None,
+                       images: Sequence[np.ndarray] = (), system: str | None = None) -> str:
+        for line in reversed(prompt.splitlines()):
+            if line.startswith(DRAFT_MARK):
+                return line[len(DRAFT_MARK):].strip()
+        return prompt.strip().splitlines()[-1] if prompt.strip() else ""
+
+
+class SwitchableNarrator:
+    """Starts on the template narrator and switches to the model when the engine is ready (`use(engine)`)."""
+
+    def __init__(self, fallback: Narrator | None = None):
+        self._fallback = fallback or TemplateNarrator()
+        self._model: Narrator | None = None
+
+    def use(self, model: Narrator | None) -> None:
+        self._model = model
+
+    @property
+    def using_model(self) -> bool:
+        return self._model is not None
+
+    async def complete(self, prompt: str, *, priority: str, max_tokens: int = 64, json_schema: str | None = None,
+                       images: Sequence[np.ndarray] = (), system: str | None = None) -> str:
+        model = self._model
+        if model is not None:
+            try:
+                text = await model.complete(prompt, priority=priority, max_tokens=max_tokens,
+                                            json_schema=json_schema, images=images, system=system)
+                if text.strip():
+                    return text.strip()
+            except Exception as exc:   # a model failure must not swallow an alarm: the facts still go out
+                log.warning("narrator.model_failed", priority=priority, error=str(exc))
+        return await self._fallback.complete(prompt, priority=priority, max_tokens=max_tokens,
+                                             json_schema=json_schema, images=images, system=system)
+
+
+# ------------------------------------------------------------------ errors the services map to gRPC codes
+class SkillError(Exception):
+    """Base of the errors a skill raises for its caller."""
+
+
+class PreconditionError(SkillError):
+    """The vehicle (or the skill) is in the wrong state for this request -> FAILED_PRECONDITION."""
+
+
+class InvalidRequestError(SkillError):
+    """The request itself is bad -> INVALID_ARGUMENT."""
+
+
+class NotFoundError(SkillError):
+    """The thing asked for does not exist -> NOT_FOUND."""
+
+
+# ------------------------------------------------------------------ vehicle helpers
+def is_moving(state: vehicle_pb2.VehicleState) -> bool:
+    return state.gear in (vehicle_pb2.GEAR_DRIVE, vehicle_pb2.GEAR_REVERSE) or state.speed_kmh >= MOVING_KMH
+
+
+def is_parked_off(state: vehicle_pb2.VehicleState) -> bool:
+    return (state.gear == vehicle_pb2.GEAR_PARK and state.ignition == vehicle_pb2.IGNITION_OFF
+            and state.speed_kmh < MOVING_KMH)
+
+
+# ------------------------------------------------------------------ geometry shared by the skills
+NormBox = tuple[float, float, float, float]   # x1, y1, x2, y2 as fractions of the frame
+
+
+def to_pixels(box: NormBox, frame: np.ndarray) -> tuple[float, float, float, float]:
+    h, w = frame.shape[:2]
+    return box[0] * w, box[1] * h, box[2] * w, box[3] * h
+
+
+def area(box) -> float:
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+
+def overlap(a, b) -> float:
+    """Area of the intersection of two boxes."""
+    return area((max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])))
+
+
+def centre(box) -> tuple[float, float]:
+    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+
+
+def inside(point: tuple[float, float], box) -> bool:
+    return box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3]
+
+
+def validate_norm_boxes(key: str, boxes) -> None:
+    for i, box in enumerate(boxes):
+        if len(box) != 4 or not all(0.0 <= v <= 1.0 for v in box) or box[0] >= box[2] or box[1] >= box[3]:
+            raise ValueError(f"{key}[{i}]: expected x1<x2, y1<y2 as frame fractions in 0..1, got {box!r}")
+
+
+# ------------------------------------------------------------------ the skill interface
+@dataclass
+class SkillContext:
+    """What every skill gets at construction."""
+    db: Database
+    events: EventSink
+    narrator: Narrator
+    data_dir: Path
+    clock: Callable[[], float] = time.time
+    frames: FrameSource | None = None
+
+
+class Skill(ABC):
+    """One skill: reacts to perception results and vehicle-state changes, keeps its own timers, emits events.
+
+    Subclasses set `name` and `budget_s`, and override what they need of `on_frame`, `on_vehicle` and `tick`.
+    The host calls these from one asyncio loop, so a skill's state needs no locks.
+    """
+
+    name: str = ""
+    budget_s: float = 0.1
+
+    def __init__(self, ctx: SkillContext):
+        self.ctx = ctx
+        self.vehicle = vehicle_pb2.VehicleState()
+
+    @property
+    def now(self) -> float:
+        return self.ctx.clock()
+
+    async def on_frame(self, analysis: FrameAnalysis) -> None:
+        """One analysed camera frame."""
+
+    async def on_vehicle(self, previous: vehicle_pb2.VehicleState, current: vehicle_pb2.VehicleState) -> None:
+        """A new vehicle-state snapshot (the host has already stored it in `self.vehicle`)."""
+
+    async def tick(self) -> None:
+        """Called periodically (and after every input) for timers: cool-downs, escalations."""
+
+    def emit(self, kind: str, severity: int, message: str, payload: dict | None = None, camera_id: str = "",
+             attachment_ids: Sequence[str] = ()) -> common_pb2.Event:
+        event = self.ctx.events.append(f"{self.name}.{kind}", self.name, severity, message, payload,
+                                       camera_id=camera_id, attachment_ids=attachment_ids)
+        log.info("skill.event", skill=self.name, kind=event.kind, cursor=event.cursor, camera_id=camera_id or None)
+        return event
+
+    @contextmanager
+    def measure(self, budget_s: float | None = None):
+        """Record how long a decision took against this skill's budget."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.record_latency(time.perf_counter() - started, budget_s)
+
+    def record_latency(self, seconds: float, budget_s: float | None = None) -> bool:
+        """Returns True when within budget."""
+        SKILL_LATENCY.labels(self.name).observe(seconds)
+        within = seconds <= (self.budget_s if budget_s is None else budget_s)
+        if not within:
+            SKILL_BUDGET_VIOLATIONS.labels(self.name).inc()
+            log.warning("skill.over_budget", skill=self.name, seconds=round(seconds, 4),
+                        budget_s=budget_s or self.budget_s)
+        return within
+
+
+def words(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()

@@ -1,0 +1,222 @@
+"""Car Finder: remember where the car was parked and say it back in words.
+
+On parking (gear P and ignition off) it reads the level, row and bay signs the exterior cameras see (OCR), and
+stores them with GPS (when valid: garages have none), the time and a snapshot. "Where is my car?" is answered
+by the model from the stored record; the answer always carries the level and bay, appended if the model's
+wording dropped them.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from pathlib import Path
+
+import cv2
+import structlog
+
+from incar.v1 import common_pb2, skills_pb2, vehicle_pb2
+from service.perception.types import FrameAnalysis, TextLine
+from skills.base import (NotFoundError, PreconditionError, SignReader, Skill, SkillContext, is_moving,
+                         is_parked_off, narration_prompt)
+from skills.config import CarFinderConfig
+
+log = structlog.get_logger(__name__)
+
+MIGRATIONS = [
+    """
+    CREATE TABLE car_finder_parking (
+        record_id TEXT PRIMARY KEY,
+        time REAL NOT NULL,
+        gps_valid INTEGER NOT NULL,
+        latitude_deg REAL, longitude_deg REAL, altitude_m REAL, accuracy_m REAL,
+        level TEXT NOT NULL DEFAULT '',
+        row_name TEXT NOT NULL DEFAULT '',
+        bay TEXT NOT NULL DEFAULT '',
+        sign_text TEXT NOT NULL DEFAULT '[]',
+        snapshot_id TEXT NOT NULL DEFAULT '',
+        snapshot_path TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX car_finder_parking_time ON car_finder_parking(time);
+    """,
+]
+
+_ID = r"([A-Z]{0,2}-?\d{1,4}[A-Z]?|[A-Z]{1,2})\b"
+PATTERNS = {
+    "level": [re.compile(r"\b(?:LEVEL|LVL|FLOOR|DECK|ETAGE|EBENE|NIVEAU)\s*[:#.]?\s*" + _ID)],
+    "row": [re.compile(r"\b(?:ROW|AISLE|REIHE|ZONE|SECTION)\s*[:#.]?\s*" + _ID)],
+    "bay": [re.compile(r"\b(?:BAY|SPACE|SPOT|STALL|PLATZ|SLOT)\s*[:#.]?\s*(?:NO\.?\s*)?(\d{1,4}[A-Z]?)\b")],
+}
+_LEVEL_ALONE = re.compile(r"^\s*([PBLU]-?\d{1,2})\s*$")    # a bare "P2" / "B1" sign names the level
+
+
+def parse_signs(lines: list[str]) -> dict[str, str]:
+    """Level, row and bay from OCR lines ('LEVEL P2', 'ROW C', 'BAY 17'); missing ones are ''."""
+    found = {"level": "", "row": "", "bay": ""}
+    for raw in lines:
+        text = re.sub(r"\s+", " ", raw.upper())
+        for key, patterns in PATTERNS.items():
+            if found[key]:
+                continue
+            for pattern in patterns:
+                match = pattern.search(text)
+                if match:
+                    found[key] = match.group(1)
+                    break
+        if not found["level"]:
+            alone = _LEVEL_ALONE.match(text)
+            if alone:
+                found["level"] = alone.group(1)
+    return found
+
+
+class CarFinder(Skill):
+    name = "car_finder"
+
+    def __init__(self, ctx: SkillContext, config: CarFinderConfig | None = None,
+                 read_signs: SignReader | None = None):
+        super().__init__(ctx)
+        self.config = config or CarFinderConfig()
+        self.budget_s = self.config.budget_seconds
+        self.read_signs = read_signs
+        ctx.db.register_migrations("car_finder", MIGRATIONS)
+        self.snapshot_dir = Path(ctx.data_dir) / "car_finder" / "snapshots"
+        self._exterior: dict[str, FrameAnalysis] = {}   # latest analysis per exterior camera
+
+    async def on_frame(self, analysis: FrameAnalysis) -> None:
+        if analysis.role == "exterior":
+            self._exterior[analysis.camera_id] = analysis
+
+    async def on_vehicle(self, previous, current) -> None:
+        if is_parked_off(current) and not is_parked_off(previous):
+            try:
+                await self.record_parking()
+            except PreconditionError as exc:
+                log.info("car_finder.not_recorded", reason=str(exc))
+
+    async def record_parking(self) -> skills_pb2.ParkingRecord:
+        state = self.vehicle
+        if is_moving(state):
+            raise PreconditionError(f"cannot record parking while moving ({state.speed_kmh:.0f} km/h, "
+                                    f"gear {vehicle_pb2.Gear.Name(state.gear)})")
+        if state.gear != vehicle_pb2.GEAR_PARK:
+            raise PreconditionError(f"cannot record parking: gear is {vehicle_pb2.Gear.Name(state.gear)}, "
+                                    "not PARK")
+        with self.measure():
+            lines, snapshot = await asyncio.to_thread(self._read_all)
+        fields = parse_signs([line.text for line in lines])
+        record_id = f"park-{uuid.uuid4().hex[:16]}"
+        snapshot_id, snapshot_path = "", ""
+        if snapshot is not None:
+            snapshot_id = f"snap-{uuid.uuid4().hex[:16]}"
+            self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+            path = self.snapshot_dir / f"{snapshot_id}.jpg"
+            ok, data = cv2.imencode(".jpg", snapshot, [cv2.IMWRITE_JPEG_QUALITY, self.config.snapshot_quality])
+            if ok:
+                path.write_bytes(data.tobytes())
+                snapshot_path = str(path)
+            else:
+                snapshot_id = ""
+        gps = state.gps
+        now = self.now
+        texts = [line.text for line in lines]
+        with self.ctx.db.transaction() as tx:
+            tx.execute("INSERT INTO car_finder_parking(record_id, time, gps_valid, latitude_deg, longitude_deg,"
+                       " altitude_m, accuracy_m, level, row_name, bay, sign_text, snapshot_id, snapshot_path)"
+                       " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                       (record_id, now, int(state.gps_valid),
+                        *((gps.latitude_deg, gps.longitude_deg, gps.altitude_m, gps.accuracy_m)
+                          if state.gps_valid else (None, None, None, None)),
+                        fields["level"], fields["row"], fields["bay"], json.dumps(texts), snapshot_id,
+                        snapshot_path))
+            old = tx.execute("SELECT record_id, snapshot_path FROM car_finder_parking ORDER BY time DESC "
+                             "LIMIT -1 OFFSET ?", (self.config.history_limit,)).fetchall()
+            for row in old:
+                tx.execute("DELETE FROM car_finder_parking WHERE record_id=?", (row["record_id"],))
+        for row in old:
+            if row["snapshot_path"]:
+                Path(row["snapshot_path"]).unlink(missing_ok=True)
+        record = self._record(record_id)
+        self.emit("parked", common_pb2.SEVERITY_INFO, _spot_words(record) or "Parking position recorded",
+                  {"record_id": record_id, "level": record.level, "row": record.row, "bay": record.bay,
+                   "gps_valid": record.gps_valid}, attachment_ids=(snapshot_id,) if snapshot_id else ())
+        return record
+
+    def _read_all(self) -> tuple[list[TextLine], object]:
+        """OCR lines from every exterior camera's latest frame (perception's text stage when it ran)."""
+        lines: list[TextLine] = []
+        snapshot, best = None, -1
+        for analysis in self._exterior.values():
+            found = list(analysis.texts) if "text" in analysis.stages_run or analysis.texts else []
+            if not found and self.read_signs is not None:
+                found = list(self.read_signs(analysis.frame))
+            found = [t for t in found if t.score >= self.config.min_text_score]
+            lines += found
+            if len(found) > best:   # the snapshot is the view that shows the most signs
+                snapshot, best = analysis.frame, len(found)
+        return lines, snapshot
+
+    def _record(self, record_id: str) -> skills_pb2.ParkingRecord:
+        row = self.ctx.db.connect().execute("SELECT * FROM car_finder_parking WHERE record_id=?",
+                                            (record_id,)).fetchone()
+        return _record_message(row)
+
+    def history(self, limit: int = 0) -> list[skills_pb2.ParkingRecord]:
+        rows = self.ctx.db.connect().execute("SELECT * FROM car_finder_parking ORDER BY time DESC LIMIT ?",
+                                             (limit or -1,)).fetchall()
+        return [_record_message(r) for r in rows]
+
+    async def where_is_my_car(self, question: str = "") -> tuple[str, skills_pb2.ParkingRecord]:
+        records = self.history(1)
+        if not records:
+            raise NotFoundError("no parking position recorded yet")
+        record = records[0]
+        with self.measure(budget_s=max(self.budget_s, 10.0)):
+            facts = {"level": record.level, "row": record.row, "bay": record.bay,
+                     "signs read": "; ".join(record.sign_text),
+                     "parked at": _local_time(record.time.ToSeconds()),
+                     "GPS": (f"{record.gps.latitude_deg:.6f}, {record.gps.longitude_deg:.6f}" if record.gps_valid
+                             else "no GPS fix (covered garage)")}
+            draft = _spot_words(record) or "I have no sign reading for where the car is parked"
+            if record.gps_valid and not record.level and not record.bay:
+                draft += f"; GPS {record.gps.latitude_deg:.5f}, {record.gps.longitude_deg:.5f}"
+            prompt = narration_prompt(f"The driver asks: {question.strip() or 'Where is my car?'} "
+                                      "Tell them where the car is parked.", facts, draft + ".")
+            answer = await self.ctx.narrator.complete(prompt, priority="car_finder", max_tokens=64)
+            answer = ensure_facts(answer, record)
+        return answer, record
+
+
+def ensure_facts(answer: str, record: skills_pb2.ParkingRecord) -> str:
+    """The user must get the level and bay even if the model's words dropped them."""
+    missing = []
+    for label, value in (("level", record.level), ("bay", record.bay)):
+        if value and not re.search(rf"(?<![A-Z0-9]){re.escape(value)}(?![A-Z0-9])", answer, re.IGNORECASE):
+            missing.append(f"{label} {value}")
+    if missing:
+        answer = f"{answer.rstrip()} ({', '.join(missing)})".strip()
+    return answer
+
+
+def _spot_words(record: skills_pb2.ParkingRecord) -> str:
+    parts = [f"level {record.level}" if record.level else "", f"row {record.row}" if record.row else "",
+             f"bay {record.bay}" if record.bay else ""]
+    parts = [p for p in parts if p]
+    return ("Your car is parked on " + ", ".join(parts)) if parts else ""
+
+
+def _local_time(epoch: float) -> str:
+    import time as _time
+    return _time.strftime("%Y-%m-%d %H:%M", _time.localtime(epoch))
+
+
+def _record_message(row) -> skills_pb2.ParkingRecord:
+    record = skills_pb2.ParkingRecord(record_id=row["record_id"], gps_valid=bool(row["gps_valid"]),
+                                      level=row["level"], row=row["row_name"], bay=row["bay"],
+                                      sign_text=json.loads(row["sign_text"]), snapshot_id=row["snapshot_id"])
+    record.time.FromNanoseconds(int(row["time"] * 1e9))
+    if row["gps_valid"]:
+        record.gps.latitude_deg, record.gps.longitude_deg = row["latitude_deg"], row["longitude_deg"]
+        record.gps.altitude_m, record.gps.accuracy_m = row["altitude_m"], row["accuracy_m"]
+    return record

@@ -1,0 +1,191 @@
+"""Settings of the four skills, with embedded defaults; the service composes them as the `skills` section.
+
+Zones and masks are boxes in frame fractions (x1, y1, x2, y2 in 0..1), keyed by camera mounting position
+("front", "rear", "left", "right", "cabin_front", "cabin_rear"), so they survive a change of resolution.
+"""
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass, field
+
+from skills.base import validate_norm_boxes
+
+PROFILE_KEY_ENV = "INCAR_PROFILE_KEY"
+
+
+@dataclass
+class SavedPlace:
+    name: str = ""
+    latitude_deg: float = 0.0
+    longitude_deg: float = 0.0
+
+
+@dataclass
+class SentinelConfig:
+    auto_arm: bool = True                  # arm by itself when the car is locked and parked
+    battery_floor_percent: float = 20.0    # below it Sentinel stays off to save the 12 V battery
+    saved_places: list[SavedPlace] = field(default_factory=list)   # home, work: never armed there
+    saved_place_radius_m: float = 10.0
+    person_min_score: float = 0.5
+    near_height_fraction: float = 0.35     # a person box this tall (share of frame height) is near the car
+    touch_height_fraction: float = 0.8     # this tall: touching the car / the camera
+    linger_seconds: float = 5.0            # near this long -> Alert
+    confirm_frames: int = 3                # a condition must hold on this many consecutive frames
+    door_handle_zones: dict[str, list[list[float]]] = field(default_factory=lambda: {
+        "left": [[0.30, 0.35, 0.45, 0.60], [0.60, 0.35, 0.75, 0.60]],
+        "right": [[0.25, 0.35, 0.40, 0.60], [0.55, 0.35, 0.70, 0.60]],
+    })
+    handle_zone_coverage: float = 0.5      # share of a handle zone a person box must cover
+    window_zones: dict[str, list[list[float]]] = field(default_factory=lambda: {
+        "left": [[0.20, 0.05, 0.80, 0.35]],
+        "right": [[0.20, 0.05, 0.80, 0.35]],
+    })
+    window_motion_fraction: float = 0.15   # share of a window zone that moved
+    masks: dict[str, list[list[float]]] = field(default_factory=dict)   # ignored regions (trees, a road)
+    cooldown_seconds: float = 30.0         # quiet this long -> back to Standby
+    pre_event_seconds: float = 5.0         # the clip starts this long before the event
+    clip_format: str = "jpeg"              # "jpeg" (JPEG sequence) or "mp4"
+    clip_fps: float = 10.0
+    jpeg_quality: int = 85
+    clip_max_total_bytes: int = 512 * 1024 * 1024
+    clip_max_age_seconds: float = 30 * 24 * 3600.0
+    budget_seconds: float = 0.1
+
+    def validate(self) -> None:
+        if not 0 <= self.battery_floor_percent <= 100:
+            raise ValueError("battery_floor_percent: expected 0..100")
+        if self.saved_place_radius_m < 0:
+            raise ValueError("saved_place_radius_m: must be >= 0")
+        for i, place in enumerate(self.saved_places):
+            if not (-90 <= place.latitude_deg <= 90 and -180 <= place.longitude_deg <= 180):
+                raise ValueError(f"saved_places[{i}]: latitude/longitude out of range")
+        if not 0 < self.near_height_fraction <= self.touch_height_fraction <= 1:
+            raise ValueError("near_height_fraction: expected 0 < near <= touch_height_fraction <= 1")
+        if self.confirm_frames < 1:
+            raise ValueError("confirm_frames: must be >= 1")
+        for key in ("linger_seconds", "cooldown_seconds", "pre_event_seconds", "clip_max_age_seconds",
+                    "budget_seconds"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}: must be > 0")
+        if self.clip_format not in ("jpeg", "mp4"):
+            raise ValueError(f"clip_format: expected jpeg or mp4, got {self.clip_format!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError("jpeg_quality: expected 1..100")
+        if self.clip_fps <= 0 or self.clip_max_total_bytes <= 0:
+            raise ValueError("clip_fps and clip_max_total_bytes: must be > 0")
+        for name in ("door_handle_zones", "window_zones", "masks"):
+            for position, boxes in getattr(self, name).items():
+                validate_norm_boxes(f"{name}.{position}", boxes)
+
+
+@dataclass
+class GreeterConfig:
+    match_threshold: float = 0.6           # dlib 128-d embeddings: same person when L2 < 0.6
+    max_attempts: int = 5                  # unmatched face frames per approach before giving up
+    attempt_window_seconds: float = 60.0   # an approach; attempts reset after this
+    greet_cooldown_seconds: float = 300.0  # do not greet the same person twice in this time
+    profile_key: str = ""                  # urlsafe base64 of 32 bytes (AES-256-GCM); else env INCAR_PROFILE_KEY
+    budget_seconds: float = 0.2
+
+    def resolved_key(self) -> bytes | None:
+        text = self.profile_key or os.environ.get(PROFILE_KEY_ENV, "")
+        return decode_key(text) if text else None
+
+    def validate(self) -> None:
+        if not 0 < self.match_threshold < 2:
+            raise ValueError("match_threshold: expected 0..2 (L2 distance of unit-scale embeddings)")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts: must be >= 1")
+        if self.attempt_window_seconds <= 0 or self.greet_cooldown_seconds < 0 or self.budget_seconds <= 0:
+            raise ValueError("attempt_window_seconds, budget_seconds: must be > 0; greet_cooldown_seconds >= 0")
+        if self.profile_key:
+            decode_key(self.profile_key, "profile_key")
+
+
+def decode_key(text: str, where: str = PROFILE_KEY_ENV) -> bytes:
+    try:
+        key = base64.urlsafe_b64decode(text.encode() + b"=" * (-len(text) % 4))
+    except (ValueError, TypeError):
+        raise ValueError(f"{where}: not base64") from None
+    if len(key) != 32:
+        raise ValueError(f"{where}: expected 32 bytes (AES-256) in base64, got {len(key)}")
+    return key
+
+
+@dataclass
+class CarFinderConfig:
+    min_text_score: float = 0.5
+    snapshot_quality: int = 85
+    history_limit: int = 100               # parking records kept
+    budget_seconds: float = 5.0            # OCR on every exterior camera at parking time
+
+    def validate(self) -> None:
+        if not 0 <= self.min_text_score <= 1:
+            raise ValueError("min_text_score: expected 0..1")
+        if not 1 <= self.snapshot_quality <= 100:
+            raise ValueError("snapshot_quality: expected 1..100")
+        if self.history_limit < 1 or self.budget_seconds <= 0:
+            raise ValueError("history_limit: must be >= 1; budget_seconds > 0")
+
+
+@dataclass
+class SafetyConfig:
+    # Child presence detection. Defaults follow the shape of Euro NCAP's CPD assessment (warn the occupants
+    # first, then the owner, repeat until someone responds), with short times: a child in a closed car heats
+    # up in minutes. `monitor_seconds` is how long after locking the cabin is watched.
+    monitor_seconds: float = 600.0
+    child_confirm_frames: int = 3
+    child_min_score: float = 0.4
+    seat_zones: list[list[float]] = field(default_factory=lambda: [[0.0, 0.25, 1.0, 1.0]])
+    seat_motion_fraction: float = 0.02     # small motion (a sleeping child breathing, a hand) in the seats
+    first_warning_delay_seconds: float = 0.0     # in-car visual + audible warning on confirmation
+    owner_notification_seconds: float = 30.0     # then notify the owner's phone
+    repeat_seconds: float = 60.0                 # then repeat the owner notification this often
+    max_notifications: int = 10
+    # Safe-exit warning.
+    exit_speed_kmh: float = 3.0
+    exit_hazard_labels: list[str] = field(default_factory=lambda: ["bicycle", "motorcycle", "car"])
+    exit_min_score: float = 0.4
+    exit_looming_per_second: float = 0.3   # relative box-area growth per second that counts as approaching
+    exit_warning_cooldown_seconds: float = 3.0
+    exit_warning_budget_seconds: float = 0.2     # frame capture to warning
+    # Items left behind.
+    item_labels: list[str] = field(default_factory=lambda: ["handbag", "backpack", "suitcase", "cell phone",
+                                                            "laptop", "umbrella"])
+    item_min_score: float = 0.4
+    item_confirm_frames: int = 3
+    budget_seconds: float = 0.05
+
+    def validate(self) -> None:
+        for key in ("monitor_seconds", "repeat_seconds", "exit_speed_kmh", "exit_looming_per_second",
+                    "exit_warning_budget_seconds", "budget_seconds"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}: must be > 0")
+        for key in ("first_warning_delay_seconds", "owner_notification_seconds", "exit_warning_cooldown_seconds"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: must be >= 0")
+        if self.owner_notification_seconds < self.first_warning_delay_seconds:
+            raise ValueError("owner_notification_seconds: must not come before first_warning_delay_seconds")
+        if min(self.child_confirm_frames, self.item_confirm_frames, self.max_notifications) < 1:
+            raise ValueError("child_confirm_frames, item_confirm_frames, max_notifications: must be >= 1")
+        validate_norm_boxes("seat_zones", self.seat_zones)
+
+
+@dataclass
+class SkillsConfig:
+    data_dir: str = ""                     # "" -> <server.data_dir>/skills
+    tick_seconds: float = 0.5              # timer resolution (cool-downs, escalations)
+    sentinel: SentinelConfig = field(default_factory=SentinelConfig)
+    greeter: GreeterConfig = field(default_factory=GreeterConfig)
+    car_finder: CarFinderConfig = field(default_factory=CarFinderConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+
+    def validate(self) -> None:
+        if self.tick_seconds <= 0:
+            raise ValueError("tick_seconds: must be > 0")
+        for name in ("sentinel", "greeter", "car_finder", "safety"):
+            try:
+                getattr(self, name).validate()
+            except ValueError as exc:
+                raise ValueError(f"{name}.{exc}") from None
