@@ -178,40 +178,57 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             async for raw in raw_iterator:
                 yield await parse(raw, context)
 
+        async def unimplemented(context):
+            # A generated base-class method the servicer never overrode (e.g. grpc.health.v1.Health/List in
+            # grpcio-health-checking's aio servicer) raises NotImplementedError: that is UNIMPLEMENTED, not INTERNAL.
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method}: not implemented by this server")
+
         if handler.unary_unary:
             inner = handler.unary_unary
 
             async def unary_unary(raw, context):
                 await check(method, context, metadata)
-                return await inner(await parse(raw, context), context)
+                try:
+                    return await inner(await parse(raw, context), context)
+                except NotImplementedError:
+                    await unimplemented(context)
             return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
         if handler.unary_stream:
             inner = handler.unary_stream
 
             async def unary_stream(raw, context):
                 await check(method, context, metadata)
-                result = inner(await parse(raw, context), context)
-                if hasattr(result, "__aiter__"):
-                    async for item in result:
-                        yield item
-                else:
-                    await result
+                try:
+                    result = inner(await parse(raw, context), context)
+                    if hasattr(result, "__aiter__"):
+                        async for item in result:
+                            yield item
+                    else:
+                        await result
+                except NotImplementedError:
+                    await unimplemented(context)
             return grpc.unary_stream_rpc_method_handler(unary_stream, None, handler.response_serializer)
         if handler.stream_unary:
             inner = handler.stream_unary
 
             async def stream_unary(raw_iterator, context):
                 await check(method, context, metadata)
-                return await inner(parse_stream(raw_iterator, context), context)
+                try:
+                    return await inner(parse_stream(raw_iterator, context), context)
+                except NotImplementedError:
+                    await unimplemented(context)
             return grpc.stream_unary_rpc_method_handler(stream_unary, None, handler.response_serializer)
         inner = handler.stream_stream
 
         async def stream_stream(raw_iterator, context):
             await check(method, context, metadata)
-            result = inner(parse_stream(raw_iterator, context), context)
-            if hasattr(result, "__aiter__"):
-                async for item in result:
-                    yield item
-            else:
-                await result
+            try:
+                result = inner(parse_stream(raw_iterator, context), context)
+                if hasattr(result, "__aiter__"):
+                    async for item in result:
+                        yield item
+                else:
+                    await result
+            except NotImplementedError:
+                await unimplemented(context)
         return grpc.stream_stream_rpc_method_handler(stream_stream, None, handler.response_serializer)
