@@ -8,6 +8,7 @@ from camera_helpers import MAX_MESSAGE, Served
 from service.cameras.config import CamerasConfig
 from service.cameras.hub import CameraHub
 from service.cameras.servicer import add_to_server
+from service.config import build
 
 
 @pytest.fixture
@@ -16,7 +17,7 @@ async def serve():
     started: list[Served] = []
 
     async def make(**settings) -> Served:
-        hub = CameraHub(CamerasConfig(**settings))
+        hub = CameraHub(build(CamerasConfig, settings, "cameras"))  # as the service config builds it
         await hub.start()
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE)])
         add_to_server(hub, server)
