@@ -1,6 +1,7 @@
 """Helpers for the camera tests: real JPEGs, frames, metrics."""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from pathlib import Path
@@ -47,3 +48,23 @@ class Served:
         self.stub = cameras_pb2_grpc.CamerasStub(channel)
 
 
+
+
+async def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:
+    """Poll until predicate() is true; a generous deadline, not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def lockstep(stub, frames):
+    """Send each frame and wait for its ack, on one stream."""
+    call = stub.StreamFrames()
+    acks = []
+    for frame in frames:
+        await call.write(frame)
+        acks.append(await call.read())
+    await call.done_writing()
+    return acks

@@ -10,27 +10,8 @@ import grpc
 import numpy as np
 import pytest
 
-from camera_helpers import IMAGES, jpeg_bytes, make_frame, metric, unique
+from camera_helpers import IMAGES, lockstep, make_frame, metric, unique, wait_for
 from incar.v1 import cameras_pb2, common_pb2
-
-
-async def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-async def lockstep(stub, frames):
-    """Send each frame and wait for its ack, on one stream."""
-    call = stub.StreamFrames()
-    acks = []
-    for frame in frames:
-        await call.write(frame)
-        acks.append(await call.read())
-    await call.done_writing()
-    return acks
 
 
 async def test_two_cameras_stream_real_jpegs_at_once(serve):
