@@ -81,6 +81,19 @@ def _placement(model_path: Path, ctx_path: Path) -> Placement:
     return Placement(max(total - cpu, 0), cpu, "epcontext")
 
 
+def _rejected_nodes(model_path: Path, backend: str, options: dict) -> list[str]:
+    """Compile again with CPU fallback allowed and name the nodes the HTP left to the CPU."""
+    try:
+        so = qnn_session_options(backend, disable_cpu_fallback=False, provider_options=options)
+        compiled = ort.ModelCompiler(so, str(model_path), embed_compiled_data_into_model=True,
+                                     graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+                                     ).compile_to_bytes()
+    except Exception:
+        return []
+    model = onnx.load_from_string(compiled)
+    return [f"{n.name} ({n.op_type})" for n in model.graph.node if n.op_type != "EPContext"]
+
+
 def compile_context(model_path: str | Path, out_dir: str | Path, target: str = "emulator", *,
                     backend: str = "qnn-emulator", disable_cpu_fallback: bool = True,
                     provider_options: dict | None = None) -> CompiledContext:
@@ -101,6 +114,10 @@ def compile_context(model_path: str | Path, out_dir: str | Path, target: str = "
                                      graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
         compiler.compile_to_file(str(ctx_path))
     except Exception as exc:
+        rejected = _rejected_nodes(model_path, backend, options) if disable_cpu_fallback else []
+        if rejected:
+            raise QnnCompileError(f"{model_path.name} for {target}: {len(rejected)} node(s) not supported on the "
+                                  f"HTP: {', '.join(rejected[:8])}{' ...' if len(rejected) > 8 else ''}") from exc
         raise QnnCompileError(f"{model_path.name} for {target}: {exc}") from exc
     placement = _placement(model_path, ctx_path)
     ctx_path.with_suffix(".placement.json").write_text(json.dumps(placement.to_dict()))

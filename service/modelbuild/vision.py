@@ -294,3 +294,49 @@ def calibration_images(cfg: VisionConfig, count: int, seed: int) -> list[np.ndar
         std = np.asarray(cfg.std, np.float32)[:, None, None]
         out.append(((img - mean) / std)[None].astype(np.float32))
     return out
+
+
+def build_vision_component(cfg: VisionConfig, weights: dict[str, np.ndarray], bundle_dir: str | Path, *,
+                           precisions: tuple[str, ...] = ("float", "w8a16"), targets: tuple[str, ...] = (),
+                           calibration: list[np.ndarray] | None = None, held_out: list[np.ndarray] | None = None,
+                           calibration_samples: int = 8, held_out_samples: int = 2) -> dict:
+    """Write `vision.<precision>.onnx` for each precision (and context binaries per target for the QDQ ones)
+    into `bundle_dir`; returns the manifest's `components.vision` entry, with the accuracy report under
+    `quantization` (SQNR/RMS on held-out inputs, never the calibration ones)."""
+    import hashlib
+
+    from service.modelbuild import qdq
+    from service.runtime.backends import create_session
+
+    bundle_dir = Path(bundle_dir)
+    float_path = build_vision(cfg, weights, bundle_dir / "vision.float.onnx")
+    calibration = calibration or calibration_images(cfg, calibration_samples, seed=1)
+    held_out = held_out or calibration_images(cfg, held_out_samples, seed=10_000)
+    io = {"inputs": [{"name": "pixel_values", "shape": [1, 3, cfg.image_size, cfg.image_size], "dtype": "float32"}],
+          "outputs": [{"name": "image_embeds", "shape": [1, cfg.num_tokens, cfg.lm_hidden], "dtype": "float32"}]}
+    variants: dict[str, dict] = {}
+    reports = []
+    float_session = create_session(float_path, "cpu", model_name="vision.float")
+    for precision in precisions:
+        if precision == "float":
+            path = float_path
+        else:
+            path = bundle_dir / f"vision.{precision}.onnx"
+            qdq.quantize_variant(float_path, path, precision, [{"pixel_values": x} for x in calibration])
+        entry = {"file": path.name, "precision": precision,
+                 "backends": ["cpu", "qnn-htp", "qnn-emulator"] if precision in qdq.QDQ_PRECISIONS else ["cpu"],
+                 **io, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        if precision != "float":
+            report = qdq.evaluate(float_session, create_session(path, "cpu", model_name=f"vision.{precision}"),
+                                  [{"pixel_values": x} for x in held_out], component="vision",
+                                  precision=precision, backend="cpu")
+            reports.append(report.to_dict())
+        if precision in qdq.QDQ_PRECISIONS and targets:
+            from service.modelbuild.qnn_compile import compile_context
+            entry["context_binaries"] = {}
+            for target in targets:
+                compiled = compile_context(path, bundle_dir / "qnn" / target, target)
+                entry["context_binaries"][target] = str(compiled.path.relative_to(bundle_dir))
+        variants[precision] = entry
+    return {"variants": variants, "preprocess": preprocess_spec(cfg), "config": cfg.to_dict(),
+            "tokens": cfg.num_tokens, "quantization": reports}
