@@ -184,7 +184,9 @@ class Sentinel(Skill):
         if level is not None:
             previous = self.state
             self._set_state(level)
-            task = asyncio.create_task(self._record(level, previous, analysis, why))
+            # Take the ring's frames now (references, cheap): the clip is the footage up to this decision.
+            images = self._pre_event_images(analysis)
+            task = asyncio.create_task(self._record(level, previous, analysis, why, images))
             self._recording.add(task)
             task.add_done_callback(self._recording.discard)
 
@@ -252,14 +254,18 @@ class Sentinel(Skill):
             await asyncio.gather(*list(self._recording), return_exceptions=True)
 
     # ------------------------------------------------------------------ evidence
-    async def _record(self, level: int, previous: int, analysis: FrameAnalysis, why: str) -> None:
-        cfg, name = self.config, LEVEL_NAMES[level]
-        event_time = analysis.timestamp
+    def _pre_event_images(self, analysis: FrameAnalysis) -> list[tuple[float, np.ndarray]]:
+        event_time, pre = analysis.timestamp, self.config.pre_event_seconds
         frames = []
         if self.ctx.frames is not None:
-            frames = [f for f in self.ctx.frames.history(analysis.camera_id, cfg.pre_event_seconds + 1.0)
-                      if f.capture_time >= event_time - cfg.pre_event_seconds]
-        images = [(f.capture_time, f.original) for f in frames] or [(event_time, analysis.frame)]
+            frames = [f for f in self.ctx.frames.history(analysis.camera_id, pre + 1.0)
+                      if event_time - pre <= f.capture_time <= event_time]
+        return [(f.capture_time, f.original) for f in frames] or [(event_time, analysis.frame)]
+
+    async def _record(self, level: int, previous: int, analysis: FrameAnalysis, why: str,
+                      images: list[tuple[float, np.ndarray]]) -> None:
+        cfg, name = self.config, LEVEL_NAMES[level]
+        event_time = analysis.timestamp
         snapshot = images[-1][1]
         clip_id, snapshot_id = f"clip-{uuid.uuid4().hex[:16]}", f"snap-{uuid.uuid4().hex[:16]}"
         clip = await asyncio.to_thread(self._write_clip, clip_id, snapshot_id, images, snapshot)
@@ -317,9 +323,10 @@ class Sentinel(Skill):
         rows = conn.execute("SELECT clip_id, event_time, size_bytes FROM sentinel_clips "
                             "ORDER BY event_time DESC").fetchall()
         keep_bytes, doomed = 0, []
-        for row in rows:
+        for i, row in enumerate(rows):
             too_old = self.now - row["event_time"] > cfg.clip_max_age_seconds
-            if too_old or keep_bytes + row["size_bytes"] > cfg.clip_max_total_bytes:
+            # The newest clip stays even alone over the size limit: it is the evidence of what just happened.
+            if too_old or (i > 0 and keep_bytes + row["size_bytes"] > cfg.clip_max_total_bytes):
                 doomed.append(row["clip_id"])
             else:
                 keep_bytes += row["size_bytes"]
