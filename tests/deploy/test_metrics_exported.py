@@ -1,0 +1,45 @@
+"""Every metric the dashboard and the alert rules use is really exported.
+
+Two views: the metric-defining modules of the service (imported here, the names collected from the registry)
+must export all of them; and a real `incar serve` process must serve, on its metrics port, the ones of the
+parts it already wires.
+"""
+from __future__ import annotations
+
+import importlib
+import urllib.request
+import warnings
+
+from conftest import ServerProcess, free_port
+from deploy_files import deploy_metric_names, exported_names, metric_defining_modules
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def test_every_deploy_metric_is_registered_by_the_code():
+    modules = metric_defining_modules()
+    assert "service.power.governor" in modules and "service.telemetry.metrics" in modules
+    for module in modules:
+        importlib.import_module(module)
+    exported = exported_names(REGISTRY.collect())
+    used = deploy_metric_names()
+    assert len(used) >= 15
+    missing = sorted(used - exported)
+    assert not missing, f"deploy/ uses metrics no code exports: {missing}"
+
+
+def test_a_real_server_serves_the_deploy_metrics(tmp_path):
+    metrics_port = free_port()
+    server = ServerProcess(tmp_path, ["--set", f"server.metrics_listen=127.0.0.1:{metrics_port}"]).start()
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    finally:
+        server.terminate()
+    served = exported_names(text_string_to_metric_families(text))
+    used = deploy_metric_names()
+    # The server core (gRPC, health) is wired from the start: those must be there now.
+    core = {n for n in used if n.startswith(("incar_grpc_", "incar_service_serving", "incar_build_info"))}
+    assert core and core <= served, f"server does not serve {sorted(core - served)}"
+    not_yet = sorted(used - served)
+    if not_yet:   # parts the lead has not wired into `incar serve` yet; the registry test above covers their code
+        warnings.warn(f"{len(not_yet)} deploy metrics not served by `incar serve` yet: {', '.join(not_yet)}")
