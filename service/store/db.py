@@ -115,12 +115,17 @@ class _Transaction:
                 self.conn.execute("COMMIT")
                 return
             except sqlite3.OperationalError as commit_exc:
-                self.conn.execute("ROLLBACK")
+                self._rollback()
                 raise _map_error(commit_exc) from commit_exc
-        try:
-            self.conn.execute("ROLLBACK")
-        except sqlite3.OperationalError:
-            pass
+        self._rollback()
+
+    def _rollback(self) -> None:
+        # SQLite may already have rolled back by itself (SQLITE_FULL on COMMIT): only roll back what is open.
+        if self.conn.in_transaction:
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.OperationalError:
+                pass
 
 
 def _split_sql(sql: str) -> list[str]:

@@ -57,10 +57,6 @@ async def _check_reads_and_integrity(app, ch, acked_state: vehicle_pb2.VehicleSt
     assert app.db.connect().execute("PRAGMA quick_check").fetchone()[0] == "ok"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "service/store/db.py _Transaction.__exit__: SQLite already rolled back after COMMIT failed with SQLITE_FULL, "
-    "so the unconditional ROLLBACK raises 'cannot rollback - no transaction is active' and the RPC ends INTERNAL. "
-    "Fix: roll back only `if self.conn.in_transaction`; then drop this mark (strict: it fails once fixed)."))
 async def test_full_disk_refuses_writes_with_unavailable_and_keeps_serving_reads(small_disk, tmp_path):
     app = make_app(tmp_path, [f"server.data_dir={small_disk / 'data'}"])
     await app.start()
