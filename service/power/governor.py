@@ -11,7 +11,6 @@ and the log (`governor.decision`).
 """
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -234,16 +233,3 @@ class Governor:
             fn(*args)
         except Exception:   # a failing knob must not stop the loop that protects the battery
             log.exception("governor.hook_failed", hook=hook, args=args)
-
-    async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Tick every `period_seconds` until cancelled or `stop` is set."""
-        stop = stop or asyncio.Event()
-        while not stop.is_set():
-            try:
-                self.tick()
-            except Exception:
-                log.exception("governor.tick_failed")
-            try:
-                await asyncio.wait_for(stop.wait(), self.config.period_seconds)
-            except TimeoutError:
-                pass
