@@ -42,6 +42,7 @@ class SimCamera:
     stages: int = 4
     frames: int = 0
     detector_runs_with_person: list[float] = field(default_factory=list)
+    detector_runs: list[tuple[float, float, bool]] = field(default_factory=list)  # (capture, done, person), clock s
 
 
 @dataclass(order=True)
@@ -139,8 +140,10 @@ class SimCar:
                     return
                 job, self.running = self.running, None
                 name, _ = job.stages_left.pop(0)
-                if name == "detect" and job.person:
-                    job.camera.detector_runs_with_person.append(self.npu_free_at - self.t0)
+                if name == "detect":
+                    job.camera.detector_runs.append((job.submitted, self.npu_free_at, job.person))
+                    if job.person:
+                        job.camera.detector_runs_with_person.append(self.npu_free_at - self.t0)
                 if job.stages_left:
                     heapq.heappush(self.queue, job)
                 else:
