@@ -18,7 +18,10 @@ from grpc_reflection.v1alpha import reflection
 
 from incar.v1 import common_pb2, events_pb2, system_pb2, system_pb2_grpc, vehicle_pb2
 from service import __version__
+from service.cameras.hub import CameraHub
+from service.cameras.servicer import add_to_server as add_cameras_service
 from service.config import Config, ConfigError, load_config
+from service.security import integration as security
 from service.events_service import EventsServicer
 from service.store.db import Database
 from service.store.events import EventLog
@@ -88,16 +91,28 @@ class Application:
         self.events = EventLog(self.db)
         self.vehicle = VehicleStateStore(self.db)
         self.vehicle.add_listener(self._vehicle_events)
+        self.cameras = CameraHub(config.cameras)
+        self.cameras.on_camera_state(self._camera_events)
 
     def _vehicle_events(self, previous: vehicle_pb2.VehicleState, current: vehicle_pb2.VehicleState) -> None:
         for kind, message in transitions(previous, current):
             self.events.append(kind, "system", common_pb2.SEVERITY_INFO, message)
 
+    def _camera_events(self, camera_id: str, up: bool, reason: str) -> None:
+        if up:
+            self.events.append("camera.up", "system", common_pb2.SEVERITY_INFO, f"Camera {camera_id} is up",
+                               camera_id=camera_id)
+        else:
+            self.events.append("camera.down", "system", common_pb2.SEVERITY_WARNING,
+                               f"Camera {camera_id} is down: {reason}", camera_id=camera_id)
+
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return [TelemetryInterceptor()]
+        # Telemetry first, so refused calls (UNAUTHENTICATED, PERMISSION_DENIED) are counted and logged too.
+        return [TelemetryInterceptor(), *security.interceptors(self.config)]
 
     async def start(self) -> int:
         cfg = self.config.server
+        security.check(self.config)
         self.db.migrate()
         self.vehicle.load()
         self.server = grpc.aio.server(
@@ -108,12 +123,13 @@ class Application:
         services = self._register(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         reflection.enable_server_reflection(services + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(cfg.listen)
+        self.port = security.add_port(self.config, self.server)
         if not self.port:
             raise RuntimeError(f"server.listen: cannot bind {cfg.listen}")
         for name in services:
             await self.health.set(name, False, "starting")
         await self.server.start()
+        await self.cameras.start()
         self.metrics_port = start_metrics_server(cfg.metrics_listen)
         await self._became_ready()
         log.info("serving", listen=cfg.listen, port=self.port, metrics_port=self.metrics_port, version=__version__)
@@ -126,7 +142,8 @@ class Application:
         system_pb2_grpc.add_SystemServicer_to_server(SystemServicer(self), server)
         return [events_pb2.DESCRIPTOR.services_by_name["Events"].full_name,
                 vehicle_pb2.DESCRIPTOR.services_by_name["Vehicle"].full_name,
-                SYSTEM]
+                SYSTEM,
+                add_cameras_service(self.cameras, server)]
 
     async def _became_ready(self) -> None:
         for name in list(self.health.status):
@@ -143,6 +160,7 @@ class Application:
             task.cancel()
         if self.server is not None:
             await self.server.stop(grace)
+        await self.cameras.stop()
         self.db.close()
         self._stopping.set()
 
