@@ -44,7 +44,8 @@ MIGRATIONS = [
 
 _ID = r"([A-Z]{0,2}-?\d{1,4}[A-Z]?|[A-Z]{1,2})\b"
 PATTERNS = {
-    "level": [re.compile(r"\b(?:LEVEL|LVL|FLOOR|DECK|ETAGE|EBENE|NIVEAU)\s*[:#.]?\s*" + _ID)],
+    "level": [re.compile(r"\b([PBU]-?\d{1,2})\b(?!-\d)"),     # a garage level code wins: "P2", "B1"
+              re.compile(r"\b(?:LEVEL|LVL|FLOOR|DECK|ETAGE|EBENE|NIVEAU)\s*[:#.]?\s*" + _ID + r"(?!-\d)")],
     "row": [re.compile(r"\b(?:ROW|AISLE|REIHE|ZONE|SECTION)\s*[:#.]?\s*" + _ID)],
     "bay": [re.compile(r"\b(?:BAY|SPACE|SPOT|STALL|PLATZ|SLOT)\s*[:#.]?\s*(?:NO\.?\s*)?(\d{1,4}[A-Z]?)\b")],
 }
@@ -68,6 +69,12 @@ def parse_signs(lines: list[str]) -> dict[str, str]:
             alone = _LEVEL_ALONE.match(text)
             if alone:
                 found["level"] = alone.group(1)
+    if not all(found.values()) and lines:
+        # Perception's parser knows the combined forms ("C-14" = row C, bay 14); it fills what ours missed.
+        from service.perception.text import parse_parking_sign
+        for key, value in parse_parking_sign(lines).items():
+            if not found.get(key):
+                found[key] = value
     return found
 
 
