@@ -281,3 +281,27 @@ async def test_raw_bgr_768_frame_fits_and_nv12_decodes(serve):
     history = served.hub.history(camera_id, 60)
     assert np.array_equal(history[0].original, bgr)
     assert history[1].original.shape == (480, 640, 3) and history[1].image.shape == (768, 768, 3)
+
+
+async def test_slow_analysis_consumer_gets_the_newest_frame_per_camera(serve):
+    served = await serve()
+    camera_id = unique("slow")
+    frames = served.hub.frames()
+    first = asyncio.ensure_future(frames.__anext__())   # registers the consumer
+    await asyncio.sleep(0)
+    await lockstep(served.stub, [make_frame(camera_id, sequence=1)])
+    assert (await first).sequence == 1
+    # the consumer is busy elsewhere while three more frames arrive: it then sees only the newest
+    await lockstep(served.stub, [make_frame(camera_id, sequence=s) for s in (2, 3, 4)])
+    assert (await frames.__anext__()).sequence == 4
+    assert [f.sequence for f in served.hub.history(camera_id, 60)] == [1, 2, 3, 4]
+    await frames.aclose()
+
+
+async def test_camera_limit_is_resource_exhausted(serve):
+    served = await serve(max_cameras=1)
+    assert (await lockstep(served.stub, [make_frame(unique("first"))]))[0].accepted
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await lockstep(served.stub, [make_frame(unique("second"))])
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_cameras (1) reached" in info.value.details()
