@@ -76,3 +76,19 @@ def test_source_kinds(tmp_path):
     assert source_kind(str(tmp_path)) == "folder"
     assert source_kind(str(tmp_path / "x.JPG")) == "image"
     assert source_kind(str(tmp_path / "drive.mp4")) == "video"
+
+
+async def test_video_file_source_rewinds_at_its_end(serve, tmp_path):
+    video = tmp_path / "drive.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (320, 240))
+    assert writer.isOpened(), "this OpenCV build cannot write MJPG/AVI"
+    for i in range(4):
+        frame = np.full((240, 320, 3), 60 * i, np.uint8)
+        writer.write(frame)
+    writer.release()
+    camera_id = unique("video")
+    served = await serve(cameras=[{"id": camera_id, "role": "exterior", "source": str(video), "fps": 50}])
+    await wait_for(lambda: len(served.hub.history(camera_id, 60)) >= 9, what="more frames than the video has")
+    levels = [int(round(f.original.mean() / 60)) for f in served.hub.history(camera_id, 60)[:9]]
+    assert levels == [0, 1, 2, 3, 0, 1, 2, 3, 0]
+    assert metric("incar_camera_source_reconnects_total", camera=camera_id) == 0
