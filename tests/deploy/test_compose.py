@@ -162,3 +162,31 @@ def test_grafana_datasource_and_dashboard_provisioning_line_up():
 def test_dashboard_queries_are_balanced_and_scoped_to_the_job(expr):
     assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}")
     assert 'job="incar"' in expr
+
+
+def test_the_service_accepts_the_compose_and_image_environment():
+    from deploy_files import ROOT
+    from service.config import load_config
+    incar_env = env(compose()["services"]["incar"])
+    image_env = {}
+    for line in (ROOT / "Dockerfile").read_text().replace("\\\n", " ").splitlines():
+        if line.startswith("ENV "):
+            image_env.update(re.findall(r"(INCAR_[A-Z_]+)=(\S+)", line))
+    config = load_config(env={**image_env, **incar_env})
+    assert config.server.metrics_listen == incar_env["INCAR_SERVER__METRICS_LISTEN"]
+    assert config.runtime.bundle.startswith("/opt/incar/models/")
+
+
+def test_the_commands_compose_runs_exist_with_those_flags():
+    import subprocess
+    import sys
+    from deploy_files import ROOT
+    services = compose()["services"]
+    commands = [services[name]["command"] for name in ("incar", "camera-sim", "hmi")]
+    commands.append(services["incar"]["healthcheck"]["test"][2:])
+    for command in commands:
+        result = subprocess.run([sys.executable, "-m", "service.cli", command[0], "--help"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        for flag in (arg for arg in command[1:] if arg.startswith("--")):
+            assert flag in result.stdout, f"`incar {command[0]}` has no {flag}"
