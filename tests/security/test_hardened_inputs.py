@@ -166,7 +166,8 @@ def _health(channel) -> int:
     return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
 
 
-def call(channel, service: str, method: str, payloads: list[bytes]) -> tuple[grpc.StatusCode, str]:
+def call(channel, service: str, method: str, payloads: list[bytes],
+         window: float = STREAM_WINDOW_S) -> tuple[grpc.StatusCode, str]:
     """One RPC with raw request bytes; a server stream is listened to for STREAM_WINDOW_S, then hung up."""
     desc = POOL.FindServiceByName(service).methods_by_name[method]
     path = f"/{service}/{method}"
@@ -174,12 +175,12 @@ def call(channel, service: str, method: str, payloads: list[bytes]) -> tuple[grp
         if not desc.client_streaming and not desc.server_streaming:
             channel.unary_unary(path)(payloads[0], timeout=30)
         elif not desc.client_streaming:
-            for _ in channel.unary_stream(path)(payloads[0], timeout=STREAM_WINDOW_S):
+            for _ in channel.unary_stream(path)(payloads[0], timeout=window):
                 pass
         elif not desc.server_streaming:
             channel.stream_unary(path)(iter(payloads), timeout=30)
         else:
-            for _ in channel.stream_stream(path)(iter(payloads), timeout=STREAM_WINDOW_S):
+            for _ in channel.stream_stream(path)(iter(payloads), timeout=window):
                 pass
     except grpc.RpcError as err:
         if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and desc.server_streaming:
@@ -235,7 +236,8 @@ def test_corrupt_and_oversized_wire_bytes_are_refused_cleanly(live, service, met
         code, details = call(channel, service, method, [payload])
         assert_clean(code, details, f"/{service}/{method} with corrupt bytes {payload[:16]!r}")
     # Over the receive limit (8 MiB by default): refused by the transport before any handler runs.
-    code, details = call(channel, service, method, [b"\x0a" + b"\x80\x80\x80\x05" + bytes(10 * 1024 * 1024)])
+    code, details = call(channel, service, method, [b"\x0a" + b"\x80\x80\x80\x05" + bytes(10 * 1024 * 1024)],
+                         window=30)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
     assert details
     assert _health(channel) == baseline
