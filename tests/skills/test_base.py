@@ -1,0 +1,77 @@
+"""The shared pieces: routing, the narrators (template fallback, switch to the model, model failure), config
+validation with key-named errors, the latency metric and budget counter."""
+from __future__ import annotations
+
+import pytest
+from prometheus_client import REGISTRY
+
+from skills.base import SwitchableNarrator, TemplateNarrator, narration_prompt
+from skills.config import GreeterConfig, SafetyConfig, SentinelConfig, SkillsConfig, decode_key
+from skills.router import route
+
+
+@pytest.mark.parametrize("question, skill", [
+    ("Where is my car?", "car_finder"), ("which level did I park on", "car_finder"),
+    ("Was anyone near my car while I was away?", "sentinel"), ("show me the sentry clips", "sentinel"),
+    ("Did I forget something in the car?", "safety"), ("is my kid still inside?", "safety"),
+    ("delete my profile", "greeter"), ("What is the capital of France?", None), ("tell me a joke", None),
+])
+def test_routes(question, skill):
+    assert route(question) == skill
+
+
+async def test_template_narrator_says_the_draft_and_the_switch_prefers_a_working_model():
+    prompt = narration_prompt("Tell them where the car is.", {"level": "P2", "bay": ""}, "Level P2.")
+    assert "- level: P2" in prompt and "- bay" not in prompt            # empty facts are left out
+    assert await TemplateNarrator().complete(prompt, priority="car_finder") == "Level P2."
+
+    class Model:
+        def __init__(self, reply):
+            self.reply, self.calls = reply, []
+
+        async def complete(self, prompt, *, priority, **kwargs):
+            self.calls.append(priority)
+            if isinstance(self.reply, Exception):
+                raise self.reply
+            return self.reply
+
+    narrator = SwitchableNarrator()
+    assert await narrator.complete(prompt, priority="car_finder") == "Level P2."
+    model = Model("  You parked on level P2.  ")
+    narrator.use(model)
+    assert await narrator.complete(prompt, priority="car_finder") == "You parked on level P2."
+    assert model.calls == ["car_finder"]
+    narrator.use(Model(RuntimeError("NPU gone")))                      # the facts still go out
+    assert await narrator.complete(prompt, priority="sentinel") == "Level P2."
+
+
+def test_config_errors_name_the_key(monkeypatch):
+    SkillsConfig().validate()
+    with pytest.raises(ValueError, match="^battery_floor_percent:"):
+        SentinelConfig(battery_floor_percent=120).validate()
+    with pytest.raises(ValueError, match=r"^door_handle_zones\.left\[0\]:"):
+        SentinelConfig(door_handle_zones={"left": [[0.5, 0.1, 0.2, 0.3]]}).validate()
+    with pytest.raises(ValueError, match="^owner_notification_seconds:"):
+        SafetyConfig(first_warning_delay_seconds=60, owner_notification_seconds=30).validate()
+    with pytest.raises(ValueError, match="^profile_key: expected 32 bytes"):
+        GreeterConfig(profile_key="c2hvcnQ=").validate()
+    with pytest.raises(ValueError, match=r"^sentinel\.clip_format:"):
+        SkillsConfig(sentinel=SentinelConfig(clip_format="avi")).validate()
+    monkeypatch.setenv("INCAR_PROFILE_KEY", "A" * 43)
+    assert GreeterConfig().resolved_key() == decode_key("A" * 43)
+    monkeypatch.delenv("INCAR_PROFILE_KEY")
+    assert GreeterConfig().resolved_key() is None
+
+
+def test_service_config_composes_the_skills_section():
+    from service.config import load_config
+    config = load_config(env={"INCAR_SKILLS__TICK_SECONDS": "0.25"},
+                         overrides=["skills.sentinel.battery_floor_percent=25", "skills.safety.repeat_seconds=45"])
+    assert config.skills.tick_seconds == 0.25
+    assert config.skills.sentinel.battery_floor_percent == 25 and config.skills.safety.repeat_seconds == 45
+
+
+def test_latency_and_budget_metrics_are_registered():
+    from skills.base import SKILL_LATENCY  # noqa: F401  (registered at import)
+    names = {m.name for m in REGISTRY.collect()}
+    assert {"incar_skill_latency_seconds", "incar_skill_budget_violations", "incar_safety_exit_warning_latency_seconds"} <= names
