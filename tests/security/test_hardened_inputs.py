@@ -215,7 +215,8 @@ def test_random_requests_get_a_clean_status_and_leave_the_server_healthy(live, s
     streams = desc.client_streaming or desc.server_streaming
     batch = st.lists(requests, min_size=1, max_size=3) if desc.client_streaming else requests.map(lambda m: [m])
 
-    @settings(max_examples=8 if streams else 25, deadline=None, database=None,
+    # derandomize: the same examples every run (CI stays reproducible); widen max_examples locally to hunt.
+    @settings(max_examples=8 if streams else 25, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(batch)
     def run(messages):
@@ -240,4 +241,20 @@ def test_corrupt_and_oversized_wire_bytes_are_refused_cleanly(live, service, met
                          window=30)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
     assert details
+    assert _health(channel) == baseline
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "service/events_service.py passes after_cursor (uint64) straight to SQLite: 2**63 and above raise "
+    "OverflowError -> INTERNAL. Fix: refuse after_cursor > 2**63-1 with INVALID_ARGUMENT (or clamp it to "
+    "the newest cursor); then drop this mark (strict: it fails once fixed)."))
+@pytest.mark.parametrize("method", ["ListEvents", "Subscribe"])
+def test_cursor_beyond_sqlite_integer_range_is_a_clean_error(live, method):
+    """uint64 cursors above 2**63-1 do not fit SQLite's INTEGER (found by the random test above)."""
+    channel, baseline = _mounted_or_skip(live, "incar.v1.Events")
+    from incar.v1 import events_pb2
+    request = (events_pb2.ListEventsRequest if method == "ListEvents" else events_pb2.SubscribeRequest)(
+        after_cursor=2**63)
+    code, details = call(channel, "incar.v1.Events", method, [request.SerializeToString()])
+    assert_clean(code, details, f"/incar.v1.Events/{method} with after_cursor=2**63")
     assert _health(channel) == baseline
