@@ -173,3 +173,30 @@ async def test_retention_drops_oldest_clips_beyond_size(harness, clock):
     clock.advance(harness.config.sentinel.clip_max_age_seconds + 1)
     assert r.host.sentinel.enforce_retention() == [remaining[0].clip_id]
     assert not any(r.host.sentinel.clip_dir.iterdir()) and not any(r.host.sentinel.snapshot_dir.iterdir())
+
+
+async def test_window_motion_alarm_as_mp4_clip(harness, clock):
+    from service.perception.types import Motion
+    harness.config.sentinel.clip_format = "mp4"
+    r = await harness.start()
+    await r.set_vehicle(vehicle(locked=True))
+    await play(r, clock, 1.0)
+    window = (200.0, 40.0, 420.0, 150.0)              # inside the left camera's window zone
+    for i in range(harness.config.sentinel.confirm_frames):
+        frame, det = person_frame(person_box(0.3, centre_x=560), seed=i)   # someone there, not near
+        motion = Motion(fraction=0.05, regions=(window,))
+        await r.frame(analysis(CAM, "exterior", "left", clock.advance(0.1), frame, [det], motion=motion))
+    await r.host.sentinel.drain()
+    alarm, = r.events_of("sentinel.alarm")
+    assert "window" in json.loads(alarm.payload_json)["reason"]
+    clip, = r.host.sentinel.list_clips()
+    assert clip.format == "mp4" and clip.frame_count == 10 + harness.config.sentinel.confirm_frames
+    chunks = [c async for c in r.stub("Sentinel").GetClip(skills_pb2.GetClipRequest(clip_id=clip.clip_id))]
+    path = harness.tmp_path / "replayed.mp4"
+    path.write_bytes(b"".join(c.data for c in chunks))
+    video = cv2.VideoCapture(str(path))
+    decoded = 0
+    while video.read()[0]:
+        decoded += 1
+    video.release()
+    assert decoded == clip.frame_count
