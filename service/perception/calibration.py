@@ -55,3 +55,12 @@ def sign_images(texts, photos) -> list[tuple[np.ndarray, tuple[int, int, int, in
 
 def sign_crops(texts, photos) -> list[np.ndarray]:
     return [img[y1:y2, x1:x2].copy() for img, (x1, y1, x2, y2) in sign_images(texts, photos)]
+
+
+def sign_strips(texts, photos, margin: int = 24) -> list[np.ndarray]:
+    """The plate plus some surrounding photo: what a reader sees after a sign was located."""
+    out = []
+    for img, (x1, y1, x2, y2) in sign_images(texts, photos):
+        h, w = img.shape[:2]
+        out.append(img[max(0, y1 - margin):min(h, y2 + margin), max(0, x1 - margin):min(w, x2 + margin)].copy())
+    return out

