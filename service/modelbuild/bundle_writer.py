@@ -1,0 +1,162 @@
+"""Write a decoder bundle (docs/model-bundle.md): graphs per variant, shared external weights, manifest."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import external_data_helper
+
+from .decoder import DecoderSpec, build_decoder, io_description
+
+FORMAT = "incar-bundle"
+FORMAT_VERSION = 1
+BUILDER_VERSION = "0.1.0"
+PREFILL_CHUNK = 64
+_EXTERNAL_MIN_BYTES = 1024
+_ALIGN = 4096
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    name: str             # "float", "int4", "int8", "float_replace"
+    precision: str        # "float" | "int4" | "int8"
+    state_update: str     # "append" | "replace"
+
+    @property
+    def backends(self) -> list[str]:
+        # Replace-mode float graphs are the QNN helper's quantization input; they also run on the CPU.
+        return ["cpu"]
+
+
+DEFAULT_VARIANTS = (VariantSpec("float", "float", "append"), VariantSpec("int4", "int4", "append"))
+REPLACE_VARIANT = VariantSpec("float_replace", "float", "replace")
+KNOWN_VARIANTS = {v.name: v for v in (*DEFAULT_VARIANTS, VariantSpec("int8", "int8", "append"), REPLACE_VARIANT)}
+
+Progress = Callable[[str], None]
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_shared(models: list[tuple[Path, onnx.ModelProto]], data_path: Path) -> None:
+    """Save several graphs whose large initializers live once in one external-data file.
+
+    Prefill and decode of one variant hold the same weights under the same names; each distinct
+    (name, bytes) is written once and both graphs point at it.
+    """
+    offsets: dict[tuple[str, bytes], tuple[int, int]] = {}
+    with open(data_path, "wb") as f:
+        for _, model in models:
+            for t in model.graph.initializer:
+                if not t.HasField("raw_data") or len(t.raw_data) < _EXTERNAL_MIN_BYTES:
+                    continue
+                key = (t.name, hashlib.sha1(t.raw_data).digest())
+                if key not in offsets:
+                    pos = f.tell()
+                    if pos % _ALIGN:
+                        f.write(b"\0" * (_ALIGN - pos % _ALIGN))
+                        pos = f.tell()
+                    f.write(t.raw_data)
+                    offsets[key] = (pos, len(t.raw_data))
+                offset, length = offsets[key]
+                external_data_helper.set_external_data(t, location=data_path.name, offset=offset, length=length)
+                t.ClearField("raw_data")
+    for path, model in models:
+        onnx.save_model(model, str(path))
+
+
+def write_decoder_variant(out: Path, spec: DecoderSpec, weights: dict, variant: VariantSpec, prefill_chunk: int,
+                          progress: Progress) -> dict[str, dict]:
+    """Write decoder_prefill/decode.<variant>.onnx + decoder.<variant>.data; return their manifest entries."""
+    models, entries = [], {}
+    for component, tokens in (("decoder_prefill", prefill_chunk), ("decoder_decode", 1)):
+        progress(f"  writing {component} ({variant.name}, {variant.state_update}, T={tokens})")
+        model = build_decoder(spec, weights, tokens, variant.state_update, name=f"{component}_{variant.name}").model()
+        if variant.precision in ("int4", "int8"):
+            from .cpu_quant import quantize_weights
+
+            progress(f"  quantizing {component} to {variant.precision} (MatMulNBits)")
+            model = quantize_weights(model, bits=4 if variant.precision == "int4" else 8)
+        path = out / f"{component}.{variant.name}.onnx"
+        models.append((path, model))
+        desc = io_description(spec, tokens, variant.state_update)
+        entries[component] = {"file": path.name, "precision": variant.precision, "backends": variant.backends,
+                              "data_file": f"decoder.{variant.name}.data", **desc}
+    save_shared(models, out / f"decoder.{variant.name}.data")
+    return entries
+
+
+def write_bundle(out: str | Path, *, name: str, spec: DecoderSpec, weights: dict, tokenizer_json: dict,
+                 tokenizer_config: dict, source: dict, variants=DEFAULT_VARIANTS, prefill_chunk: int = PREFILL_CHUNK,
+                 inputs_hash: str = "", progress: Progress = lambda s: None) -> dict:
+    """Write a complete decoder bundle into `out` (created or overwritten) and return its manifest."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in list(out.glob("*.onnx")) + list(out.glob("*.data")):
+        stale.unlink()
+    progress(f"writing tokenizer and embeddings ({spec.vocab_size} x {spec.hidden_size}, float16)")
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False))
+    np.save(out / "embed_tokens.npy", np.asarray(weights["embed"], np.float16))
+    components = {"decoder_prefill": {"tokens": prefill_chunk, "variants": {}},
+                  "decoder_decode": {"tokens": 1, "variants": {}}}
+    for variant in variants:
+        progress(f"variant {variant.name}")
+        for component, entry in write_decoder_variant(out, spec, weights, variant, prefill_chunk, progress).items():
+            components[component]["variants"][variant.name] = entry
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "architecture": spec.architecture,
+        "source": source, "builder_version": BUILDER_VERSION, "inputs_hash": inputs_hash,
+        "text": {"vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
+                 "context_length": spec.context_length, "prefill_chunk": prefill_chunk,
+                 "num_layers": spec.num_layers, "layer_kinds": spec.layer_kinds,
+                 "embedding": {"file": "embed_tokens.npy", "dtype": "float16", "scale": 1.0}},
+        "decoder": spec.to_dict(),
+        "tokenizer": {"file": "tokenizer.json", **tokenizer_config},
+        "components": components,
+        "quantization": {},
+    }
+    progress("hashing files")
+    write_manifest(out, manifest)
+    progress(f"bundle written to {out}")
+    return manifest
+
+
+def write_manifest(bundle_dir: str | Path, manifest: dict) -> None:
+    """(Re)hash every file the manifest names and write manifest.json atomically.
+
+    Other builders (vision, QNN) add their variants to `manifest["components"]` and call this.
+    """
+    bundle_dir = Path(bundle_dir)
+    files: dict[str, str] = {}
+    for rel in sorted(_referenced_files(manifest)):
+        files[rel] = sha256_file(bundle_dir / rel)
+    for comp in manifest["components"].values():
+        for entry in comp.get("variants", {}).values():
+            entry["sha256"] = files[entry["file"]]
+    manifest["files"] = files
+    tmp = bundle_dir / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+    os.replace(tmp, bundle_dir / "manifest.json")
+
+
+def _referenced_files(manifest: dict) -> set[str]:
+    files = {manifest["tokenizer"]["file"], manifest["text"]["embedding"]["file"]}
+    for comp in manifest["components"].values():
+        for entry in comp.get("variants", {}).values():
+            files.add(entry["file"])
+            if entry.get("data_file"):
+                files.add(entry["data_file"])
+            for ctx in (entry.get("context_binaries") or {}).values():
+                files.add(ctx)
+    return files
