@@ -16,8 +16,13 @@ def security_of(app_config) -> SecurityConfig:
 
 
 def check(app_config) -> None:
-    """Before anything binds: plaintext and metrics stay on loopback unless configured. ValueError names the key."""
-    check_listen(security_of(app_config), app_config.server.listen, app_config.server.metrics_listen)
+    """Before anything binds: plaintext and metrics stay on loopback unless configured.
+    Raises ConfigError("security.mode: ..." / "security.metrics_listen: ...") like any other bad setting."""
+    from service.config import ConfigError
+    try:
+        check_listen(security_of(app_config), app_config.server.listen, app_config.server.metrics_listen)
+    except ValueError as exc:
+        raise ConfigError(f"security.{exc}") from None
 
 
 def interceptors(app_config) -> list[grpc.aio.ServerInterceptor]:

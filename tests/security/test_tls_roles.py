@@ -133,7 +133,7 @@ async def test_bearer_token_over_tls_is_hmi_and_a_bad_token_is_unauthenticated(s
 
 async def test_insecure_loopback_on_a_public_address_is_refused_at_start(tmp_path, pki):
     app = make_app(tmp_path, ["security.mode=insecure-loopback", "server.listen=0.0.0.0:0"])
-    with pytest.raises(ValueError, match="^mode: insecure-loopback refuses"):
+    with pytest.raises(ConfigError, match=r"^security\.mode: insecure-loopback refuses server\.listen='0\.0\.0\.0:0'"):
         await app.start()
     assert app.server is None or not app.port
     app.db.close()
