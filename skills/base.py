@@ -6,6 +6,7 @@ Wording is the model's job (`Narrator.complete`, which `GenerationEngine` satisf
 """
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from abc import ABC
@@ -203,6 +204,27 @@ class Skill(ABC):
     def __init__(self, ctx: SkillContext):
         self.ctx = ctx
         self.vehicle = vehicle_pb2.VehicleState()
+        self._background: set[asyncio.Task] = set()
+
+    def spawn(self, coro) -> asyncio.Task:
+        """Run slow follow-up work (model wording, OCR, clip encoding) off the input path: the host feeds every
+        skill in order, and a safe-exit warning must not wait behind a greeting being worded."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("skill.background_failed", skill=self.name, error=repr(exc),
+                      exc_info=(type(exc), exc, exc.__traceback__))
+
+    async def drain(self) -> None:
+        """Wait for background work to finish (tests, shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
 
     @property
     def now(self) -> float:

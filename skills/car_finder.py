@@ -97,13 +97,17 @@ class CarFinder(Skill):
 
     async def on_vehicle(self, previous, current) -> None:
         if is_parked_off(current) and not is_parked_off(previous):
-            try:
-                await self.record_parking()
-            except PreconditionError as exc:
-                log.info("car_finder.not_recorded", reason=str(exc))
+            self.spawn(self._record_quietly(current))
 
-    async def record_parking(self) -> skills_pb2.ParkingRecord:
-        state = self.vehicle
+    async def _record_quietly(self, state: vehicle_pb2.VehicleState) -> None:
+        try:
+            await self.record_parking(state)
+        except PreconditionError as exc:
+            log.info("car_finder.not_recorded", reason=str(exc))
+
+    async def record_parking(self, state: vehicle_pb2.VehicleState | None = None) -> skills_pb2.ParkingRecord:
+        """Read the signs the exterior cameras see now and store them with the vehicle's position."""
+        state = self.vehicle if state is None else state
         if is_moving(state):
             raise PreconditionError(f"cannot record parking while moving ({state.speed_kmh:.0f} km/h, "
                                     f"gear {vehicle_pb2.Gear.Name(state.gear)})")

@@ -198,7 +198,7 @@ class Greeter(Skill):
                           {"attempts": self._attempts}, camera_id=analysis.camera_id)
             return
         profile_id, name, distance = min(found, key=lambda m: m[2])
-        await self._greet(profile_id, name, "face", analysis.camera_id, {"distance": round(distance, 4)})
+        self._greet(profile_id, name, "face", analysis.camera_id, {"distance": round(distance, 4)})
 
     async def on_vehicle(self, previous, current) -> None:
         fob = current.key_fob_id
@@ -208,15 +208,19 @@ class Greeter(Skill):
             "SELECT profile_id, name FROM greeter_profiles WHERE key_fob_id=? ORDER BY enrolled_time LIMIT 1",
             (fob,)).fetchone()
         if row is not None:
-            await self._greet(row["profile_id"], row["name"], "key_fob", "", {})
+            self._greet(row["profile_id"], row["name"], "key_fob", "", {})
 
-    async def _greet(self, profile_id: str, name: str, method: str, camera_id: str, extra: dict) -> None:
+    def _greet(self, profile_id: str, name: str, method: str, camera_id: str, extra: dict) -> None:
+        """Decide now (cool-down, attempts); word the greeting in the background."""
         now = self.now
         last = self._last_greeted.get(profile_id)
         if last is not None and now - last < self.config.greet_cooldown_seconds:
             return
         self._last_greeted[profile_id] = now
         self._attempts, self._gave_up = 0, False
+        self.spawn(self._say_welcome(profile_id, name, method, camera_id, extra))
+
+    async def _say_welcome(self, profile_id: str, name: str, method: str, camera_id: str, extra: dict) -> None:
         prompt = narration_prompt("Greet the driver who is walking up to the car, warmly and briefly.",
                                   {"driver's name": name}, f"Welcome back, {name}!")
         words = await self.ctx.narrator.complete(prompt, priority="greeter", max_tokens=32)

@@ -100,7 +100,6 @@ class Sentinel(Skill):
         self._requested: bool | None = None   # True: armed by request; False: disarmed by request (until unlock)
         self._tracks: dict[str, _CameraTrack] = {}
         self._last_activity = 0.0
-        self._recording: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ arming
     def arm(self) -> skills_pb2.SentinelStatus:
@@ -186,9 +185,7 @@ class Sentinel(Skill):
             self._set_state(level)
             # Take the ring's frames now (references, cheap): the clip is the footage up to this decision.
             images = self._pre_event_images(analysis)
-            task = asyncio.create_task(self._record(level, previous, analysis, why, images))
-            self._recording.add(task)
-            task.add_done_callback(self._recording.discard)
+            self.spawn(self._record(level, previous, analysis, why, images))
 
     def _decide(self, analysis: FrameAnalysis) -> tuple[int | None, str]:
         """Update the confirmation counters with one frame; returns a new (higher) state and why, or None."""
@@ -247,11 +244,6 @@ class Sentinel(Skill):
             self._set_state(skills_pb2.SENTINEL_STATE_STANDBY)
             self.emit("standby", common_pb2.SEVERITY_INFO,
                       f"Sentinel back to standby after {self.config.cooldown_seconds:.0f} s without activity")
-
-    async def drain(self) -> None:
-        """Wait for clips being written (tests, shutdown)."""
-        while self._recording:
-            await asyncio.gather(*list(self._recording), return_exceptions=True)
 
     # ------------------------------------------------------------------ evidence
     def _pre_event_images(self, analysis: FrameAnalysis) -> list[tuple[float, np.ndarray]]:

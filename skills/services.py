@@ -85,9 +85,14 @@ class SkillHost:
     async def stop(self) -> None:
         if self._ticker:
             self._ticker.cancel()
-        for task in list(self._pending):
-            await asyncio.gather(task, return_exceptions=True)
-        await self.sentinel.drain()
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Wait until queued inputs and the skills' background work (clips, greetings, OCR) are done."""
+        while self._pending or any(skill._background for skill in self.skills):
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+            for skill in self.skills:
+                await skill.drain()
 
     # ------------------------------------------------------------------ inputs
     def vehicle_listener(self, previous: vehicle_pb2.VehicleState, current: vehicle_pb2.VehicleState) -> None:
@@ -230,8 +235,7 @@ class CarFinderServicer(skills_pb2_grpc.CarFinderServicer):
 
     @maps_skill_errors
     async def RecordParking(self, request, context):
-        async with self.host._order:
-            return await self.car_finder.record_parking()
+        return await self.car_finder.record_parking()
 
     @maps_skill_errors
     async def WhereIsMyCar(self, request, context):

@@ -59,13 +59,17 @@ class Running:
     def stub(self, name: str):
         return getattr(skills_pb2_grpc, f"{name}Stub")(self.channel)
 
-    async def set_vehicle(self, state: vehicle_pb2.VehicleState) -> None:
+    async def set_vehicle(self, state: vehicle_pb2.VehicleState, drain: bool = True) -> None:
         previous, self.state = self.state, state
         await self.host.on_vehicle(previous, state)
+        if drain:   # scripted scenarios: let background work (clips, wording, OCR) land before the next step
+            await self.host.drain()
 
-    async def frame(self, a) -> None:
+    async def frame(self, a, drain: bool = True) -> None:
         self.frames.add(a)
         await self.host.on_analysis(a)
+        if drain:
+            await self.host.drain()
 
     def events_of(self, prefix: str):
         return [e for e in self.events.after(0, 10_000) if e.kind.startswith(prefix)]

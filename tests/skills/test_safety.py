@@ -178,3 +178,32 @@ async def test_items_left_behind_after_everyone_left(harness, clock):
     assert routed.skill == "safety" and "cell phone" in routed.answer
     await r.set_vehicle(vehicle(locked=False, seats=EMPTY_SEATS))     # owner back: alerts resolved
     assert not (await r.stub("Safety").GetStatus(skills_pb2.SafetyStatusRequest())).active
+
+
+async def test_a_slow_model_does_not_delay_a_safe_exit_warning(harness, clock):
+    import asyncio
+
+    class SlowModel:
+        """A model busy for as long as the test says."""
+        def __init__(self):
+            self.release = asyncio.Event()
+
+        async def complete(self, prompt, *, priority, **kwargs):
+            await self.release.wait()
+            return "Hello there, Bo."
+
+    model = SlowModel()
+    harness.narrator = model
+    r = await harness.start()
+    await r.stub("Greeter").Enroll(skills_pb2.EnrollRequest(name="Bo", consent=True, key_fob_id="fob-9"))
+    # The owner walks up with the fob (a greeting is being worded) and pulls the handle as a cyclist comes.
+    await r.set_vehicle(vehicle(key_fob_id="fob-9", doors=[(FRONT_LEFT, False, True)]), drain=False)
+    for i, height in enumerate([0.2, 0.26, 0.32]):
+        frame, box = bicycle_frame(height, seed=i)
+        await r.frame(analysis("ext-left", "exterior", "left", clock.advance(1 / 15), frame,
+                               detections=[Detection("bicycle", 0.8, box, track_id=1)]), drain=False)
+    assert r.events_of("safety.safe_exit_warning") and not r.events_of("greeter.greeting")
+    model.release.set()
+    await r.host.drain()
+    greeting, = r.events_of("greeter.greeting")
+    assert greeting.message == "Hello there, Bo." and greeting.cursor > r.events_of("safety.safe_exit_warning")[0].cursor
