@@ -1,0 +1,215 @@
+"""The per-camera perception cascade: motion gates the detectors; which stages run is set per camera and can be
+changed at run time (the power governor lowers the depth). Skills consume the FrameAnalysis; nothing here
+imports from skills.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import structlog
+from prometheus_client import Counter, Histogram
+
+from service.perception.models import model_path, models_dir
+from service.perception.motion import MotionConfig, MotionDetector
+from service.perception.types import FrameAnalysis
+
+log = structlog.get_logger(__name__)
+
+# The cascade's order, cheapest first: depth N runs the first N enabled stages.
+STAGES = ("motion", "faces", "identity", "text")
+DEFAULT_STAGES = {"cabin": ("motion", "faces", "identity"), "exterior": ("motion", "text")}
+
+STAGE_SECONDS = Histogram("incar_perception_stage_seconds", "Time per perception stage per frame", ["stage"],
+                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+FRAMES = Counter("incar_perception_frames_total", "Frames analysed, by whether motion let the detectors run",
+                 ["camera_id", "gated"])
+
+
+class CameraMeta(Protocol):
+    camera_id: str
+    role: str
+    position: str
+    capture_time: float
+
+
+@dataclass
+class CameraCascadeConfig:
+    stages: tuple[str, ...] | None = None  # None: DEFAULT_STAGES for the camera's role
+    motion_threshold: float = 0.002        # moved share of the frame that wakes the detectors
+    idle_refresh_seconds: float = 2.0      # run the detectors this often even when nothing moves (a still passenger)
+    motion: MotionConfig = field(default_factory=MotionConfig)
+
+    def validate(self) -> None:
+        if self.stages is not None:
+            unknown = [s for s in self.stages if s not in STAGES]
+            if unknown:
+                raise ValueError(f"stages: unknown {unknown}; expected some of {list(STAGES)}")
+            if "identity" in self.stages and "faces" not in self.stages:
+                raise ValueError("stages: 'identity' needs 'faces'")
+        if not 0 <= self.motion_threshold < 1:
+            raise ValueError(f"motion_threshold: must be in [0, 1), got {self.motion_threshold}")
+        if self.idle_refresh_seconds < 0:
+            raise ValueError(f"idle_refresh_seconds: must be >= 0, got {self.idle_refresh_seconds}")
+        self.motion.validate()
+
+
+@dataclass
+class PerceptionConfig:
+    models_dir: str = ""                   # "" -> $INCAR_MODELS_DIR or build/models
+    backend: str = "cpu"                   # "cpu" | "qnn-htp" | "qnn-emulator"
+    variant: str = ""                      # "" -> "float" on cpu, "qdq" on the QNN backends
+    face_range: str = "full"               # "full" finds faces to ~5 m (rear seats); "short" is cheaper, ~2 m
+    threads: int | None = None
+    depth: int = len(STAGES)               # the governor's knob: how many cascade stages may run
+    cameras: dict[str, CameraCascadeConfig] = field(default_factory=dict)
+    default_camera: CameraCascadeConfig = field(default_factory=CameraCascadeConfig)
+
+    def validate(self) -> None:
+        if self.backend not in ("cpu", "qnn-htp", "qnn-emulator"):
+            raise ValueError(f"backend: expected cpu, qnn-htp or qnn-emulator, got {self.backend!r}")
+        if self.variant not in ("", "float", "qdq"):
+            raise ValueError(f"variant: expected float or qdq, got {self.variant!r}")
+        if self.backend != "cpu" and self.variant == "float":
+            raise ValueError("variant: the QNN backends run the quantized (qdq) graphs only")
+        if self.face_range not in ("full", "short"):
+            raise ValueError(f"face_range: expected full or short, got {self.face_range!r}")
+        if not 0 <= self.depth <= len(STAGES):
+            raise ValueError(f"depth: must be in [0, {len(STAGES)}], got {self.depth}")
+        for name, cam in self.cameras.items():
+            try:
+                cam.validate()
+            except ValueError as exc:
+                raise ValueError(f"cameras.{name}.{exc}") from None
+        self.default_camera.validate()
+
+    @property
+    def resolved_variant(self) -> str:
+        return self.variant or ("float" if self.backend == "cpu" else "qdq")
+
+
+@dataclass
+class _CameraState:
+    config: CameraCascadeConfig
+    motion: MotionDetector
+    stages: tuple[str, ...] | None
+    last_detectors_run: float = -1e18
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Cascade:
+    """One per service. `analyze(bgr, meta)` is thread-safe across cameras (one frame at a time per camera)."""
+
+    def __init__(self, config: PerceptionConfig | None = None):
+        self.config = config or PerceptionConfig()
+        self.config.validate()
+        self._depth = self.config.depth
+        self._cameras: dict[str, _CameraState] = {}
+        self._lock = threading.Lock()
+        self._models: dict[str, object] = {}
+        self._model_lock = threading.Lock()
+
+    # --- run-time control -------------------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    def set_depth(self, depth: int) -> None:
+        """The power governor's knob: 0 = nothing, 1 = motion only, 2 = + faces, ... (STAGES order)."""
+        if not 0 <= depth <= len(STAGES):
+            raise ValueError(f"depth: must be in [0, {len(STAGES)}], got {depth}")
+        if depth != self._depth:
+            log.info("perception_depth_changed", old=self._depth, new=depth)
+        self._depth = depth
+
+    def set_stages(self, camera_id: str, stages: tuple[str, ...] | None) -> None:
+        """Enable exactly these stages on one camera (None: back to its configured/role default)."""
+        CameraCascadeConfig(stages=stages).validate()
+        state = self._camera(camera_id)
+        state.stages = tuple(stages) if stages is not None else state.config.stages
+
+    def stages_for(self, camera_id: str, role: str) -> tuple[str, ...]:
+        state = self._camera(camera_id)
+        wanted = state.stages if state.stages is not None else DEFAULT_STAGES.get(role, ("motion",))
+        allowed = STAGES[: self._depth]
+        return tuple(s for s in STAGES if s in wanted and s in allowed)
+
+    # --- models (opened on first use, shared by all cameras) -------------------------------------------------
+    def _model(self, name: str):
+        with self._model_lock:
+            if name not in self._models:
+                self._models[name] = self._open(name)
+            return self._models[name]
+
+    def _open(self, name: str):
+        cfg = self.config
+        base = Path(cfg.models_dir) if cfg.models_dir else models_dir()
+        variant = cfg.resolved_variant
+        kw = dict(threads=cfg.threads, disable_cpu_fallback=cfg.backend != "cpu")
+        if name == "faces":
+            from service.perception.faces import FaceDetector
+            return FaceDetector(model_path(f"face_{cfg.face_range}", variant, base), cfg.face_range, cfg.backend, **kw)
+        if name == "identity":
+            from service.perception.identity import FaceEmbedder
+            return FaceEmbedder()
+        if name == "text":
+            from service.perception.text import TextReader
+            return TextReader(model_path("ocr_det", variant, base), model_path("ocr_rec", variant, base), cfg.backend,
+                              dictionary_path=model_path("ocr_rec", "float", base), **kw)
+        raise KeyError(name)
+
+    def _camera(self, camera_id: str) -> _CameraState:
+        with self._lock:
+            state = self._cameras.get(camera_id)
+            if state is None:
+                cam_cfg = self.config.cameras.get(camera_id, self.config.default_camera)
+                state = _CameraState(cam_cfg, MotionDetector(cam_cfg.motion), cam_cfg.stages)
+                self._cameras[camera_id] = state
+            return state
+
+    # --- the cascade ------------------------------------------------------------------------------------------
+    def analyze(self, bgr: np.ndarray, meta: CameraMeta) -> FrameAnalysis:
+        if not isinstance(bgr, np.ndarray) or bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
+            raise ValueError(f"cascade: expected a uint8 BGR frame HxWx3, got "
+                             f"{getattr(bgr, 'dtype', type(bgr))} {getattr(bgr, 'shape', '')}")
+        state = self._camera(meta.camera_id)
+        stages = self.stages_for(meta.camera_id, meta.role)
+        result = FrameAnalysis(camera_id=meta.camera_id, role=meta.role, position=meta.position,
+                               timestamp=float(meta.capture_time), frame=bgr)
+        ran: list[str] = []
+        with state.lock:
+            detectors_allowed = True
+            if "motion" in stages:
+                t0 = time.perf_counter()
+                motion = state.motion.update(bgr)
+                STAGE_SECONDS.labels("motion").observe(time.perf_counter() - t0)
+                result = replace(result, motion=motion)
+                ran.append("motion")
+                stale = meta.capture_time - state.last_detectors_run >= state.config.idle_refresh_seconds
+                detectors_allowed = motion.fraction >= state.config.motion_threshold or stale
+            detector_stages = [s for s in stages if s != "motion"]
+            FRAMES.labels(meta.camera_id, str(not detectors_allowed and bool(detector_stages)).lower()).inc()
+            if detectors_allowed and detector_stages:
+                state.last_detectors_run = meta.capture_time
+                if "faces" in detector_stages:
+                    t0 = time.perf_counter()
+                    faces = self._model("faces").detect(bgr)
+                    STAGE_SECONDS.labels("faces").observe(time.perf_counter() - t0)
+                    ran.append("faces")
+                    if "identity" in detector_stages and faces:
+                        t0 = time.perf_counter()
+                        faces = self._model("identity").embed_faces(bgr, faces)
+                        STAGE_SECONDS.labels("identity").observe(time.perf_counter() - t0)
+                        ran.append("identity")
+                    result = replace(result, faces=tuple(faces))
+                if "text" in detector_stages:
+                    t0 = time.perf_counter()
+                    texts = self._model("text").read(bgr)
+                    STAGE_SECONDS.labels("text").observe(time.perf_counter() - t0)
+                    ran.append("text")
+                    result = replace(result, texts=tuple(texts))
+        return replace(result, stages_run=tuple(ran))
