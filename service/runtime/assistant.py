@@ -1,0 +1,168 @@
+"""`incar.v1.Assistant`: a question about cameras or inline images, answered as a token stream.
+
+Status codes: UNAVAILABLE while the model loads (or a camera has no frame yet), INVALID_ARGUMENT for bad
+input (naming the field or image index), NOT_FOUND for an unknown camera id, RESOURCE_EXHAUSTED when the
+priority's queue is full, DEADLINE_EXCEEDED when the deadline passes mid-answer. A client that cancels stops
+the decode within one step (the engine checks `context.cancelled()` before each step; grpc.aio also cancels
+the handler task, which lands on the step in flight).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import cv2
+import grpc
+import numpy as np
+import structlog
+
+from incar.v1 import assistant_pb2, assistant_pb2_grpc, common_pb2
+from service.runtime.engine import Done, GenerationEngine, GenerationRequest, InvalidRequestError, TextDelta
+from service.runtime.scheduler import QueueFullError
+
+log = structlog.get_logger(__name__)
+
+# frames_for(camera_ids) -> one BGR frame per id, in order. Raises KeyError(camera_id) for an unknown camera
+# and LookupError (not KeyError) when a known camera has no frame yet.
+FramesFor = Callable[[Sequence[str]], Sequence[np.ndarray]]
+
+
+@dataclass
+class AssistantConfig:
+    priority: str = "chat"          # scheduler priority of Ask requests
+    max_images: int = 4             # inline images + cameras per question
+    max_image_bytes: int = 16 * 1024 * 1024
+    max_question_chars: int = 4000
+
+    def validate(self) -> None:
+        from service.runtime.scheduler import PRIORITIES
+        if self.priority not in PRIORITIES:
+            raise ValueError(f"priority: {self.priority!r} is not one of {', '.join(PRIORITIES)}")
+        if self.max_images < 0:
+            raise ValueError(f"max_images: must be >= 0, got {self.max_images}")
+        if self.max_image_bytes < 1:
+            raise ValueError(f"max_image_bytes: must be >= 1, got {self.max_image_bytes}")
+        if self.max_question_chars < 1:
+            raise ValueError(f"max_question_chars: must be >= 1, got {self.max_question_chars}")
+
+
+class ImageError(ValueError):
+    pass
+
+
+def decode_image(index: int, image: common_pb2.Image) -> np.ndarray:
+    """An inline `Image` to BGR uint8; ImageError names the index and what is wrong."""
+    where = f"images[{index}]"
+    data = image.data
+    if not data:
+        raise ImageError(f"{where}: no data")
+    enc = image.encoding
+    if enc in (common_pb2.IMAGE_ENCODING_JPEG, common_pb2.IMAGE_ENCODING_PNG):
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ImageError(f"{where}: cannot decode {common_pb2.ImageEncoding.Name(enc)} data ({len(data)} bytes)")
+        if (image.width and image.width != bgr.shape[1]) or (image.height and image.height != bgr.shape[0]):
+            raise ImageError(f"{where}: declared {image.width}x{image.height} but the image is "
+                             f"{bgr.shape[1]}x{bgr.shape[0]}")
+        return bgr
+    if enc in (common_pb2.IMAGE_ENCODING_RAW_BGR, common_pb2.IMAGE_ENCODING_NV12):
+        w, h = image.width, image.height
+        if not w or not h:
+            raise ImageError(f"{where}: width and height are required for {common_pb2.ImageEncoding.Name(enc)}")
+        if enc == common_pb2.IMAGE_ENCODING_RAW_BGR:
+            if len(data) != w * h * 3:
+                raise ImageError(f"{where}: RAW_BGR {w}x{h} needs {w * h * 3} bytes, got {len(data)}")
+            return np.frombuffer(data, np.uint8).reshape(h, w, 3).copy()
+        if w % 2 or h % 2:
+            raise ImageError(f"{where}: NV12 needs even width and height, got {w}x{h}")
+        if len(data) != w * h * 3 // 2:
+            raise ImageError(f"{where}: NV12 {w}x{h} needs {w * h * 3 // 2} bytes, got {len(data)}")
+        return cv2.cvtColor(np.frombuffer(data, np.uint8).reshape(h * 3 // 2, w), cv2.COLOR_YUV2BGR_NV12)
+    raise ImageError(f"{where}: unsupported encoding {enc}")
+
+
+class AssistantService(assistant_pb2_grpc.AssistantServicer):
+    def __init__(self, engine: GenerationEngine | None = None, frames_for: FramesFor | None = None,
+                 config: AssistantConfig | None = None):
+        self.config = config or AssistantConfig()
+        self.config.validate()
+        self._engine = engine
+        self._frames_for = frames_for
+        self._loading_reason = "the language model is loading"
+
+    def set_engine(self, engine: GenerationEngine | None, reason: str = "the language model is loading") -> None:
+        """Called by the server once the model is loaded (or with None and a reason when it failed)."""
+        self._engine = engine
+        self._loading_reason = reason
+
+    async def Ask(self, request: assistant_pb2.AskRequest, context: grpc.aio.ServicerContext):
+        engine = self._engine
+        if engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self._loading_reason)
+        question = request.question.strip()
+        if not question:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "question: empty")
+        if len(question) > self.config.max_question_chars:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"question: {len(question)} characters, the limit is {self.config.max_question_chars}")
+        if len(request.images) + len(request.camera_ids) > self.config.max_images:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{len(request.images)} images and {len(request.camera_ids)} cameras: at most "
+                                f"{self.config.max_images} in total")
+        images = await self._gather_images(request, context)
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        gen = GenerationRequest(
+            prompt=question, images=images, max_tokens=request.max_tokens,
+            temperature=request.sampling.temperature, top_p=request.sampling.top_p or 1.0,
+            top_k=request.sampling.top_k, seed=request.sampling.seed, stop=list(request.stop),
+            json_schema=request.json_schema or None, priority=self.config.priority,
+            deadline=deadline, is_cancelled=context.cancelled)
+        try:
+            async for item in engine.stream(gen):
+                if isinstance(item, TextDelta):
+                    yield assistant_pb2.AskResponse(text=item.text)
+                elif isinstance(item, Done):
+                    if item.finish_reason == "deadline":
+                        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                            f"deadline passed after {item.timings.generated_tokens} tokens")
+                    if item.finish_reason == "cancelled":
+                        return
+                    t = item.timings
+                    yield assistant_pb2.AskResponse(done=assistant_pb2.AskDone(
+                        answer=item.text, finish_reason=item.finish_reason, handled_by="model",
+                        model=engine.name, backend=engine.backend,
+                        timings=common_pb2.Timings(
+                            queue_s=t.queue_s, preprocess_s=t.preprocess_s, vision_encode_s=t.vision_encode_s,
+                            time_to_first_token_s=t.time_to_first_token_s, tokens_per_second=t.tokens_per_second,
+                            end_to_end_s=t.end_to_end_s, prompt_tokens=t.prompt_tokens,
+                            generated_tokens=t.generated_tokens)))
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except QueueFullError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+
+    async def _gather_images(self, request: assistant_pb2.AskRequest, context) -> list[np.ndarray]:
+        images: list[np.ndarray] = []
+        for i, image in enumerate(request.images):
+            if len(image.data) > self.config.max_image_bytes:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"images[{i}]: {len(image.data)} bytes, the limit is {self.config.max_image_bytes}")
+            try:
+                images.append(decode_image(i, image))
+            except ImageError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if request.camera_ids:
+            if self._frames_for is None:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    "camera_ids given but no camera source is configured")
+            try:
+                frames = list(self._frames_for(list(request.camera_ids)))
+            except KeyError as exc:
+                camera = exc.args[0] if exc.args else "?"
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"camera_ids: unknown camera {camera!r}")
+            except LookupError as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"camera_ids: {exc}")
+            images.extend(frames)
+        return images

@@ -1,0 +1,90 @@
+"""JSON-schema-constrained decoding with llguidance: a skill always gets JSON that parses and validates.
+
+llguidance compiles the schema to a grammar and, per step, gives the set of tokens that keep the output a
+valid prefix; the engine masks every other token's logit before sampling. Whitespace is not free (compact
+JSON), so a small model cannot wander into endless blank lines.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import llguidance
+import numpy as np
+
+# The tokenizer wrapper costs ~1 s to build (it indexes the whole vocabulary): one per tokenizer file.
+_TOKENIZERS: dict[tuple[str, int, tuple[int, ...]], llguidance.LLTokenizer] = {}
+_LOCK = threading.Lock()
+
+
+class SchemaError(ValueError):
+    """The JSON schema is not valid JSON or not supported by the grammar compiler."""
+
+
+class JsonConstraint:
+    """One request's constraint state: `mask(logits)` before sampling, `advance(token)` after."""
+
+    def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str, eos_token_ids: list[int]):
+        self._matcher = llguidance.LLMatcher(tokenizer, grammar)
+        if self._matcher.is_error():
+            raise SchemaError(f"json_schema: {self._matcher.get_error()}")
+        self._words = (tokenizer.vocab_size + 31) // 32
+        self._bitmask = np.zeros(self._words, np.int32)
+        self._vocab = tokenizer.vocab_size
+        self._eos = eos_token_ids
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        """Disallowed tokens' logits to -inf (a copy: the input may be an ORT-bound buffer)."""
+        self._matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
+        allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little").astype(bool)
+        out = np.full(logits.shape, -np.inf, np.float32)
+        n = min(logits.shape[-1], self._vocab, allowed.size)
+        keep = np.flatnonzero(allowed[:n])
+        out[keep] = logits[keep]
+        if self._matcher.is_stopped():
+            # Grammar complete: only end-of-sequence may follow.
+            out[:] = -np.inf
+            out[self._eos] = 0.0
+        return out
+
+    def advance(self, token_id: int) -> None:
+        if token_id in self._eos and self._matcher.is_accepting():
+            return
+        if not self._matcher.consume_token(int(token_id)):
+            raise SchemaError(f"constrained decoding rejected token {token_id}: {self._matcher.get_error()}")
+
+    def is_complete(self) -> bool:
+        return self._matcher.is_accepting()
+
+
+class JsonConstraintFactory:
+    """Per model: compiles schemas against the model's tokenizer."""
+
+    def __init__(self, tokenizer_file: str | Path, vocab_size: int, eos_token_ids: list[int]):
+        key = (str(Path(tokenizer_file).resolve()), int(vocab_size), tuple(eos_token_ids))
+        with _LOCK:
+            tok = _TOKENIZERS.get(key)
+            if tok is None:
+                text = Path(tokenizer_file).read_text(encoding="utf-8")
+                tok = llguidance.LLTokenizer(text, n_vocab=vocab_size, eos_token=list(eos_token_ids))
+                _TOKENIZERS[key] = tok
+        self._tokenizer = tok
+        self._eos = list(eos_token_ids)
+
+    def for_schema(self, schema: str) -> JsonConstraint:
+        try:
+            parsed = json.loads(schema)
+        except json.JSONDecodeError as exc:
+            raise SchemaError(f"json_schema: not valid JSON ({exc})") from exc
+        if not isinstance(parsed, dict):
+            raise SchemaError("json_schema: must be a JSON object")
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                parsed, overrides={"whitespace_flexible": False})
+        except Exception as exc:  # llguidance raises ValueError/RuntimeError with the compiler's message
+            raise SchemaError(f"json_schema: {exc}") from exc
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self._tokenizer)
+        if is_error:
+            raise SchemaError(f"json_schema: {messages[0] if messages else 'unsupported schema'}")
+        return JsonConstraint(self._tokenizer, grammar, self._eos)

@@ -1,0 +1,418 @@
+"""The generation engine: prompt building, chunked prefill and decode as scheduler steps, sampling, stop
+strings, JSON-schema constraints, streaming detokenization, cancellation.
+
+Every model call (vision encode, prefill chunk, decode step + sampling) is one step on the NPU scheduler, so
+a higher-priority request overtakes at the next step boundary and a cancelled request stops within one step:
+the coroutine checks for cancellation and the deadline before it submits each step, and an asyncio
+cancellation (the gRPC client went away) lands while it awaits the step in flight.
+
+Context policy: a prompt that leaves no room to generate is refused (InvalidRequestError naming the token
+counts); otherwise generation is capped at the room left and ends with finish_reason "length" there.
+Nothing is truncated silently.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import structlog
+
+from service.runtime import metrics
+from service.runtime.constrained import JsonConstraint, JsonConstraintFactory, SchemaError
+from service.runtime.sampling import Sampler
+from service.runtime.scheduler import PRIORITIES, NpuScheduler, QueueFullError, Ticket
+
+log = structlog.get_logger(__name__)
+
+# describe_images(images) -> str, sync or async: the perception stage's words for images, used with
+# text-only bundles. The default below says only what is known without perception.
+DescribeImages = Callable[[Sequence[np.ndarray]], "str | asyncio.Future[str]"]
+
+
+class InvalidRequestError(ValueError):
+    """The request cannot be served as given (bad parameters, schema, context overflow); gRPC INVALID_ARGUMENT."""
+
+
+@dataclass
+class EngineConfig:
+    default_max_tokens: int = 256
+    max_tokens_limit: int = 2048
+    # A JSON answer may run past max_tokens by this much to close its value: a skill must get parseable JSON.
+    json_extra_tokens: int = 128
+    system_prompt: str = "You are the in-car assistant. Answer briefly and factually."
+
+    def validate(self) -> None:
+        if self.default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens: must be >= 1, got {self.default_max_tokens}")
+        if self.max_tokens_limit < self.default_max_tokens:
+            raise ValueError(f"max_tokens_limit: {self.max_tokens_limit} is below default_max_tokens "
+                             f"{self.default_max_tokens}")
+        if self.json_extra_tokens < 0:
+            raise ValueError(f"json_extra_tokens: must be >= 0, got {self.json_extra_tokens}")
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    images: Sequence[np.ndarray] = ()          # BGR frames
+    system: str | None = None                  # None: the engine's system prompt
+    max_tokens: int = 0                        # 0: the engine default
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: Sequence[str] = ()
+    json_schema: str | None = None
+    priority: str = "chat"
+    deadline: float | None = None              # time.monotonic() instant
+    is_cancelled: Callable[[], bool] | None = None
+    request_id: str = ""
+    ignore_eos: bool = False                   # benchmarks: always generate max_tokens (as vLLM's ignore_eos)
+
+
+@dataclass
+class Timings:
+    queue_s: float = 0.0
+    preprocess_s: float = 0.0
+    vision_encode_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    tokens_per_second: float = 0.0
+    end_to_end_s: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+
+@dataclass
+class TextDelta:
+    text: str
+
+
+@dataclass
+class Done:
+    text: str
+    finish_reason: str                         # "stop" | "length" | "cancelled" | "deadline"
+    timings: Timings = field(default_factory=Timings)
+
+
+def default_describe_images(images: Sequence[np.ndarray]) -> str:
+    """Without a perception stage the engine knows only that images came, and their sizes."""
+    sizes = ", ".join(f"{img.shape[1]}x{img.shape[0]}" for img in images)
+    count = "an image was" if len(images) == 1 else f"{len(images)} images were"
+    return f"{count} provided ({sizes}) but no perception stage is configured"
+
+
+class IncrementalDetokenizer:
+    """Token ids in, whole UTF-8 text out: a byte-level token may end mid-character, so text is released only
+    once the decoded tail is no longer a replacement character (the approach of HF text-generation-inference)."""
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        prefix_text = self._tok.decode(self._ids[self._prefix:self._read])
+        new_text = self._tok.decode(self._ids[self._prefix:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return new_text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        """What is left at the end; an incomplete character at the very end is dropped, never sent broken."""
+        prefix_text = self._tok.decode(self._ids[self._prefix:self._read])
+        new_text = self._tok.decode(self._ids[self._prefix:]).rstrip("\ufffd")
+        self._prefix = self._read = len(self._ids)
+        return new_text[len(prefix_text):] if len(new_text) > len(prefix_text) else ""
+
+
+class StopStringFilter:
+    """Holds back text that might be the start of a stop string; cuts the output at the first full match."""
+
+    def __init__(self, stops: Sequence[str]):
+        self._stops = [s for s in stops if s]
+        self._held = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if not self._stops:
+            return text
+        buf = self._held + text
+        hits = [(buf.find(s), s) for s in self._stops if s in buf]
+        if hits:
+            self.stopped = True
+            self._held = ""
+            return buf[:min(i for i, _ in hits)]
+        hold = 0
+        for s in self._stops:
+            for k in range(min(len(s) - 1, len(buf)), 0, -1):
+                if buf.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        self._held = buf[len(buf) - hold:] if hold else ""
+        return buf[:len(buf) - hold]
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+class _Decoder:
+    """The per-request state the executor thread touches (sequence, sampler, constraint)."""
+
+    def __init__(self, seq, sampler: Sampler, constraint: JsonConstraint | None, eos: set[int], ban_eos: bool):
+        self.seq = seq
+        self.ban = np.fromiter(sorted(eos), np.int64) if ban_eos else None
+        self.sampler = sampler
+        self.constraint = constraint
+        self.eos = eos
+        self.force_greedy = False
+
+    def _choose(self) -> int:
+        logits = self.seq.logits
+        if self.constraint is not None:
+            logits = self.constraint.mask(logits)
+        elif self.ban is not None:
+            logits = logits.copy()
+            logits[self.ban] = -np.inf
+        token = int(np.argmax(logits)) if self.force_greedy else self.sampler.sample(logits)
+        if self.constraint is not None:
+            self.constraint.advance(token)
+        return token
+
+    def prefill(self) -> int | None:
+        """One prefill chunk; on the last one, also the first token (saves a scheduler hop on TTFT)."""
+        return self._choose() if self.seq.prefill_step() else None
+
+    def decode(self, token: int) -> int:
+        self.seq.append(token)
+        return self._choose()
+
+
+class GenerationEngine:
+    def __init__(self, model, vision, scheduler: NpuScheduler, *, config: EngineConfig | None = None,
+                 describe_images: DescribeImages | None = None):
+        self.model = model
+        self.vision = vision
+        self.scheduler = scheduler
+        self.config = config or EngineConfig()
+        self.config.validate()
+        self.describe_images = describe_images or default_describe_images
+        self.tokenizer = model.tokenizer
+        self._eos = set(model.eos_token_ids)
+        manifest = model.bundle.manifest
+        tok_cfg = manifest["tokenizer"]
+        self._image_token: str | None = tok_cfg.get("image_token")
+        self._image_tokens_per_image = int(tok_cfg.get("image_tokens_per_image") or 0)
+        self._json = JsonConstraintFactory(model.bundle.file(tok_cfg["file"]),
+                                           int(manifest["text"]["vocab_size"]), sorted(self._eos))
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def backend(self) -> str:
+        return self.model.backend
+
+    # ---- public API ------------------------------------------------------------------------------
+    async def complete(self, prompt: str, *, priority: str = "chat", max_tokens: int = 64,
+                       json_schema: str | None = None, images: Sequence[np.ndarray] = (),
+                       system: str | None = None) -> str:
+        """The whole answer as one string (what skills call). With json_schema, the string parses as JSON."""
+        request = GenerationRequest(prompt=prompt, priority=priority, max_tokens=max_tokens,
+                                    json_schema=json_schema, images=images, system=system)
+        async for item in self.stream(request):
+            if isinstance(item, Done):
+                if json_schema:
+                    json.loads(item.text)  # guaranteed by the constraint; a failure here is a bug, not input
+                return item.text
+        raise RuntimeError("generation ended without a result")  # pragma: no cover
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Done]:
+        started = time.monotonic()
+        priority = request.priority
+        if priority not in PRIORITIES:
+            raise InvalidRequestError(f"priority: {priority!r} is not one of {', '.join(PRIORITIES)}")
+        sampler, constraint = self._sampling(request)
+        outcome: str | None = "error"
+        try:
+            # Preprocessing runs before admission: queue time is pure waiting for the NPU.
+            prompt_ids, images_for_vision, preprocess_s = await self._prepare(request)
+            timings = Timings(preprocess_s=preprocess_s, prompt_tokens=len(prompt_ids))
+            metrics.PREPROCESS.labels(priority).observe(preprocess_s)
+            room = self.model.context_length - len(prompt_ids)
+            if room < 1:
+                raise InvalidRequestError(
+                    f"prompt of {len(prompt_ids)} tokens does not fit the context of {self.model.context_length} "
+                    f"tokens (at least one token must be left to generate)")
+            requested = request.max_tokens or self.config.default_max_tokens
+            if requested > self.config.max_tokens_limit:
+                raise InvalidRequestError(f"max_tokens: {requested} exceeds the limit {self.config.max_tokens_limit}")
+            budget = min(requested, room)
+            hard_budget = min(budget + self.config.json_extra_tokens, room) if constraint else budget
+
+            async with self.scheduler.admit(priority, request.request_id) as ticket:
+                async for item in self._generate(request, ticket, prompt_ids, images_for_vision, sampler,
+                                                 constraint, budget, hard_budget, timings, started):
+                    if isinstance(item, Done):
+                        outcome = item.finish_reason
+                    yield item
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
+            raise
+        except InvalidRequestError:
+            outcome = "invalid"
+            raise
+        except QueueFullError:
+            outcome = None  # the scheduler counts rejections itself
+            raise
+        finally:
+            if outcome is not None:
+                metrics.REQUESTS.labels(priority, outcome).inc()
+                metrics.REQUEST_DURATION.labels(priority).observe(time.monotonic() - started)
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _sampling(self, request: GenerationRequest) -> tuple[Sampler, JsonConstraint | None]:
+        try:
+            sampler = Sampler(temperature=request.temperature, top_p=request.top_p or 1.0,
+                              top_k=request.top_k, seed=request.seed)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        if request.max_tokens < 0:
+            raise InvalidRequestError(f"max_tokens: {request.max_tokens} must be >= 0")
+        constraint = None
+        if request.json_schema:
+            try:
+                constraint = self._json.for_schema(request.json_schema)
+            except SchemaError as exc:
+                raise InvalidRequestError(str(exc)) from exc
+        return sampler, constraint
+
+    async def _prepare(self, request: GenerationRequest) -> tuple[list[int], list[np.ndarray], float]:
+        t0 = time.perf_counter()
+        system = self.config.system_prompt if request.system is None else request.system
+        if request.json_schema:
+            system = (system + "\n" if system else "") + \
+                f"Reply with JSON only, matching this JSON schema: {request.json_schema}"
+        content = request.prompt
+        images = list(request.images)
+        for i, img in enumerate(images):
+            if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+                raise InvalidRequestError(f"images[{i}]: expected a BGR uint8 array [H, W, 3], got "
+                                          f"{getattr(img, 'shape', type(img).__name__)}")
+        for_vision: list[np.ndarray] = []
+        if images and self.vision is not None:
+            placeholder = (self._image_token or "") * self._image_tokens_per_image
+            content = "".join(placeholder + "\n" for _ in images) + content
+            for_vision = images
+        elif images:
+            description = self.describe_images(images)
+            if inspect.isawaitable(description):
+                description = await description
+            content = f"What the cameras show: {description}\n\n{content}"
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        ids = self.tokenizer.encode(text)
+        return ids, for_vision, time.perf_counter() - t0
+
+    def _stop_reason(self, request: GenerationRequest) -> str | None:
+        if request.is_cancelled is not None and request.is_cancelled():
+            return "cancelled"
+        if request.deadline is not None and time.monotonic() >= request.deadline:
+            return "deadline"
+        return None
+
+    async def _generate(self, request: GenerationRequest, ticket: Ticket, prompt_ids: list[int],
+                        images: list[np.ndarray], sampler: Sampler, constraint: JsonConstraint | None,
+                        budget: int, hard_budget: int, timings: Timings, started: float
+                        ) -> AsyncIterator[TextDelta | Done]:
+        priority = request.priority
+        text_parts: list[str] = []
+        detok = IncrementalDetokenizer(self.tokenizer)
+        stops = StopStringFilter(request.stop)
+        generated = 0
+        first_token_at = last_token_at = None
+
+        def finish(reason: str) -> Done:
+            now = time.monotonic()
+            timings.queue_s = ticket.queue_seconds
+            timings.generated_tokens = generated
+            timings.end_to_end_s = now - started
+            if first_token_at is not None and last_token_at is not None and generated > 1:
+                timings.tokens_per_second = (generated - 1) / max(last_token_at - first_token_at, 1e-9)
+            return Done("".join(text_parts), reason, timings)
+
+        image_embeds = []
+        for img in images:
+            if (reason := self._stop_reason(request)):
+                yield finish(reason)
+                return
+            embeds = await ticket.step(self.vision.encode, img, kind="vision")
+            image_embeds.append(embeds)
+            timings.preprocess_s += self.vision.preprocess_seconds
+            timings.vision_encode_s += self.vision.encode_seconds
+            metrics.VISION_ENCODE.observe(self.vision.encode_seconds)
+
+        seq = self.model.new_sequence(prompt_ids, image_embeds)
+        decoder = _Decoder(seq, sampler, constraint, self._eos, request.ignore_eos and constraint is None)
+        token = None
+        while token is None:
+            if (reason := self._stop_reason(request)):
+                yield finish(reason)
+                return
+            token = await ticket.step(decoder.prefill, kind="prefill")
+        metrics.PROMPT_TOKENS.labels(priority).inc(len(prompt_ids))
+        reason = None
+        while True:
+            now = time.monotonic()
+            if token in self._eos:
+                reason = "stop"
+                break
+            generated += 1
+            metrics.GENERATION_TOKENS.labels(priority).inc()
+            if first_token_at is None:
+                first_token_at = now
+                timings.time_to_first_token_s = now - started
+                metrics.TIME_TO_FIRST_TOKEN.labels(priority).observe(now - started)
+            else:
+                metrics.INTER_TOKEN_LATENCY.labels(priority).observe(now - last_token_at)
+            last_token_at = now
+            piece = stops.feed(detok.push(token))
+            if piece:
+                text_parts.append(piece)
+                yield TextDelta(piece)
+            if stops.stopped:
+                reason = "stop"
+                break
+            if generated >= budget:
+                if constraint is None or constraint.is_complete():
+                    reason = "length"
+                    break
+                if generated >= hard_budget:
+                    raise InvalidRequestError(
+                        f"the JSON answer did not complete within {hard_budget} tokens; raise max_tokens "
+                        f"or simplify the schema")
+                decoder.force_greedy = True  # closing the JSON value: no more exploration
+            if (reason := self._stop_reason(request)):
+                break
+            token = await ticket.step(decoder.decode, token, kind="decode")
+        tail = ""
+        if not stops.stopped:
+            tail = stops.feed(detok.flush())
+            if not stops.stopped:
+                tail += stops.flush()
+        if tail:
+            text_parts.append(tail)
+            yield TextDelta(tail)
+        yield finish(reason)
