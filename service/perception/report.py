@@ -1,0 +1,80 @@
+"""Accuracy of each converted model against its float graph on held-out photos (box IoU, text equality).
+
+Used by `incar perception check`, the tests (same tolerances) and the bench. The QNN emulator runs the QDQ
+graphs bit-faithfully but slowly, so its check uses small inputs: the faces on one held-out photo and the
+sign-strip OCR detector + recognizer on one held-out sign.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from service.perception.calibration import HELD_OUT_PHOTOS, HELD_OUT_SIGNS, load_photo, sign_images, sign_strips
+from service.perception.models import model_path
+
+# Tolerances: every float face must have a QDQ twin overlapping this much, and text must be equal.
+FACE_MIN_IOU = 0.85
+TEXT_BOX_MIN_IOU = 0.85
+
+
+def box_iou(a, b) -> float:
+    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
+    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _match_boxes(ref: list, got: list) -> dict:
+    ious = [max((box_iou(r, g) for g in got), default=0.0) for r in ref]
+    return {"reference": len(ref), "found": len(got), "min_iou": round(min(ious), 4) if ious else 1.0,
+            "mean_iou": round(float(np.mean(ious)), 4) if ious else 1.0}
+
+
+def _faces(name: str, range_: str, base: Path, backend: str, photos) -> dict:
+    from service.perception.faces import FaceDetector
+    ref = FaceDetector(model_path(name, "float", base), range_)
+    test = FaceDetector(model_path(name, "qdq", base), range_, backend, disable_cpu_fallback=backend != "cpu")
+    per_photo, t = {}, time.perf_counter()
+    for photo in photos:
+        img = load_photo(photo)
+        per_photo[photo] = _match_boxes([f.box for f in ref.detect(img)], [f.box for f in test.detect(img)])
+    ok = all(p["reference"] == p["found"] and p["min_iou"] >= FACE_MIN_IOU for p in per_photo.values())
+    return {"model": name, "backend": backend, "variant": "qdq", "photos": per_photo, "ok": ok,
+            "seconds": round(time.perf_counter() - t, 2), "tolerance": f"same count, box IoU >= {FACE_MIN_IOU}"}
+
+
+def _text(det_name: str, base: Path, backend: str, images: list[np.ndarray]) -> dict:
+    from service.perception.text import TextReader
+    dictionary = model_path("ocr_rec", "float", base)
+    ref = TextReader(model_path(det_name, "float", base), dictionary)
+    test = TextReader(model_path(det_name, "qdq", base), model_path("ocr_rec", "qdq", base), backend,
+                      disable_cpu_fallback=backend != "cpu", dictionary_path=dictionary)
+    results, t = [], time.perf_counter()
+    for img in images:
+        a, b = ref.read(img), test.read(img)
+        boxes = _match_boxes([l.box for l in a], [l.box for l in b])
+        results.append({"float": [l.text for l in a], "qdq": [l.text for l in b],
+                        "text_equal": [l.text for l in a] == [l.text for l in b], **boxes})
+    ok = all(r["text_equal"] and r["min_iou"] >= TEXT_BOX_MIN_IOU for r in results)
+    return {"model": f"{det_name}+ocr_rec", "backend": backend, "variant": "qdq", "signs": results, "ok": ok,
+            "seconds": round(time.perf_counter() - t, 2),
+            "tolerance": f"text equal, line box IoU >= {TEXT_BOX_MIN_IOU}"}
+
+
+def accuracy_report(base: str | Path, backend: str = "cpu") -> list[dict]:
+    """QDQ vs float for every ONNX model. On `cpu` all held-out photos; on the emulator the small set."""
+    base = Path(base)
+    if backend == "cpu":
+        signs = [img for img, _ in sign_images(HELD_OUT_SIGNS, HELD_OUT_PHOTOS)]
+        strips = sign_strips(HELD_OUT_SIGNS, HELD_OUT_PHOTOS)
+        return [_faces("face_short", "short", base, backend, HELD_OUT_PHOTOS),
+                _faces("face_full", "full", base, backend, HELD_OUT_PHOTOS),
+                _text("ocr_det", base, backend, signs),
+                _text("ocr_det_strip", base, backend, strips)]
+    strips = sign_strips(HELD_OUT_SIGNS[:1], HELD_OUT_PHOTOS[1:])
+    return [_faces("face_short", "short", base, backend, HELD_OUT_PHOTOS[:1]),
+            _faces("face_full", "full", base, backend, HELD_OUT_PHOTOS[:1]),
+            _text("ocr_det_strip", base, backend, strips)]
