@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -355,8 +356,12 @@ async def run(args) -> dict:
         "safety_exit_warnings": int(exit_warn[0]) if exit_warn else None,
         "safety_skill_decisions": skill_lat and int(metric_sum(metrics_end, "incar_skill_latency_seconds_count",
                                                                'skill="safety"') or 0),
-        "server_exit_code": exit_code, "workdir": str(workdir),
+        "server_exit_code": exit_code,
     }
+    if args.keep:
+        result["workdir"] = str(workdir)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
     return result
 
 
@@ -370,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ask-interval", type=float, default=20.0, help="seconds between questions per HMI client")
     parser.add_argument("--safety-budget", type=float, default=0.2, help="safe-exit warning budget, seconds")
     parser.add_argument("--mtls", action="store_true", help="run over mutual TLS with dev-CA certificates per role")
+    parser.add_argument("--keep", action="store_true", help="keep the server's data directory and log")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="server config override, passed to incar serve")
     args = parser.parse_args(argv)
