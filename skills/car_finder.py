@@ -19,7 +19,7 @@ import structlog
 from incar.v1 import common_pb2, skills_pb2, vehicle_pb2
 from service.perception.types import FrameAnalysis, TextLine
 from skills.base import (NotFoundError, PreconditionError, SignReader, Skill, SkillContext, is_moving,
-                         is_parked_off, narration_prompt)
+                         is_parked_off, narrate)
 from skills.config import CarFinderConfig
 
 log = structlog.get_logger(__name__)
@@ -184,17 +184,14 @@ class CarFinder(Skill):
             raise NotFoundError("no parking position recorded yet")
         record = records[0]
         with self.measure(budget_s=max(self.budget_s, 10.0)):
-            facts = {"level": record.level, "row": record.row, "bay": record.bay,
-                     "signs read": "; ".join(record.sign_text),
-                     "parked at": _local_time(record.time.ToSeconds()),
-                     "GPS": (f"{record.gps.latitude_deg:.6f}, {record.gps.longitude_deg:.6f}" if record.gps_valid
-                             else "no GPS fix (covered garage)")}
             draft = _spot_words(record) or "I have no sign reading for where the car is parked"
-            if record.gps_valid and not record.level and not record.bay:
+            if not record.gps_valid:
+                draft += " (no GPS fix there, likely a covered garage)"
+            elif not record.level and not record.bay:
                 draft += f"; GPS {record.gps.latitude_deg:.5f}, {record.gps.longitude_deg:.5f}"
-            prompt = narration_prompt(f"The driver asks: {question.strip() or 'Where is my car?'} "
-                                      "Tell them where the car is parked.", facts, draft + ".")
-            answer = await self.ctx.narrator.complete(prompt, priority="car_finder", max_tokens=64)
+            draft += f", since {_local_time(record.time.ToSeconds())}."
+            answer = await narrate(self.ctx.narrator, priority="car_finder", max_tokens=64, draft=draft,
+                                   task=f"The driver asks: {question.strip() or 'Where is my car?'}")
             answer = ensure_facts(answer, record)
         return answer, record
 

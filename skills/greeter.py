@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from incar.v1 import common_pb2, skills_pb2
 from service.perception.types import FrameAnalysis
 from skills.base import (FaceEmbedder, InvalidRequestError, NotFoundError, PreconditionError, Skill,
-                         SkillContext, area, is_moving, narration_prompt)
+                         SkillContext, area, is_moving, narrate)
 from skills.config import GreeterConfig
 
 log = structlog.get_logger(__name__)
@@ -221,11 +221,8 @@ class Greeter(Skill):
         self.spawn(self._say_welcome(profile_id, name, method, camera_id, extra))
 
     async def _say_welcome(self, profile_id: str, name: str, method: str, camera_id: str, extra: dict) -> None:
-        prompt = narration_prompt("Greet the driver who is walking up to the car, warmly and briefly.",
-                                  {"driver's name": name}, f"Welcome back, {name}!")
-        words = await self.ctx.narrator.complete(prompt, priority="greeter", max_tokens=32)
-        if name.lower() not in words.lower():
-            words = f"{words} ({name})".strip()
+        words = await narrate(self.ctx.narrator, task="You are the car, greeting its driver who walks up.",
+                              draft=f"Welcome back, {name}!", priority="greeter", must_keep=(name,), max_tokens=32)
         self.emit("greeting", common_pb2.SEVERITY_INFO, words,
                   {"profile_id": profile_id, "method": method, **extra}, camera_id=camera_id)
         row = self.ctx.db.connect().execute("SELECT preferences_json FROM greeter_profiles WHERE profile_id=?",

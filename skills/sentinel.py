@@ -24,7 +24,7 @@ import structlog
 from incar.v1 import common_pb2, skills_pb2, vehicle_pb2
 from service.perception.types import FrameAnalysis
 from skills.base import (PreconditionError, NotFoundError, Skill, SkillContext, area, centre, inside, is_moving,
-                         narration_prompt, overlap, to_pixels)
+                         narrate, overlap, to_pixels)
 from skills.config import SentinelConfig
 
 log = structlog.get_logger(__name__)
@@ -261,12 +261,10 @@ class Sentinel(Skill):
         snapshot = images[-1][1]
         clip_id, snapshot_id = f"clip-{uuid.uuid4().hex[:16]}", f"snap-{uuid.uuid4().hex[:16]}"
         clip = await asyncio.to_thread(self._write_clip, clip_id, snapshot_id, images, snapshot)
-        prompt = narration_prompt(
-            "You watch a parked car. Describe for the owner what the camera sees, in one short sentence.",
-            {"camera": f"{analysis.position} camera", "what triggered": why, "level": name},
-            f"Sentinel {name} on the {analysis.position} camera: {why}.")
-        description = await self.ctx.narrator.complete(prompt, priority="sentinel", max_tokens=48,
-                                                       images=(snapshot,))
+        description = await narrate(
+            self.ctx.narrator, task="You watch a parked car and tell its owner what the camera saw.",
+            draft=f"Sentinel {name} on the {analysis.position} camera: {why}.", priority="sentinel",
+            images=(snapshot,))
         with self.ctx.db.transaction() as tx:
             tx.execute("INSERT INTO sentinel_clips(clip_id, camera_id, level, start_time, event_time, frame_count,"
                        " size_bytes, format, path, snapshot_id, snapshot_path, description)"

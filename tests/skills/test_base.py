@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import REGISTRY
 
-from skills.base import SwitchableNarrator, TemplateNarrator, narration_prompt
+from skills.base import SwitchableNarrator, TemplateNarrator, accept_words, narrate, narration_request
 from skills.config import GreeterConfig, SafetyConfig, SentinelConfig, SkillsConfig, decode_key
 from skills.router import route
 
@@ -21,28 +21,39 @@ def test_routes(question, skill):
 
 
 async def test_template_narrator_says_the_draft_and_the_switch_prefers_a_working_model():
-    prompt = narration_prompt("Tell them where the car is.", {"level": "P2", "bay": ""}, "Level P2.")
-    assert "- level: P2" in prompt and "- bay" not in prompt            # empty facts are left out
-    assert await TemplateNarrator().complete(prompt, priority="car_finder") == "Level P2."
+    system, prompt = narration_request("The driver asks where the car is.", "Level P2, bay 17.")
+    assert "Keep every name, number and code" in system and prompt == "Message: Level P2, bay 17."
+    assert await TemplateNarrator().complete(prompt, priority="car_finder", system=system) == "Level P2, bay 17."
 
     class Model:
         def __init__(self, reply):
             self.reply, self.calls = reply, []
 
         async def complete(self, prompt, *, priority, **kwargs):
-            self.calls.append(priority)
+            self.calls.append((priority, kwargs.get("system")))
             if isinstance(self.reply, Exception):
                 raise self.reply
             return self.reply
 
     narrator = SwitchableNarrator()
-    assert await narrator.complete(prompt, priority="car_finder") == "Level P2."
-    model = Model("  You parked on level P2.  ")
+    assert await narrator.complete(prompt, priority="car_finder") == "Level P2, bay 17."
+    model = Model("  You parked on level P2, bay 17.  ")
     narrator.use(model)
-    assert await narrator.complete(prompt, priority="car_finder") == "You parked on level P2."
-    assert model.calls == ["car_finder"]
+    assert await narrate(narrator, task="t", draft="Level P2, bay 17.", priority="car_finder") == \
+        "You parked on level P2, bay 17."
+    assert model.calls[0][0] == "car_finder" and model.calls[0][1].startswith("t ")
     narrator.use(Model(RuntimeError("NPU gone")))                      # the facts still go out
-    assert await narrator.complete(prompt, priority="sentinel") == "Level P2."
+    assert await narrator.complete(prompt, priority="sentinel") == "Level P2, bay 17."
+
+
+def test_unusable_model_words_fall_back_to_the_draft():
+    draft = "Welcome back, Alice!"
+    assert accept_words("Hi Alice, good to see you.", draft, ("Alice",)) == "Hi Alice, good to see you."
+    assert accept_words("Hi there, good to see you.", draft, ("Alice",)) == draft      # lost the name
+    assert accept_words("Message: Welcome back, Alice!", draft) == draft                # echoed the prompt
+    assert accept_words("", draft) == draft
+    assert accept_words("Hello Alice. " * 40, draft, ("Alice",)) == draft              # rambling
+    assert accept_words("Hi Alice!\n\nAs an AI model I ...", draft, ("Alice",)) == "Hi Alice!"
 
 
 def test_config_errors_name_the_key(monkeypatch):

@@ -35,7 +35,7 @@ class ForgetfulNarrator:
     """A model whose wording drops the facts: the answer must still carry them."""
 
     async def complete(self, prompt, *, priority, **kwargs):
-        assert priority == "car_finder" and "- level: P2" in prompt and "- bay: 17" in prompt
+        assert priority == "car_finder" and "level P2" in prompt and "bay 17" in prompt
         return "Your car is waiting for you in the garage."
 
 

@@ -41,7 +41,14 @@ async def test_car_finder_answer_worded_by_the_model_keeps_level_and_bay(harness
                                stages=("text",)))
         await r.set_vehicle(vehicle(ignition=vehicle_pb2.IGNITION_OFF))
         reply = await r.stub("CarFinder").WhereIsMyCar(skills_pb2.WhereIsMyCarRequest(question="Where is my car?"))
+        print("model answer:", reply.answer)
         assert reply.answer.strip() and "B3" in reply.answer and "42" in reply.answer
+        # The greeting: the model's words, with the name in them (else the draft).
+        await r.stub("Greeter").Enroll(skills_pb2.EnrollRequest(name="Alice Example", consent=True, key_fob_id="f1"))
+        await r.set_vehicle(vehicle(key_fob_id="f1"))
+        greeting, = r.events_of("greeter.greeting")
+        print("model greeting:", greeting.message)
+        assert "Alice Example" in greeting.message
     finally:
         await harness.stop()
         scheduler.close()
