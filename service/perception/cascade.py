@@ -42,6 +42,9 @@ class CameraCascadeConfig:
     stages: tuple[str, ...] | None = None  # None: DEFAULT_STAGES for the camera's role
     motion_threshold: float = 0.002        # moved share of the frame that wakes the detectors
     idle_refresh_seconds: float = 2.0      # run the detectors this often even when nothing moves (a still passenger)
+    # dlib identity costs ~0.3 s per face on the CPU: re-embed only when the number of faces changes or this
+    # much time has passed (who sits in the car rarely changes between frames).
+    identity_refresh_seconds: float = 1.0
     motion: MotionConfig = field(default_factory=MotionConfig)
 
     def validate(self) -> None:
@@ -53,6 +56,8 @@ class CameraCascadeConfig:
                 raise ValueError("stages: 'identity' needs 'faces'")
         if not 0 <= self.motion_threshold < 1:
             raise ValueError(f"motion_threshold: must be in [0, 1), got {self.motion_threshold}")
+        if self.identity_refresh_seconds < 0:
+            raise ValueError(f"identity_refresh_seconds: must be >= 0, got {self.identity_refresh_seconds}")
         if self.idle_refresh_seconds < 0:
             raise ValueError(f"idle_refresh_seconds: must be >= 0, got {self.idle_refresh_seconds}")
         self.motion.validate()
@@ -98,6 +103,8 @@ class _CameraState:
     motion: MotionDetector
     stages: tuple[str, ...] | None
     last_detectors_run: float = -1e18
+    last_identity_run: float = -1e18
+    last_face_count: int = -1
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -200,7 +207,11 @@ class Cascade:
                     faces = self._model("faces").detect(bgr)
                     STAGE_SECONDS.labels("faces").observe(time.perf_counter() - t0)
                     ran.append("faces")
-                    if "identity" in detector_stages and faces:
+                    identity_due = (len(faces) != state.last_face_count or meta.capture_time
+                                    - state.last_identity_run >= state.config.identity_refresh_seconds)
+                    state.last_face_count = len(faces)
+                    if "identity" in detector_stages and faces and identity_due:
+                        state.last_identity_run = meta.capture_time
                         t0 = time.perf_counter()
                         faces = self._model("identity").embed_faces(bgr, faces)
                         STAGE_SECONDS.labels("identity").observe(time.perf_counter() - t0)
