@@ -33,8 +33,12 @@ def add_port(app_config, server: grpc.aio.Server) -> int:
     """Bind server.listen with the configured credentials; returns the port (0 when it could not bind)."""
     cfg = security_of(app_config)
     listen = app_config.server.listen
-    check_listen(cfg, listen)
-    creds = server_credentials(cfg)
+    from service.config import ConfigError
+    try:
+        check_listen(cfg, listen)
+        creds = server_credentials(cfg)
+    except ValueError as exc:   # unreadable files, a key that does not match its certificate
+        raise ConfigError(f"security.{exc}") from None
     port = server.add_insecure_port(listen) if creds is None else server.add_secure_port(listen, creds)
     log.info("security.listen", mode=cfg.mode, listen=listen, port=port)
     return port

@@ -164,3 +164,40 @@ def test_config_errors_name_the_key(tmp_path, pki):
         load_config(env={}, overrides=[f"security.tokens_file={bad_tokens}"])
     config = load_config(env={}, overrides=security_overrides(pki, "mtls"))
     assert integration.security_of(config).mode == "mtls"
+
+
+async def test_renewed_certificates_take_effect_without_a_restart(secure_app, pki, tmp_path):
+    from service.security.devca import make_dev_pki
+    live, renewed = tmp_path / "live", tmp_path / "renewed"
+    live.mkdir()
+    make_dev_pki(renewed)                           # a whole new CA, server and client set
+    for name in ("server.pem", "server.key", "ca.pem", "tokens.yaml"):
+        (live / name).write_bytes((pki / name).read_bytes())
+    app = await secure_app("mtls", live)
+
+    async def works(client_pki) -> grpc.StatusCode:
+        async with tls_channel(app, client_pki, "hmi") as ch:
+            code, _ = await code_of(system_pb2_grpc.SystemStub(ch).GetStatus(system_pb2.GetSystemStatusRequest(),
+                                                                             timeout=10))
+            return code
+    assert await works(pki) == grpc.StatusCode.OK
+    assert await works(renewed) == grpc.StatusCode.UNAVAILABLE
+    # Mid-rotation (new certificate, old key): ignored, the old set keeps serving.
+    (live / "server.pem").write_bytes((renewed / "server.pem").read_bytes())
+    assert await works(pki) == grpc.StatusCode.OK
+    (live / "server.key").write_bytes((renewed / "server.key").read_bytes())
+    (live / "ca.pem").write_bytes((renewed / "ca.pem").read_bytes())
+    assert await works(renewed) == grpc.StatusCode.OK
+    assert await works(pki) == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_key_that_does_not_match_its_certificate_stops_the_start(tmp_path, pki):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in ("server.pem", "ca.pem", "tokens.yaml"):
+        (mixed / name).write_bytes((pki / name).read_bytes())
+    (mixed / "server.key").write_bytes((pki / "hmi.key").read_bytes())
+    app = make_app(tmp_path / "app", security_overrides(mixed, "mtls"))
+    with pytest.raises(ConfigError, match=r"^security\.key_file: does not belong to the certificate"):
+        await app.start()
+    app.db.close()
