@@ -314,9 +314,12 @@ class GenerationEngine:
             content = "".join(placeholder + "\n" for _ in images) + content
             for_vision = images
         elif images:
-            description = self.describe_images(images)
-            if inspect.isawaitable(description):
-                description = await description
+            if inspect.iscoroutinefunction(self.describe_images):
+                description = await self.describe_images(images)
+            else:  # a synchronous describer may be slow (models, OCR): keep it off the event loop
+                description = await asyncio.to_thread(self.describe_images, images)
+                if inspect.isawaitable(description):
+                    description = await description
             content = f"What the cameras show: {description}\n\n{content}"
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
         try:
