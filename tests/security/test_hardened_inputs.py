@@ -244,10 +244,6 @@ def test_corrupt_and_oversized_wire_bytes_are_refused_cleanly(live, service, met
     assert _health(channel) == baseline
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "service/events_service.py passes after_cursor (uint64) straight to SQLite: 2**63 and above raise "
-    "OverflowError -> INTERNAL. Fix: refuse after_cursor > 2**63-1 with INVALID_ARGUMENT (or clamp it to "
-    "the newest cursor); then drop this mark (strict: it fails once fixed)."))
 @pytest.mark.parametrize("method", ["ListEvents", "Subscribe"])
 def test_cursor_beyond_sqlite_integer_range_is_a_clean_error(live, method):
     """uint64 cursors above 2**63-1 do not fit SQLite's INTEGER (found by the random test above)."""
