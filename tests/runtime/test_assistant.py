@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 
 import cv2
 import grpc
@@ -216,13 +217,24 @@ async def test_bad_input_statuses():
 
 async def test_deadline_exceeded_mid_answer():
     async with Harness() as h:
+        hold = None
+
+        async def hold_the_npu():
+            # A safety job occupies the executor past the client's deadline, mid-answer.
+            async with h.scheduler.admit("safety") as ticket:
+                await ticket.step(time.sleep, 2.5)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             async for _ in h.stub.Ask(assistant_pb2.AskRequest(question="Tell me a long story.", max_tokens=400),
-                                      timeout=0.6):
-                pass
+                                      timeout=2.0):
+                if hold is None:
+                    hold = asyncio.create_task(hold_the_npu())
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert hold is not None, "no text arrived before the deadline"
+        await hold
+        steps = h.scheduler.steps_total
         for _ in range(100):
             if h.scheduler.running("chat") == 0:
                 break
             await asyncio.sleep(0.02)
         assert h.scheduler.running("chat") == 0
+        assert h.scheduler.steps_total - steps <= 1  # no decoding goes on after the deadline
