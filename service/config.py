@@ -46,38 +46,14 @@ class ServerConfig:
             raise ValueError(f"log_format: expected json|console, got {self.log_format!r}")
 
 
-@dataclass
-class RuntimeConfig:
-    bundle: str = "build/models/smollm2-135m-instruct"
-    backend: str = "cpu"                # cpu | qnn-htp | qnn-emulator
-    fallback_backend: str = "cpu"       # "" disables falling back when the backend fails to load
-    variant: str = ""                   # "" picks the best variant the backend can run
-    threads: int = 0                    # 0: all cores
-    max_tokens: int = 128
-    queue_limit: int = 16               # per priority; beyond it RESOURCE_EXHAUSTED
-
-    def validate(self) -> None:
-        backends = ("cpu", "qnn-htp", "qnn-emulator")
-        if self.backend not in backends:
-            raise ValueError(f"backend: expected one of {', '.join(backends)}, got {self.backend!r}")
-        if self.fallback_backend not in backends + ("",):
-            raise ValueError(f"fallback_backend: expected one of {', '.join(backends)} or '', got {self.fallback_backend!r}")
-        if self.threads < 0:
-            raise ValueError("threads: must be >= 0")
-        if not 1 <= self.max_tokens <= 4096:
-            raise ValueError("max_tokens: must be in 1..4096")
-        if self.queue_limit < 1:
-            raise ValueError("queue_limit: must be >= 1")
-
-
 # Sections owned by other packages, imported when the config is built ("module:Class").
 SECTIONS: dict[str, Any] = {
     "server": ServerConfig,
-    "runtime": RuntimeConfig,
 }
 OPTIONAL_SECTIONS: dict[str, str] = {
+    "runtime": "service.runtime.config:RuntimeConfig",
     "cameras": "service.cameras.config:CamerasConfig",
-    "perception": "service.perception.config:PerceptionConfig",
+    "perception": "service.perception.cascade:PerceptionConfig",
     "skills": "skills.config:SkillsConfig",
     "power": "service.power.config:PowerConfig",
     "security": "service.security.config:SecurityConfig",
@@ -159,7 +135,15 @@ def build(cls: type, values: Any, where: str):
     for key in values:
         if key not in names:
             raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {key: _coerce(hints[key], value, f"{where}.{key}") for key, value in values.items()}
+    defaults = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        default = defaults[key]
+        if isinstance(value, dict) and default.default_factory is not dataclasses.MISSING:
+            base = default.default_factory()
+            if isinstance(base, dict):  # a mapping setting: override some entries, keep the other defaults
+                value = {**base, **value}
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as exc:
