@@ -76,24 +76,32 @@ def save_shared(models: list[tuple[Path, onnx.ModelProto]], data_path: Path) -> 
         onnx.save_model(model, str(path))
 
 
-def write_decoder_variant(out: Path, spec: DecoderSpec, weights: dict, variant: VariantSpec, prefill_chunk: int,
-                          progress: Progress) -> dict[str, dict]:
-    """Write decoder_prefill/decode.<variant>.onnx + decoder.<variant>.data; return their manifest entries."""
-    models, entries = [], {}
-    for component, tokens in (("decoder_prefill", prefill_chunk), ("decoder_decode", 1)):
-        progress(f"  writing {component} ({variant.name}, {variant.state_update}, T={tokens})")
-        model = build_decoder(spec, weights, tokens, variant.state_update, name=f"{component}_{variant.name}").model()
-        if variant.precision in ("int4", "int8"):
-            from .cpu_quant import quantize_weights
+def write_decoder_variants(out: Path, spec: DecoderSpec, weights: dict, variants: list[VariantSpec],
+                           prefill_chunk: int, progress: Progress) -> dict[str, dict[str, dict]]:
+    """Write decoder_prefill/decode.<variant>.onnx for variants of one precision, whose weights are stored
+    once in decoder.<first variant>.data (append and replace graphs name the same weights alike).
 
-            progress(f"  quantizing {component} to {variant.precision} (MatMulNBits)")
-            model = quantize_weights(model, bits=4 if variant.precision == "int4" else 8)
-        path = out / f"{component}.{variant.name}.onnx"
-        models.append((path, model))
-        desc = io_description(spec, tokens, variant.state_update)
-        entries[component] = {"file": path.name, "precision": variant.precision, "backends": variant.backends,
-                              "data_file": f"decoder.{variant.name}.data", **desc}
-    save_shared(models, out / f"decoder.{variant.name}.data")
+    Returns {variant: {component: manifest entry}}.
+    """
+    data_name = f"decoder.{variants[0].name}.data"
+    models, entries = [], {}
+    for variant in variants:
+        entries[variant.name] = {}
+        for component, tokens in (("decoder_prefill", prefill_chunk), ("decoder_decode", 1)):
+            progress(f"  writing {component} ({variant.name}, {variant.state_update}, T={tokens})")
+            model = build_decoder(spec, weights, tokens, variant.state_update,
+                                  name=f"{component}_{variant.name}").model()
+            if variant.precision in ("int4", "int8"):
+                from .cpu_quant import quantize_weights
+
+                progress(f"  quantizing {component} to {variant.precision} (MatMulNBits)")
+                model = quantize_weights(model, bits=4 if variant.precision == "int4" else 8)
+            path = out / f"{component}.{variant.name}.onnx"
+            models.append((path, model))
+            desc = io_description(spec, tokens, variant.state_update)
+            entries[variant.name][component] = {"file": path.name, "precision": variant.precision,
+                                                "backends": variant.backends, "data_file": data_name, **desc}
+    save_shared(models, out / data_name)
     return entries
 
 
@@ -110,10 +118,14 @@ def write_bundle(out: str | Path, *, name: str, spec: DecoderSpec, weights: dict
     np.save(out / "embed_tokens.npy", np.asarray(weights["embed"], np.float16))
     components = {"decoder_prefill": {"tokens": prefill_chunk, "variants": {}},
                   "decoder_decode": {"tokens": 1, "variants": {}}}
+    by_precision: dict[str, list[VariantSpec]] = {}
     for variant in variants:
-        progress(f"variant {variant.name}")
-        for component, entry in write_decoder_variant(out, spec, weights, variant, prefill_chunk, progress).items():
-            components[component]["variants"][variant.name] = entry
+        by_precision.setdefault(variant.precision, []).append(variant)
+    for precision, group in by_precision.items():
+        progress(f"variants {', '.join(v.name for v in group)} ({precision})")
+        for name, comps in write_decoder_variants(out, spec, weights, group, prefill_chunk, progress).items():
+            for component, entry in comps.items():
+                components[component]["variants"][name] = entry
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "architecture": spec.architecture,
         "source": source, "builder_version": BUILDER_VERSION, "inputs_hash": inputs_hash,
