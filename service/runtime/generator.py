@@ -188,6 +188,7 @@ class DecodeSequence:
 
     @property
     def logits(self) -> np.ndarray:
+        """Next-token logits [vocab]: a view of the step's output buffer, valid until the next step (copy to keep)."""
         if self._logits is None:
             raise RuntimeError("no logits yet: run prefill_step() until it returns True")
         return self._logits
