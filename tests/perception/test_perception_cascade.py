@@ -27,7 +27,8 @@ def cascade(models_dir):
 def test_cabin_camera_runs_motion_faces_identity_and_motion_gates_repeats(cascade):
     img = cv2.resize(load_image("faces1.jpg"), (768, 512))
     first = cascade.analyze(img, Meta("cabin", "cabin", "cabin_front", 100.0))
-    assert first.stages_run == ("motion", "faces", "identity")
+    assert first.stages_run == ("motion", "faces", "identity", "objects")
+    assert sum(d.label == "person" for d in first.detections) >= 2
     assert len(first.faces) == 3 and all(f.embedding is not None and f.embedding.shape == (128,) for f in first.faces)
     assert first.camera_id == "cabin" and first.timestamp == 100.0 and first.frame is img
     for i in range(5):   # MOG2 needs a few frames before its variance settles
@@ -44,19 +45,21 @@ def test_cabin_camera_runs_motion_faces_identity_and_motion_gates_repeats(cascad
     assert sum(gallery.match(f.embedding)[0] == "driver" for f in refresh.faces) == 1
     cv2.rectangle(moved, (560, 300), (767, 379), (255, 0, 0), -1)   # more movement, same people
     soon = cascade.analyze(moved, Meta("cabin", "cabin", "cabin_front", 106.1))
-    assert soon.stages_run == ("motion", "faces")   # same three faces 0.1 s later: identity not re-run yet
+    assert soon.stages_run == ("motion", "faces", "objects")   # same three faces 0.1 s later: identity not re-run yet
 
 
 def test_exterior_camera_reads_a_sign_and_the_governor_lowers_depth(cascade):
     sign, _ = draw_sign(load_image("dog.jpg"), "P2 LEVEL C-14", (40, 20), 1.6)
     out = cascade.analyze(sign, Meta("front", "exterior", "front", 1.0))
-    assert out.stages_run == ("motion", "text") and [t.text for t in out.texts] == ["P2 LEVEL C-14"]
+    assert out.stages_run == ("motion", "objects", "text") and [t.text for t in out.texts] == ["P2 LEVEL C-14"]
+    assert {"dog", "bicycle"} <= {d.label for d in out.detections}
+    assert all(d.track_id is not None for d in out.detections)
     cascade.set_depth(1)
     try:
         low = cascade.analyze(sign, Meta("front", "exterior", "front", 10.0))
         assert low.stages_run == ("motion",) and low.texts == ()
     finally:
-        cascade.set_depth(4)
+        cascade.set_depth(5)
     cascade.set_stages("front", ("text",))      # no motion gate: every frame is read
     assert cascade.analyze(sign, Meta("front", "exterior", "front", 10.1)).stages_run == ("text",)
     cascade.set_stages("front", None)
@@ -64,7 +67,7 @@ def test_exterior_camera_reads_a_sign_and_the_governor_lowers_depth(cascade):
 
 def test_bad_settings_and_frames_are_rejected(cascade):
     with pytest.raises(ValueError, match="stages"):
-        cascade.set_stages("x", ("objects",))
+        cascade.set_stages("x", ("lidar",))
     with pytest.raises(ValueError, match="identity"):
         cascade.set_stages("x", ("identity",))
     with pytest.raises(ValueError, match="depth"):
