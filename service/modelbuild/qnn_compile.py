@@ -155,3 +155,27 @@ def cached_context(model_path: str | Path, cache_dir: str | Path, target: str = 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return CompiledContext(ctx_path, compiled.placement, key, cached=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m service.modelbuild.qnn_compile MODEL.onnx --target sa8295p-v68 --out DIR`"""
+    import argparse
+    ap = argparse.ArgumentParser(description="Compile a QDQ ONNX model into a QNN context binary (EPContext).")
+    ap.add_argument("model")
+    ap.add_argument("--target", action="append", choices=list(TARGETS), help="repeatable; default: all targets")
+    ap.add_argument("--out", required=True, help="output folder; one subfolder per target")
+    ap.add_argument("--allow-cpu-fallback", action="store_true", help="keep nodes the HTP rejects on the CPU")
+    args = ap.parse_args(argv)
+    for target in args.target or list(TARGETS):
+        try:
+            compiled = compile_context(args.model, Path(args.out) / target, target,
+                                       disable_cpu_fallback=not args.allow_cpu_fallback)
+        except QnnCompileError as exc:
+            print(f"error: {exc}")
+            return 1
+        print(f"{target}: {compiled.path} (npu nodes {compiled.placement.npu}, cpu nodes {compiled.placement.cpu})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

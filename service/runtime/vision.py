@@ -39,8 +39,11 @@ class VisionEncoder:
         path = bundle.file(spec["file"])
         if backend in QNN_BACKENDS:
             ctx = spec.get("context_binaries", {}).get(target)
-            if ctx and bundle.file(ctx).is_file():
-                path = bundle.file(ctx)       # a shipped context binary: no compile on the device
+            if ctx:
+                try:
+                    path = bundle.file(ctx)   # a shipped context binary: no compile on the device
+                except Exception as exc:      # a bundle without it still works: compile once and cache
+                    log.warning("vision.context_binary_missing", target=target, file=ctx, reason=str(exc))
             self.session = create_session(path, backend, threads=threads, disable_cpu_fallback=True,
                                           performance_mode=performance_mode, target=target,
                                           model_name=f"vision.{self.variant_name}")
