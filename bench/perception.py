@@ -35,10 +35,12 @@ def _time(fn, frames: int) -> float:
 
 def model_inputs() -> dict[str, np.ndarray]:
     from service.perception.faces import preprocess
+    from service.perception.objects import preprocess as objects_preprocess
     from service.perception.text import DET_SIZE, DET_STRIP, det_preprocess, rec_preprocess
     faces = load_photo(HELD_OUT_PHOTOS[0])
     strip = sign_strips(("P2 LEVEL C-14",), HELD_OUT_PHOTOS[1:])[0]
     return {"face_short": preprocess(faces, 128)[0], "face_full": preprocess(faces, 192)[0],
+            "objects": objects_preprocess(load_photo(HELD_OUT_PHOTOS[1])),
             "ocr_det": det_preprocess(load_photo(HELD_OUT_PHOTOS[1]), DET_SIZE)[0],
             "ocr_det_strip": det_preprocess(strip, DET_STRIP)[0], "ocr_rec": rec_preprocess(strip)}
 
