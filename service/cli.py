@@ -9,6 +9,7 @@ import sys
 DELEGATED = {
     "model": ("service.modelbuild.cli", "build, inspect and validate model bundles"),
     "perception": ("service.perception.cli", "convert and check the perception models"),
+    "certs": ("service.security.devca", "make a development CA and per-role certificates"),
 }
 
 LOCAL = {

@@ -170,7 +170,11 @@ class Application:
 
 async def _serve(config: Config) -> int:
     app = Application(config)
-    await app.start()
+    try:
+        await app.start()
+    except ConfigError as exc:
+        print(f"incar: configuration error: {exc}", file=sys.stderr)
+        return 2
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
