@@ -106,6 +106,7 @@ class _CameraState:
     motion: MotionDetector
     stages: tuple[str, ...] | None
     tracker: IouTracker = field(default_factory=IouTracker)
+    depth_limit: int | None = None    # the governor's per-camera cap on the stages that would run
     last_detectors_run: float = -1e18
     last_identity_run: float = -1e18
     last_face_count: int = -1
@@ -143,14 +144,25 @@ class Cascade:
         state = self._camera(camera_id)
         state.stages = tuple(stages) if stages is not None else state.config.stages
 
+    def set_camera_depth(self, camera_id: str, depth: int) -> None:
+        """The power governor's per-camera knob: only the first `depth` of the stages this camera would run
+        (by its configuration, run-time stages or role), in STAGES order."""
+        if not 0 <= depth <= len(STAGES):
+            raise ValueError(f"depth: must be in [0, {len(STAGES)}], got {depth}")
+        self._camera(camera_id).depth_limit = depth
+
     def stages_for(self, camera_id: str, role: str) -> tuple[str, ...]:
         state = self._camera(camera_id)
         wanted = state.stages if state.stages is not None else DEFAULT_STAGES.get(role, ("motion",))
+        if state.depth_limit is not None:
+            wanted = tuple(s for s in STAGES if s in wanted)[: state.depth_limit]
         allowed = STAGES[: self._depth]
         return tuple(s for s in STAGES if s in wanted and s in allowed)
 
     # --- models (opened on first use, shared by all cameras) -------------------------------------------------
-    def _model(self, name: str):
+    def model(self, name: str):
+        """A loaded perception model ("faces", "objects", "identity", "text"), opened on first use and shared
+        with single-image callers (enrolment, sign reading, image descriptions)."""
         with self._model_lock:
             if name not in self._models:
                 self._models[name] = self._open(name)
@@ -211,7 +223,7 @@ class Cascade:
                 state.last_detectors_run = meta.capture_time
                 if "faces" in detector_stages:
                     t0 = time.perf_counter()
-                    faces = self._model("faces").detect(bgr)
+                    faces = self.model("faces").detect(bgr)
                     STAGE_SECONDS.labels("faces").observe(time.perf_counter() - t0)
                     ran.append("faces")
                     identity_due = (len(faces) != state.last_face_count or meta.capture_time
@@ -220,19 +232,19 @@ class Cascade:
                     if "identity" in detector_stages and faces and identity_due:
                         state.last_identity_run = meta.capture_time
                         t0 = time.perf_counter()
-                        faces = self._model("identity").embed_faces(bgr, faces)
+                        faces = self.model("identity").embed_faces(bgr, faces)
                         STAGE_SECONDS.labels("identity").observe(time.perf_counter() - t0)
                         ran.append("identity")
                     result = replace(result, faces=tuple(faces))
                 if "objects" in detector_stages:
                     t0 = time.perf_counter()
-                    detections = state.tracker.update(self._model("objects").detect(bgr), meta.capture_time)
+                    detections = state.tracker.update(self.model("objects").detect(bgr), meta.capture_time)
                     STAGE_SECONDS.labels("objects").observe(time.perf_counter() - t0)
                     ran.append("objects")
                     result = replace(result, detections=tuple(detections))
                 if "text" in detector_stages:
                     t0 = time.perf_counter()
-                    texts = self._model("text").read(bgr)
+                    texts = self.model("text").read(bgr)
                     STAGE_SECONDS.labels("text").observe(time.perf_counter() - t0)
                     ran.append("text")
                     result = replace(result, texts=tuple(texts))
