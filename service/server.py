@@ -16,23 +16,32 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from incar.v1 import common_pb2, events_pb2, system_pb2, system_pb2_grpc, vehicle_pb2
+from incar.v1 import assistant_pb2_grpc, common_pb2, events_pb2, system_pb2, system_pb2_grpc, vehicle_pb2
 from service import __version__
 from service.cameras.hub import CameraHub
 from service.cameras.servicer import add_to_server as add_cameras_service
 from service.config import Config, ConfigError, load_config
+from service.perception.cascade import Cascade
+from service.pipeline import AnalysisPipeline
+from service.power.manager import PowerManager
+from service.runtime.assistant import AssistantService
+from service.runtime.host import ModelHost
 from service.security import integration as security
+from skills.base import SkillContext, SwitchableNarrator
+from skills.services import SkillHost, skills_data_dir
 from service.events_service import EventsServicer
 from service.store.db import Database
 from service.store.events import EventLog
 from service.telemetry.interceptors import TelemetryInterceptor
 from service.telemetry.logging import configure_logging
-from service.telemetry.metrics import SERVICE_UP, start_metrics_server
+from service.telemetry.metrics import BUILD_INFO, SERVICE_UP, start_metrics_server
 from service.vehicle import VehicleServicer, VehicleStateStore, transitions
 
 log = structlog.get_logger(__name__)
 
 SYSTEM = "incar.v1.System"
+ASSISTANT = "incar.v1.Assistant"
+NOMINAL_ANALYSIS_FPS = 10.0   # per camera, before the governor scales it down (safe-exit needs ~10 fps)
 
 
 class HealthBoard:
@@ -93,12 +102,43 @@ class Application:
         self.vehicle.add_listener(self._vehicle_events)
         self.cameras = CameraHub(config.cameras)
         self.cameras.on_camera_state(self._camera_events)
+        # frames -> perception -> skills; the model words what skills decide and answers the HMI
+        self.cascade = Cascade(config.perception)
+        self.pipeline = AnalysisPipeline(self.cameras, self.cascade)
+        self.narrator = SwitchableNarrator()
+        self.skills = SkillHost(
+            SkillContext(db=self.db, events=self.events, narrator=self.narrator, frames=self.cameras,
+                         data_dir=skills_data_dir(config.skills, config.server.data_dir)),
+            config.skills, face_embedder=self.pipeline.embed_faces, read_signs=self.pipeline.read_signs)
+        self.vehicle.sentry_armed = lambda: self.skills.sentinel.armed
+        self.models = ModelHost(config.runtime, describe_images=self.pipeline.describe_images)
+        self.assistant = AssistantService(None, frames_for=self._frames_for, config=config.runtime.assistant)
+        self.power = PowerManager(config.power, config.runtime.backend, mode_provider=self.vehicle.mode,
+                                  set_analysis_rate=self.cameras.set_analysis_rate,
+                                  set_cascade_depth=self.cascade.set_camera_depth,
+                                  set_htp_performance_mode=self.models.set_htp_performance_mode)
 
     def _vehicle_events(self, previous: vehicle_pb2.VehicleState, current: vehicle_pb2.VehicleState) -> None:
         for kind, message in transitions(previous, current):
             self.events.append(kind, "system", common_pb2.SEVERITY_INFO, message)
 
+    def _frames_for(self, camera_ids):
+        frames = []
+        for camera_id in camera_ids:
+            if camera_id not in self.cameras.camera_ids():
+                raise KeyError(camera_id)
+            frame = self.cameras.latest(camera_id)
+            if frame is None:
+                raise LookupError(f"camera {camera_id!r} has no frame yet")
+            frames.append(frame.original)
+        return frames
+
     def _camera_events(self, camera_id: str, up: bool, reason: str) -> None:
+        if up and camera_id not in self.power.governor.cameras:
+            status = self.cameras.camera_status(camera_id)
+            # Exterior cameras watch for Sentinel and safe-exit; the cabin camera for Safety (child presence).
+            purposes = ("sentinel", "safety") if status.role == common_pb2.CAMERA_ROLE_EXTERIOR else ("safety",)
+            self.power.governor.add_camera(camera_id, nominal_fps=NOMINAL_ANALYSIS_FPS, purposes=purposes)
         if up:
             self.events.append("camera.up", "system", common_pb2.SEVERITY_INFO, f"Camera {camera_id} is up",
                                camera_id=camera_id)
@@ -115,6 +155,8 @@ class Application:
         security.check(self.config)
         self.db.migrate()
         self.vehicle.load()
+        await self.skills.start(self.vehicle.current)
+        self.vehicle.add_listener(self.skills.vehicle_listener)
         self.server = grpc.aio.server(
             interceptors=self._interceptors(),
             options=[("grpc.max_receive_message_length", cfg.max_receive_message_bytes),
@@ -132,6 +174,9 @@ class Application:
         await self.cameras.start()
         self.metrics_port = start_metrics_server(cfg.metrics_listen)
         await self._became_ready()
+        self._tasks += [asyncio.create_task(self.skills.consume(self.pipeline.analyses()), name="analysis"),
+                        asyncio.create_task(self.power.run(), name="power"),
+                        asyncio.create_task(self._load_model(), name="model-load")]
         log.info("serving", listen=cfg.listen, port=self.port, metrics_port=self.metrics_port, version=__version__)
         return self.port
 
@@ -143,13 +188,30 @@ class Application:
         return [events_pb2.DESCRIPTOR.services_by_name["Events"].full_name,
                 vehicle_pb2.DESCRIPTOR.services_by_name["Vehicle"].full_name,
                 SYSTEM,
-                add_cameras_service(self.cameras, server)]
+                add_cameras_service(self.cameras, server),
+                add_assistant_service(self.assistant, server),
+                *self.skills.register(server)]
 
     async def _became_ready(self) -> None:
         for name in list(self.health.status):
-            if name:
+            if name and name != ASSISTANT:
                 await self.health.set(name, True)
         await self.health.refresh_overall()
+
+    async def _load_model(self) -> None:
+        async def on_status(serving: bool, reason: str) -> None:
+            await self.health.set(ASSISTANT, serving, reason)
+            await self.health.refresh_overall()
+            if not serving:
+                self.assistant.set_engine(None, reason or "the language model is loading")
+
+        result = await self.models.load(on_status)
+        self.backend_name = result.backend
+        if result.engine is not None:
+            self.model_name = result.engine.name
+            self.assistant.set_engine(result.engine)
+            self.narrator.use(result.engine)
+            BUILD_INFO.labels(__version__, self.model_name, self.backend_name).set(1)
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: health says NOT_SERVING, new RPCs are refused, streams get `grace` seconds to finish."""
@@ -158,9 +220,12 @@ class Application:
         await self.health.shutdown()
         for task in self._tasks:
             task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.server is not None:
             await self.server.stop(grace)
+        await self.skills.stop()
         await self.cameras.stop()
+        self.models.close()
         self.db.close()
         self._stopping.set()
 
@@ -182,6 +247,11 @@ async def _serve(config: Config) -> int:
     await stop.wait()
     await app.stop()
     return 0
+
+
+def add_assistant_service(servicer: AssistantService, server: grpc.aio.Server) -> str:
+    assistant_pb2_grpc.add_AssistantServicer_to_server(servicer, server)
+    return ASSISTANT
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

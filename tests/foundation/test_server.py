@@ -17,12 +17,53 @@ from service.server import Application
 from tests.conftest import base_overrides
 
 
+async def wait_serving(application, service="", timeout=120.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while application.health.status.get(service, (False, ""))[0] is not True:
+        assert loop.time() < deadline, f"not SERVING after {timeout}s: {application.health.status}"
+        await asyncio.sleep(0.05)
+
+
 @pytest.fixture
 async def app(tmp_path):
     application = Application(load_config(env={}, overrides=base_overrides(tmp_path)))
     await application.start()
+    await wait_serving(application)
     yield application
     await application.stop(0.2)
+
+
+async def test_assistant_is_not_serving_with_a_reason_until_the_model_is_loaded(tmp_path):
+    application = Application(load_config(env={}, overrides=base_overrides(tmp_path)))
+    await application.start()
+    try:
+        async with channel(application) as ch:
+            first = await health_of(ch, "incar.v1.Assistant")
+            status = await system_pb2_grpc.SystemStub(ch).GetStatus(system_pb2.GetSystemStatusRequest())
+            reasons = {c.name: c.reason for c in status.components}
+            assert first == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert "loading model" in reasons["incar.v1.Assistant"]
+            assert await health_of(ch, "incar.v1.Events") == health_pb2.HealthCheckResponse.SERVING
+            await wait_serving(application, "incar.v1.Assistant")
+            assert await health_of(ch) == health_pb2.HealthCheckResponse.SERVING
+            status = await system_pb2_grpc.SystemStub(ch).GetStatus(system_pb2.GetSystemStatusRequest())
+            assert status.model and status.backend == "cpu"
+    finally:
+        await application.stop(0.2)
+
+
+async def test_a_backend_that_fails_falls_back_and_says_why(tmp_path):
+    overrides = base_overrides(tmp_path) + ["runtime.backend=qnn-htp", "runtime.fallback_backend=cpu"]
+    application = Application(load_config(env={}, overrides=overrides))
+    await application.start()
+    try:
+        await wait_serving(application, "incar.v1.Assistant")
+        serving, reason = application.health.status["incar.v1.Assistant"]
+        assert serving and "qnn-htp failed" in reason and "serving on cpu" in reason
+        assert application.backend_name == "cpu"
+    finally:
+        await application.stop(0.2)
 
 
 def channel(app) -> grpc.aio.Channel:
