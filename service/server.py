@@ -213,6 +213,12 @@ class Application:
             self.narrator.use(result.engine)
             BUILD_INFO.labels(__version__, self.model_name, self.backend_name).set(1)
 
+    async def ready(self) -> None:
+        """Wait until model loading has finished (serving, degraded, or failed with a reason)."""
+        for task in self._tasks:
+            if task.get_name() == "model-load":
+                await asyncio.shield(task)
+
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: health says NOT_SERVING, new RPCs are refused, streams get `grace` seconds to finish."""
         grace = self.config.server.shutdown_grace_seconds if grace is None else grace

@@ -65,6 +65,7 @@ async def secure_app(tmp_path):
     async def start(mode: str, pki: Path, extra: list[str] = ()) -> Application:
         app = make_app(tmp_path / f"app{len(started)}", security_overrides(pki, mode) + list(extra))
         await app.start()
+        await app.ready()
         started.append(app)
         return app
     yield start

@@ -60,6 +60,7 @@ async def _check_reads_and_integrity(app, ch, acked_state: vehicle_pb2.VehicleSt
 async def test_full_disk_refuses_writes_with_unavailable_and_keeps_serving_reads(small_disk, tmp_path):
     app = make_app(tmp_path, [f"server.data_dir={small_disk / 'data'}"])
     await app.start()
+    await app.ready()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
             stub = vehicle_pb2_grpc.VehicleStub(ch)
@@ -103,6 +104,7 @@ async def test_read_only_store_refuses_writes_with_unavailable_and_keeps_serving
     "attempt to write a readonly database" path a read-only disk produces."""
     app = make_app(tmp_path, [])
     await app.start()
+    await app.ready()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
             stub = vehicle_pb2_grpc.VehicleStub(ch)

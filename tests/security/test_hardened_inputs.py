@@ -150,11 +150,13 @@ def live(tmp_path_factory):
     thread.start()
     app = make_app(tmp_path_factory.mktemp("fuzz"), [])
     asyncio.run_coroutine_threadsafe(app.start(), loop).result(120)
+    asyncio.run_coroutine_threadsafe(app.ready(), loop).result(300)   # the model loaded: health is settled
     channel = grpc.insecure_channel(f"127.0.0.1:{app.port}")
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     replies = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     mounted = {s.name for s in replies[0].list_services_response.service}
     baseline = _health(channel)
+    assert baseline == health_pb2.HealthCheckResponse.SERVING
     yield channel, mounted, baseline
     channel.close()
     asyncio.run_coroutine_threadsafe(app.stop(0.2), loop).result(30)
