@@ -377,39 +377,52 @@ class GenerationEngine:
             token = await ticket.step(decoder.prefill, kind="prefill")
         metrics.PROMPT_TOKENS.labels(priority).inc(len(prompt_ids))
         reason = None
-        while True:
-            now = time.monotonic()
-            if token in self._eos:
-                reason = "stop"
-                break
-            generated += 1
-            metrics.GENERATION_TOKENS.labels(priority).inc()
-            if first_token_at is None:
-                first_token_at = now
-                timings.time_to_first_token_s = now - started
-                metrics.TIME_TO_FIRST_TOKEN.labels(priority).observe(now - started)
-            else:
-                metrics.INTER_TOKEN_LATENCY.labels(priority).observe(now - last_token_at)
-            last_token_at = now
-            piece = stops.feed(detok.push(token))
-            if piece:
-                text_parts.append(piece)
-                yield TextDelta(piece)
-            if stops.stopped:
-                reason = "stop"
-                break
-            if generated >= budget:
-                if constraint is None or constraint.is_complete():
-                    reason = "length"
+        ahead: asyncio.Future | None = None
+        try:
+            while True:
+                now = time.monotonic()
+                if token in self._eos:
+                    reason = "stop"
                     break
-                if generated >= hard_budget:
-                    raise InvalidRequestError(
-                        f"the JSON answer did not complete within {hard_budget} tokens; raise max_tokens "
-                        f"or simplify the schema")
-                decoder.force_greedy = True  # closing the JSON value: no more exploration
-            if (reason := self._stop_reason(request)):
-                break
-            token = await ticket.step(decoder.decode, token, kind="decode")
+                generated += 1
+                if constraint is None and generated < budget and not self._stop_reason(request):
+                    # Run ahead: the next decode step goes to the NPU now and overlaps this token's
+                    # detokenization and delivery; dropped (never started, or at most the one in flight)
+                    # if this token ends the answer or the request is cancelled. Not with a JSON constraint:
+                    # its matcher must not be read here while the executor advances it.
+                    ahead = ticket.submit(decoder.decode, token, kind="decode")
+                metrics.GENERATION_TOKENS.labels(priority).inc()
+                if first_token_at is None:
+                    first_token_at = now
+                    timings.time_to_first_token_s = now - started
+                    metrics.TIME_TO_FIRST_TOKEN.labels(priority).observe(now - started)
+                else:
+                    metrics.INTER_TOKEN_LATENCY.labels(priority).observe(now - last_token_at)
+                last_token_at = now
+                piece = stops.feed(detok.push(token))
+                if piece:
+                    text_parts.append(piece)
+                    yield TextDelta(piece)
+                if stops.stopped:
+                    reason = "stop"
+                    break
+                if generated >= budget:
+                    if constraint is None or constraint.is_complete():
+                        reason = "length"
+                        break
+                    if generated >= hard_budget:
+                        raise InvalidRequestError(
+                            f"the JSON answer did not complete within {hard_budget} tokens; raise max_tokens "
+                            f"or simplify the schema")
+                    decoder.force_greedy = True  # closing the JSON value: no more exploration
+                if (reason := self._stop_reason(request)):
+                    break
+                if ahead is None:
+                    ahead = ticket.submit(decoder.decode, token, kind="decode")
+                token, ahead = await ahead, None
+        finally:
+            if ahead is not None:
+                ahead.cancel()
         tail = ""
         if not stops.stopped:
             tail = stops.feed(detok.flush())

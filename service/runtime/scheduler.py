@@ -97,7 +97,12 @@ class Ticket:
         return (self.first_step_at or time.monotonic()) - self.admitted_at
 
     async def step(self, fn: Callable[..., T], *args: Any, kind: str = "step") -> T:
-        return await self._scheduler._submit(self, fn, args, kind)
+        return await self._scheduler._enqueue(self, fn, args, kind)
+
+    def submit(self, fn: Callable[..., T], *args: Any, kind: str = "step") -> "asyncio.Future[T]":
+        """Queue a step now and return its future (the caller may work on the loop meanwhile; cancelling the
+        future before the step starts means the step never runs)."""
+        return self._scheduler._enqueue(self, fn, args, kind)
 
 
 @dataclass(order=True)
@@ -189,7 +194,7 @@ class NpuScheduler:
         self._wake_slot_waiter(p)
 
     # ---- steps -----------------------------------------------------------------------------------
-    async def _submit(self, ticket: Ticket, fn: Callable[..., T], args: tuple, kind: str) -> T:
+    def _enqueue(self, ticket: Ticket, fn: Callable[..., T], args: tuple, kind: str) -> asyncio.Future:
         if ticket.released:
             raise RuntimeError("step submitted on a released ticket")
         loop = asyncio.get_running_loop()
@@ -201,7 +206,7 @@ class NpuScheduler:
             ticket.pending = True
             heapq.heappush(self._heap, job)
             self._cond.notify_all()
-        return await future
+        return future
 
     def _blocked_by_higher(self, job: _Job, now: float) -> float:
         """Seconds to hold `job` back for a started higher-priority ticket between steps (0: run it)."""

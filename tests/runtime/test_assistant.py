@@ -80,7 +80,7 @@ async def test_paris_over_grpc():
         texts, done = await ask(h.stub, question="What is the capital of France?", max_tokens=24)
     assert "Paris" in done.answer and "".join(texts) == done.answer
     assert done.finish_reason in ("stop", "length") and done.handled_by == "model"
-    assert done.model == "smollm2-135m-instruct" and done.backend == "cpu"
+    assert done.model == language_model().bundle.manifest["name"] and done.model and done.backend == "cpu"
     t = done.timings
     assert t.time_to_first_token_s > 0 and t.end_to_end_s >= t.time_to_first_token_s and t.prompt_tokens > 0
     assert 0 < t.generated_tokens <= 24 and t.tokens_per_second > 0

@@ -105,7 +105,9 @@ async def test_cancellation_stops_within_one_step(engine):
         else:
             done = item
     assert done.finish_reason == "cancelled"
-    assert engine.scheduler.steps_total - steps_at_cancel == 0  # checked before each step: none after the flag
+    await asyncio.sleep(0.2)  # a step still in flight would land by now
+    # The next step may already be queued or running when the flag is set (run-ahead): at most that one runs.
+    assert engine.scheduler.steps_total - steps_at_cancel <= 1
     assert done.timings.generated_tokens < 10
 
 
