@@ -166,12 +166,14 @@ def generator_loop(model, prompt_ids: list[int], tokens: int, eos: list[int]) ->
 
 # ---- the engine --------------------------------------------------------------------------------------
 async def engine_run(engine: GenerationEngine, tokens: int) -> tuple[float, float, int, str]:
+    """(ttft_s, decode tokens/s, generated count, text); TTFT includes chat template and tokenization."""
     request = GenerationRequest(prompt=PROMPT, system="", max_tokens=tokens, ignore_eos=True)
-    async for item in engine.stream(request):
+    done = None
+    async for item in engine.stream(request):  # to the end, so the generator closes its scheduler ticket
         if isinstance(item, Done):
-            t = item.timings
-            return t.time_to_first_token_s, t.tokens_per_second, t.generated_tokens, item.text
-    raise RuntimeError("no Done")
+            done = item
+    t = done.timings
+    return t.time_to_first_token_s, t.tokens_per_second, t.generated_tokens, done.text
 
 
 # ---- (b) llama.cpp -----------------------------------------------------------------------------------
@@ -211,61 +213,68 @@ def main() -> int:
           f"{args.tokens} generated (greedy, EOS banned), median of {args.repeats}")
 
     bare = BareLoop(bundle, model.variant, args.threads)
-    bare_runs = [bare.run(prompt_ids, args.tokens, eos) for _ in range(args.repeats + 1)][1:]
-    bare_ttft = statistics.median(r[0] for r in bare_runs)
-    bare_tps = statistics.median(r[1] for r in bare_runs)
-
-    gen_runs = [generator_loop(model, prompt_ids, args.tokens, eos) for _ in range(args.repeats + 1)][1:]
-    gen_ttft = statistics.median(r[0] for r in gen_runs)
-    gen_tps = statistics.median(r[1] for r in gen_runs)
-
     scheduler = NpuScheduler()
     engine = GenerationEngine(model, None, scheduler)
-
-    async def engine_all():
-        return [await engine_run(engine, args.tokens) for _ in range(args.repeats + 1)][1:]
-    engine_runs = asyncio.run(engine_all())
-    scheduler.close()
-    eng_ttft = statistics.median(r[0] for r in engine_runs)
-    eng_tps = statistics.median(r[1] for r in engine_runs)
-    same_tokens = model.tokenizer.decode(bare_runs[0][2]) == engine_runs[0][3]
-    overhead = 1 - eng_tps / bare_tps
-    own_overhead = 1 - eng_tps / gen_tps
-    print(f"engine      : TTFT {eng_ttft * 1e3:7.1f} ms  decode {eng_tps:7.1f} tok/s")
-    print(f"bare loop   : TTFT {bare_ttft * 1e3:7.1f} ms  decode {bare_tps:7.1f} tok/s  -> engine overhead "
-          f"{overhead * 100:+.1f} % (target <= 5 %); same text: {same_tokens}")
-    print(f"generator   : TTFT {gen_ttft * 1e3:7.1f} ms  decode {gen_tps:7.1f} tok/s  -> the engine's own overhead "
-          f"(scheduler, asyncio, sampling, detokenization) {own_overhead * 100:+.1f} %")
-
-    result = {"bench": "decode", "bundle": bundle.manifest["name"], "variant": model.variant, "threads": args.threads,
-              "prompt_tokens": len(prompt_ids), "generated_tokens": args.tokens,
-              "engine_ttft_s": round(eng_ttft, 5), "engine_tokens_per_s": round(eng_tps, 2),
-              "bare_ttft_s": round(bare_ttft, 5), "bare_tokens_per_s": round(bare_tps, 2),
-              "engine_overhead_pct": round(overhead * 100, 2),
-              "generator_tokens_per_s": round(gen_tps, 2), "generator_ttft_s": round(gen_ttft, 5),
-              "engine_overhead_vs_generator_pct": round(own_overhead * 100, 2), "engine_matches_bare_text": same_tokens}
+    loop = asyncio.new_event_loop()
+    contenders = {
+        "engine": lambda: loop.run_until_complete(engine_run(engine, args.tokens)),
+        "bare": lambda: bare.run(prompt_ids, args.tokens, eos),
+        "generator": lambda: generator_loop(model, prompt_ids, args.tokens, eos),
+    }
+    llama_note = None
     try:
         from llama_cpp import Llama
     except ImportError as exc:
-        print(f"llama.cpp   : skipped: llama_cpp is not importable ({exc}). Build it from source with\n"
-              f"  CMAKE_ARGS=\"{llama_cmake_args()}\" .venv/bin/pip install --no-binary llama-cpp-python "
-              f"--no-cache-dir llama-cpp-python==0.3.36")
-        result["llama_cpp"] = "skipped: not importable"
+        llama_note = (f"skipped: llama_cpp is not importable ({exc}). Build it from source with\n"
+                      f"  CMAKE_ARGS=\"{llama_cmake_args()}\" .venv/bin/pip install --no-binary llama-cpp-python "
+                      f"--no-cache-dir llama-cpp-python==0.3.36")
     else:
-        gguf = bundle.manifest.get("source", {}).get("file", "")
         from service.modelbuild.gguf_llama import default_gguf
-        gguf_path = default_gguf() if Path(gguf).name == default_gguf().name else Path(gguf)
+        gguf = Path(bundle.manifest.get("source", {}).get("file", ""))
+        gguf_path = default_gguf() if gguf.name == default_gguf().name else gguf
         llm = Llama(model_path=str(gguf_path), n_threads=args.threads, n_threads_batch=args.threads,
                     n_ctx=int(bundle.manifest["text"]["context_length"]), n_batch=512, verbose=False)
-        llama_runs = [llama_run(llm, prompt_text, args.tokens, eos) for _ in range(args.repeats + 1)][1:]
-        ll_ttft = statistics.median(r[0] for r in llama_runs)
-        ll_tps = statistics.median(r[1] for r in llama_runs)
-        ratio = eng_tps / ll_tps
-        print(f"llama.cpp   : TTFT {ll_ttft * 1e3:7.1f} ms  decode {ll_tps:7.1f} tok/s  ({gguf_path.name}, "
-              f"prompt {llama_runs[0][2]} tokens) -> engine/llama.cpp decode {ratio:.2f}x (target >= 1.0x), "
-              f"TTFT ratio llama.cpp/engine {ll_ttft / eng_ttft:.2f}x")
-        result.update({"llama_cpp_ttft_s": round(ll_ttft, 5), "llama_cpp_tokens_per_s": round(ll_tps, 2),
+        contenders["llama.cpp"] = lambda: llama_run(llm, prompt_text, args.tokens, eos)
+
+    # Rounds, each running every contender once, so drifting load on a shared machine hits all alike.
+    runs: dict[str, list] = {name: [] for name in contenders}
+    for round_ in range(args.repeats + 1):
+        for name, run in contenders.items():
+            result = run()
+            if round_:  # round 0 warms up
+                runs[name].append(result)
+    scheduler.close()
+    loop.close()
+    ttft = {name: statistics.median(r[0] for r in rs) for name, rs in runs.items()}
+    tps = {name: statistics.median(r[1] for r in rs) for name, rs in runs.items()}
+    same_tokens = model.tokenizer.decode(runs["bare"][0][2]) == runs["engine"][0][3]
+    overhead = 1 - tps["engine"] / tps["bare"]
+    own_overhead = 1 - tps["engine"] / tps["generator"]
+    print(f"engine      : TTFT {ttft['engine'] * 1e3:7.1f} ms  decode {tps['engine']:7.1f} tok/s")
+    print(f"bare loop   : TTFT {ttft['bare'] * 1e3:7.1f} ms  decode {tps['bare']:7.1f} tok/s  -> engine overhead "
+          f"{overhead * 100:+.1f} % (target <= 5 %); same text: {same_tokens}")
+    print(f"generator   : TTFT {ttft['generator'] * 1e3:7.1f} ms  decode {tps['generator']:7.1f} tok/s  -> the "
+          f"engine's own overhead (scheduler, asyncio, sampling, detokenization) {own_overhead * 100:+.1f} %")
+    result = {"bench": "decode", "bundle": bundle.manifest["name"], "variant": model.variant, "threads": args.threads,
+              "prompt_tokens": len(prompt_ids), "generated_tokens": args.tokens, "repeats": args.repeats,
+              "engine_ttft_s": round(ttft["engine"], 5), "engine_tokens_per_s": round(tps["engine"], 2),
+              "bare_ttft_s": round(ttft["bare"], 5), "bare_tokens_per_s": round(tps["bare"], 2),
+              "engine_overhead_pct": round(overhead * 100, 2),
+              "generator_ttft_s": round(ttft["generator"], 5), "generator_tokens_per_s": round(tps["generator"], 2),
+              "engine_overhead_vs_generator_pct": round(own_overhead * 100, 2), "engine_matches_bare_text": same_tokens}
+    if llama_note:
+        print(f"llama.cpp   : {llama_note}")
+        result["llama_cpp"] = "skipped: not importable"
+    else:
+        ratio = tps["engine"] / tps["llama.cpp"]
+        print(f"llama.cpp   : TTFT {ttft['llama.cpp'] * 1e3:7.1f} ms  decode {tps['llama.cpp']:7.1f} tok/s  "
+              f"({gguf_path.name}, prompt {runs['llama.cpp'][0][2]} tokens) -> engine/llama.cpp decode {ratio:.2f}x "
+              f"(target >= 1.0x), TTFT llama.cpp/engine {ttft['llama.cpp'] / ttft['engine']:.2f}x")
+        per_round = [e[1] / ll[1] for e, ll in zip(runs["engine"], runs["llama.cpp"])]
+        result.update({"llama_cpp_ttft_s": round(ttft["llama.cpp"], 5),
+                       "llama_cpp_tokens_per_s": round(tps["llama.cpp"], 2),
                        "engine_vs_llama_cpp_decode": round(ratio, 3),
+                       "engine_vs_llama_cpp_decode_per_round": [round(r, 3) for r in per_round],
                        "llama_cpp_gguf": gguf_path.name, "llama_cpp_cmake_args": llama_cmake_args()})
     print(json.dumps(result))
     return 0
