@@ -8,6 +8,7 @@ the handler task, which lands on the step in flight).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -120,24 +121,26 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
             json_schema=request.json_schema or None, priority=self.config.priority,
             deadline=deadline, is_cancelled=context.cancelled)
         try:
-            async for item in engine.stream(gen):
-                if isinstance(item, TextDelta):
-                    yield assistant_pb2.AskResponse(text=item.text)
-                elif isinstance(item, Done):
-                    if item.finish_reason == "deadline":
-                        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                            f"deadline passed after {item.timings.generated_tokens} tokens")
-                    if item.finish_reason == "cancelled":
-                        return
-                    t = item.timings
-                    yield assistant_pb2.AskResponse(done=assistant_pb2.AskDone(
-                        answer=item.text, finish_reason=item.finish_reason, handled_by="model",
-                        model=engine.name, backend=engine.backend,
-                        timings=common_pb2.Timings(
-                            queue_s=t.queue_s, preprocess_s=t.preprocess_s, vision_encode_s=t.vision_encode_s,
-                            time_to_first_token_s=t.time_to_first_token_s, tokens_per_second=t.tokens_per_second,
-                            end_to_end_s=t.end_to_end_s, prompt_tokens=t.prompt_tokens,
-                            generated_tokens=t.generated_tokens)))
+            # aclosing: an abort mid-stream still closes the generator now, freeing the scheduler slot at once.
+            async with contextlib.aclosing(engine.stream(gen)) as stream:
+                async for item in stream:
+                    if isinstance(item, TextDelta):
+                        yield assistant_pb2.AskResponse(text=item.text)
+                    elif isinstance(item, Done):
+                        if item.finish_reason == "deadline":
+                            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                f"deadline passed after {item.timings.generated_tokens} tokens")
+                        if item.finish_reason == "cancelled":
+                            return
+                        t = item.timings
+                        yield assistant_pb2.AskResponse(done=assistant_pb2.AskDone(
+                            answer=item.text, finish_reason=item.finish_reason, handled_by="model",
+                            model=engine.name, backend=engine.backend,
+                            timings=common_pb2.Timings(
+                                queue_s=t.queue_s, preprocess_s=t.preprocess_s, vision_encode_s=t.vision_encode_s,
+                                time_to_first_token_s=t.time_to_first_token_s, tokens_per_second=t.tokens_per_second,
+                                end_to_end_s=t.end_to_end_s, prompt_tokens=t.prompt_tokens,
+                                generated_tokens=t.generated_tokens)))
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except QueueFullError as exc:

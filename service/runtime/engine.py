@@ -229,12 +229,16 @@ class GenerationEngine:
         """The whole answer as one string (what skills call). With json_schema, the string parses as JSON."""
         request = GenerationRequest(prompt=prompt, priority=priority, max_tokens=max_tokens,
                                     json_schema=json_schema, images=images, system=system)
+        done = None
+        # Iterate to the end (no early return): the generator must exit its `async with` to free the slot.
         async for item in self.stream(request):
             if isinstance(item, Done):
-                if json_schema:
-                    json.loads(item.text)  # guaranteed by the constraint; a failure here is a bug, not input
-                return item.text
-        raise RuntimeError("generation ended without a result")  # pragma: no cover
+                done = item
+        if done is None:  # pragma: no cover - stream always ends with Done or raises
+            raise RuntimeError("generation ended without a result")
+        if json_schema:
+            json.loads(done.text)  # guaranteed by the constraint; a failure here is a bug, not input
+        return done.text
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Done]:
         started = time.monotonic()
