@@ -4,7 +4,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from camera_helpers import MAX_MESSAGE, Served
+from tests.cameras.camera_helpers import MAX_MESSAGE, Served
 from service.cameras.config import CamerasConfig
 from service.cameras.hub import CameraHub
 from service.cameras.servicer import add_to_server

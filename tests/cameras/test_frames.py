@@ -12,7 +12,7 @@ from service.cameras.frames import (FrameError, check_image, decode, decode_and_
 from service.cameras.ring import CameraFrame, FrameRing
 from service.config import ConfigError, load_config
 
-from camera_helpers import IMAGES, jpeg_bytes
+from tests.cameras.camera_helpers import IMAGES, jpeg_bytes
 
 MAX = 4096 * 4096
 

@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
-from camera_helpers import IMAGES, lockstep, make_frame, metric, unique, wait_for
+from tests.cameras.camera_helpers import IMAGES, lockstep, make_frame, metric, unique, wait_for
 from incar.v1 import cameras_pb2, common_pb2
 from service.cameras.config import CameraConfig, CamerasConfig
 from service.cameras.sources import OpenCVSource, source_kind

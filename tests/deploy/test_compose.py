@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from deploy_files import DEPLOY, alert_rules, compose, dashboard_exprs, dashboards, load_yaml
+from tests.deploy.deploy_files import DEPLOY, alert_rules, compose, dashboard_exprs, dashboards, load_yaml
 
 SERVICES = {"incar", "camera-sim", "hmi", "prometheus", "grafana"}
 
@@ -165,7 +165,7 @@ def test_dashboard_queries_are_balanced_and_scoped_to_the_job(expr):
 
 
 def test_the_service_accepts_the_compose_and_image_environment():
-    from deploy_files import ROOT
+    from tests.deploy.deploy_files import ROOT
     from service.config import load_config
     incar_env = env(compose()["services"]["incar"])
     image_env = {}
@@ -180,7 +180,7 @@ def test_the_service_accepts_the_compose_and_image_environment():
 def test_the_commands_compose_runs_exist_with_those_flags():
     import subprocess
     import sys
-    from deploy_files import ROOT
+    from tests.deploy.deploy_files import ROOT
     services = compose()["services"]
     commands = [services[name]["command"] for name in ("incar", "camera-sim", "hmi")]
     commands.append(services["incar"]["healthcheck"]["test"][2:])

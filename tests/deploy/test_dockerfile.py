@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from deploy_files import ROOT
+from tests.deploy.deploy_files import ROOT
 
 
 def instructions() -> list[tuple[str, str]]:

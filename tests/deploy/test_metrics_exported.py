@@ -10,8 +10,8 @@ import importlib
 import urllib.request
 import warnings
 
-from conftest import ServerProcess, free_port
-from deploy_files import deploy_metric_names, exported_names, metric_defining_modules
+from tests.conftest import ServerProcess, free_port
+from tests.deploy.deploy_files import deploy_metric_names, exported_names, metric_defining_modules
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 

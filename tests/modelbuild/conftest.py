@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from lm_bundles import default_bundle_path, tiny_lfm2_bundle_path
+from tests.modelbuild.lm_bundles import default_bundle_path, tiny_lfm2_bundle_path
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Helpers shared by the perception tests (imported by name: pytest puts this folder on sys.path)."""
+"""Helpers shared by the perception tests ."""
 from __future__ import annotations
 
 from service.perception.calibration import load_photo as load_image  # noqa: F401  (the tests' photo loader)

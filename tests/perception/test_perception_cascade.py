@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from perception_helpers import load_image
+from tests.perception.perception_helpers import load_image
 from service.perception.calibration import draw_sign
 from service.perception.cascade import CameraCascadeConfig, Cascade, PerceptionConfig
 from service.perception.identity import Gallery

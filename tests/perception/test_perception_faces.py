@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from perception_helpers import iou, load_image
+from tests.perception.perception_helpers import iou, load_image
 from service.perception.faces import FULL_RANGE, SHORT_RANGE, FaceDetector, make_anchors, weighted_nms
 from service.perception.models import model_path
 

@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from perception_helpers import iou, load_image
+from tests.perception.perception_helpers import iou, load_image
 from service.perception.faces import FaceDetector
 from service.perception.identity import (DEFAULT_THRESHOLD, FaceEmbedder, Gallery, IdentityConfig,
                                          check_enrollable, distance, yaw_proxy)

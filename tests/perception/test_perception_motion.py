@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from service.perception.motion import MotionConfig, MotionDetector
-from perception_helpers import load_image
+from tests.perception.perception_helpers import load_image
 
 
 def test_static_scene_has_no_motion_and_a_moving_block_is_found_in_its_zone():

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from perception_helpers import iou, load_image
+from tests.perception.perception_helpers import iou, load_image
 from service.perception.models import model_path
 from service.perception.objects import COCO_CLASSES, REG_MAX, IouTracker, ObjectDetector, decode
 from service.perception.types import Detection

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from incar.v1 import vehicle_pb2
-from power_simulation import SimCamera, SimCar
+from tests.power.power_simulation import SimCamera, SimCar
 from service.power.budgets import BudgetTracker, mode_of
 from service.power.config import BudgetsConfig, GovernorConfig, PowerConfig
 from service.power.governor import Governor

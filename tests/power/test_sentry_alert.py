@@ -10,7 +10,7 @@ import numpy as np
 from prometheus_client import REGISTRY
 
 from incar.v1 import common_pb2, vehicle_pb2
-from power_simulation import SimCamera, SimCar
+from tests.power.power_simulation import SimCamera, SimCar
 from service.perception.types import Detection, FrameAnalysis
 from service.power.config import PowerConfig
 from service.store.db import Database

@@ -10,7 +10,7 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-from serving_support import language_model
+from tests.runtime.serving_support import language_model
 
 from incar.v1 import assistant_pb2, assistant_pb2_grpc, common_pb2
 from service.runtime.assistant import AssistantService

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from serving_support import language_model
+from tests.runtime.serving_support import language_model
 
 from service.runtime.engine import (Done, GenerationEngine, GenerationRequest, IncrementalDetokenizer,
                                     InvalidRequestError, StopStringFilter, TextDelta, default_describe_images)

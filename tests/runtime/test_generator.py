@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "modelbuild"))
-from lm_bundles import tiny_lfm2_bundle_path  # noqa: E402  (the LM fixtures live with the model builder's tests)
+from tests.modelbuild.lm_bundles import tiny_lfm2_bundle_path  # the LM fixtures live with the model builder's tests
 
 from service.runtime.bundle import BundleError, load_bundle  # noqa: E402
 from service.runtime.generator import ContextOverflowError, LanguageModel  # noqa: E402
