@@ -112,7 +112,8 @@ class Application:
             config.skills, face_embedder=self.pipeline.embed_faces, read_signs=self.pipeline.read_signs)
         self.vehicle.sentry_armed = lambda: self.skills.sentinel.armed
         self.models = ModelHost(config.runtime, describe_images=self.pipeline.describe_images)
-        self.assistant = AssistantService(None, frames_for=self._frames_for, config=config.runtime.assistant)
+        self.assistant = AssistantService(None, frames_for=self._frames_for, config=config.runtime.assistant,
+                                          router=self.skills.router)
         self.power = PowerManager(config.power, config.runtime.backend, mode_provider=self.vehicle.mode,
                                   set_analysis_rate=self.cameras.set_analysis_rate,
                                   set_cascade_depth=self.cascade.set_camera_depth,

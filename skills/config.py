@@ -9,6 +9,7 @@ import base64
 import os
 from dataclasses import dataclass, field
 
+from service.perception.identity import DEFAULT_THRESHOLD as IDENTITY_THRESHOLD
 from skills.base import validate_norm_boxes
 
 PROFILE_KEY_ENV = "INCAR_PROFILE_KEY"
@@ -81,12 +82,13 @@ class SentinelConfig:
 
 @dataclass
 class GreeterConfig:
-    match_threshold: float = 0.6           # dlib 128-d embeddings: same person when L2 < 0.6
+    match_threshold: float = IDENTITY_THRESHOLD  # dlib 128-d L2, as perception calibrated it on real faces
     max_attempts: int = 5                  # unmatched face frames per approach before giving up
     attempt_window_seconds: float = 60.0   # an approach; attempts reset after this
     greet_cooldown_seconds: float = 300.0  # do not greet the same person twice in this time
     profile_key: str = ""                  # urlsafe base64 of 32 bytes (AES-256-GCM); else env INCAR_PROFILE_KEY
     budget_seconds: float = 0.2
+    max_image_pixels: int = 4096 * 4096    # uploaded enrolment images, checked before decoding
 
     def resolved_key(self) -> bytes | None:
         text = self.profile_key or os.environ.get(PROFILE_KEY_ENV, "")
@@ -101,6 +103,8 @@ class GreeterConfig:
             raise ValueError("attempt_window_seconds, budget_seconds: must be > 0; greet_cooldown_seconds >= 0")
         if self.profile_key:
             decode_key(self.profile_key, "profile_key")
+        if self.max_image_pixels < 1:
+            raise ValueError("max_image_pixels: must be >= 1")
 
 
 def decode_key(text: str, where: str = PROFILE_KEY_ENV) -> bytes:

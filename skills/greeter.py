@@ -11,13 +11,13 @@ import json
 import os
 import uuid
 
-import cv2
 import numpy as np
 import structlog
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from incar.v1 import common_pb2, skills_pb2
+from service.cameras.frames import FrameError, decode_checked
 from service.perception.types import FrameAnalysis
 from skills.base import (FaceEmbedder, InvalidRequestError, NotFoundError, PreconditionError, Skill,
                          SkillContext, area, is_moving, narrate)
@@ -232,29 +232,12 @@ class Greeter(Skill):
                   {"profile_id": profile_id, "preferences": preferences, "method": method}, camera_id=camera_id)
 
 
-def decode_image(encoding: int, width: int, height: int, data: bytes) -> np.ndarray:
-    """An `incar.v1.Image` payload as BGR; raises InvalidRequestError naming what is wrong."""
-    if not data:
-        raise InvalidRequestError("image.data: empty")
-    if encoding in (common_pb2.IMAGE_ENCODING_JPEG, common_pb2.IMAGE_ENCODING_PNG):
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        if image is None:
-            raise InvalidRequestError("image.data: cannot be decoded as JPEG/PNG")
-        if (width and width != image.shape[1]) or (height and height != image.shape[0]):
-            raise InvalidRequestError(f"image: declared {width}x{height}, decoded {image.shape[1]}x{image.shape[0]}")
-        return image
-    if encoding == common_pb2.IMAGE_ENCODING_RAW_BGR:
-        if not width or not height or len(data) != width * height * 3:
-            raise InvalidRequestError(f"image: RAW_BGR needs width*height*3 bytes, got {len(data)} for "
-                                      f"{width}x{height}")
-        return np.frombuffer(data, np.uint8).reshape(height, width, 3).copy()
-    if encoding == common_pb2.IMAGE_ENCODING_NV12:
-        if not width or not height or width % 2 or height % 2 or len(data) != width * height * 3 // 2:
-            raise InvalidRequestError(f"image: NV12 needs even width/height and width*height*3/2 bytes, "
-                                      f"got {len(data)} for {width}x{height}")
-        yuv = np.frombuffer(data, np.uint8).reshape(height * 3 // 2, width)
-        return cv2.cvtColor(yuv, cv2.COLOR_YUV2BGR_NV12)
-    raise InvalidRequestError(f"image.encoding: unsupported value {encoding}")
+def decode_image(image: common_pb2.Image, max_pixels: int) -> np.ndarray:
+    """An uploaded `incar.v1.Image` as BGR (header-checked first); raises InvalidRequestError naming the field."""
+    try:
+        return decode_checked(image, max_pixels)
+    except FrameError as exc:
+        raise InvalidRequestError(str(exc)) from None
 
 
 def _profile_message(row) -> skills_pb2.Profile:

@@ -256,7 +256,7 @@ class Sentinel(Skill):
 
     async def _record(self, level: int, previous: int, analysis: FrameAnalysis, why: str,
                       images: list[tuple[float, np.ndarray]]) -> None:
-        cfg, name = self.config, LEVEL_NAMES[level]
+        name = LEVEL_NAMES[level]
         event_time = analysis.timestamp
         snapshot = images[-1][1]
         clip_id, snapshot_id = f"clip-{uuid.uuid4().hex[:16]}", f"snap-{uuid.uuid4().hex[:16]}"

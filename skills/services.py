@@ -211,7 +211,7 @@ class GreeterServicer(skills_pb2_grpc.GreeterServicer):
             image = frame.original
         elif source == "image":
             img = request.image
-            image = decode_image(img.encoding, img.width, img.height, img.data)
+            image = decode_image(img, self.host.config.greeter.max_image_pixels)
         profile = await self.greeter.enroll(request.name, request.consent, image=image,
                                             key_fob_id=request.key_fob_id, preferences_json=request.preferences_json)
         del image   # never kept: only the template is stored

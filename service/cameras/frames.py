@@ -128,6 +128,12 @@ def decode(spec: ImageSpec, data: bytes) -> np.ndarray:
     return image
 
 
+def decode_checked(image: common_pb2.Image, max_pixels: int) -> np.ndarray:
+    """An inline Image as BGR, header-checked (pixel limit, dimensions, lengths) before any decoding.
+    The one decoder for every RPC that carries images; raises FrameError naming the field."""
+    return decode(check_image(image, max_pixels), image.data)
+
+
 def resize_for_model(original: np.ndarray, size: int) -> np.ndarray:
     """The model's square input; area averaging when shrinking (no aliasing), bilinear when enlarging."""
     height, width = original.shape[:2]

@@ -28,7 +28,7 @@ import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
 from incar.v1 import cameras_pb2, common_pb2
-from service.cameras.config import CAMERA_ID, CamerasConfig, CameraConfig
+from service.cameras.config import CAMERA_ID, CamerasConfig
 from service.cameras.frames import FrameError, ImageSpec, check_image, decode_and_resize, resize_for_model
 from service.cameras.ring import CameraFrame, FrameRing
 

@@ -12,13 +12,14 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-import cv2
 import grpc
 import numpy as np
 import structlog
 
 from incar.v1 import assistant_pb2, assistant_pb2_grpc, common_pb2
+from service.cameras.frames import FrameError, decode_checked
 from service.runtime.engine import Done, GenerationEngine, GenerationRequest, InvalidRequestError, TextDelta
 from service.runtime.scheduler import QueueFullError
 
@@ -29,11 +30,18 @@ log = structlog.get_logger(__name__)
 FramesFor = Callable[[Sequence[str]], Sequence[np.ndarray]]
 
 
+class Router(Protocol):
+    """Hands a question to the skill that owns it (`skills.router.SkillRouter`); None: not a skill question."""
+
+    async def answer(self, question: str): ...
+
+
 @dataclass
 class AssistantConfig:
     priority: str = "chat"          # scheduler priority of Ask requests
     max_images: int = 4             # inline images + cameras per question
     max_image_bytes: int = 16 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096   # checked from the header, before decoding (decompression bombs)
     max_question_chars: int = 4000
 
     def validate(self) -> None:
@@ -44,6 +52,8 @@ class AssistantConfig:
             raise ValueError(f"max_images: must be >= 0, got {self.max_images}")
         if self.max_image_bytes < 1:
             raise ValueError(f"max_image_bytes: must be >= 1, got {self.max_image_bytes}")
+        if self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels: must be >= 1, got {self.max_image_pixels}")
         if self.max_question_chars < 1:
             raise ValueError(f"max_question_chars: must be >= 1, got {self.max_question_chars}")
 
@@ -52,41 +62,19 @@ class ImageError(ValueError):
     pass
 
 
-def decode_image(index: int, image: common_pb2.Image) -> np.ndarray:
+def decode_image(index: int, image: common_pb2.Image, max_pixels: int) -> np.ndarray:
     """An inline `Image` to BGR uint8; ImageError names the index and what is wrong."""
-    where = f"images[{index}]"
-    data = image.data
-    if not data:
-        raise ImageError(f"{where}: no data")
-    enc = image.encoding
-    if enc in (common_pb2.IMAGE_ENCODING_JPEG, common_pb2.IMAGE_ENCODING_PNG):
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise ImageError(f"{where}: cannot decode {common_pb2.ImageEncoding.Name(enc)} data ({len(data)} bytes)")
-        if (image.width and image.width != bgr.shape[1]) or (image.height and image.height != bgr.shape[0]):
-            raise ImageError(f"{where}: declared {image.width}x{image.height} but the image is "
-                             f"{bgr.shape[1]}x{bgr.shape[0]}")
-        return bgr
-    if enc in (common_pb2.IMAGE_ENCODING_RAW_BGR, common_pb2.IMAGE_ENCODING_NV12):
-        w, h = image.width, image.height
-        if not w or not h:
-            raise ImageError(f"{where}: width and height are required for {common_pb2.ImageEncoding.Name(enc)}")
-        if enc == common_pb2.IMAGE_ENCODING_RAW_BGR:
-            if len(data) != w * h * 3:
-                raise ImageError(f"{where}: RAW_BGR {w}x{h} needs {w * h * 3} bytes, got {len(data)}")
-            return np.frombuffer(data, np.uint8).reshape(h, w, 3).copy()
-        if w % 2 or h % 2:
-            raise ImageError(f"{where}: NV12 needs even width and height, got {w}x{h}")
-        if len(data) != w * h * 3 // 2:
-            raise ImageError(f"{where}: NV12 {w}x{h} needs {w * h * 3 // 2} bytes, got {len(data)}")
-        return cv2.cvtColor(np.frombuffer(data, np.uint8).reshape(h * 3 // 2, w), cv2.COLOR_YUV2BGR_NV12)
-    raise ImageError(f"{where}: unsupported encoding {enc}")
+    try:
+        return decode_checked(image, max_pixels)
+    except FrameError as exc:
+        raise ImageError(f"images[{index}].{exc}") from None
 
 
 class AssistantService(assistant_pb2_grpc.AssistantServicer):
     def __init__(self, engine: GenerationEngine | None = None, frames_for: FramesFor | None = None,
-                 config: AssistantConfig | None = None):
+                 config: AssistantConfig | None = None, router: Router | None = None):
         self.config = config or AssistantConfig()
+        self._router = router
         self.config.validate()
         self._engine = engine
         self._frames_for = frames_for
@@ -111,6 +99,17 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{len(request.images)} images and {len(request.camera_ids)} cameras: at most "
                                 f"{self.config.max_images} in total")
+        if request.route_to_skill and self._router is not None:
+            started = time.monotonic()
+            routed = await self._router.answer(question)
+            if routed is not None:
+                # The skill answers from its own records (worded by the model where it chose to).
+                yield assistant_pb2.AskResponse(text=routed.answer)
+                yield assistant_pb2.AskResponse(done=assistant_pb2.AskDone(
+                    answer=routed.answer, finish_reason="stop", handled_by=routed.skill,
+                    model=engine.name, backend=engine.backend,
+                    timings=common_pb2.Timings(end_to_end_s=time.monotonic() - started)))
+                return
         images = await self._gather_images(request, context)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
@@ -153,7 +152,7 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"images[{i}]: {len(image.data)} bytes, the limit is {self.config.max_image_bytes}")
             try:
-                images.append(decode_image(i, image))
+                images.append(decode_image(i, image, self.config.max_image_pixels))
             except ImageError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if request.camera_ids:
