@@ -111,12 +111,14 @@ async def drive_vehicle(target: str, stop: asyncio.Event) -> None:
 
 async def hmi(target: str, stop: asyncio.Event, ask_every: float) -> None:
     async def print_events():
-        cursor = 0
+        cursor, first = 0, True
         while not stop.is_set():
             try:
                 async with open_channel(target) as channel:
+                    # The first subscription starts now; a reconnect resumes after the last event seen.
                     stream = events_pb2_grpc.EventsStub(channel).Subscribe(
-                        events_pb2.SubscribeRequest(after_cursor=cursor, only_new=cursor == 0))
+                        events_pb2.SubscribeRequest(after_cursor=cursor, only_new=first))
+                    first = False
                     async for event in stream:
                         cursor = event.cursor
                         say("event", format_event(event))
