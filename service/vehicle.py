@@ -27,9 +27,13 @@ MIGRATIONS = [
 MOVING_KMH = 3.0   # below this the car counts as standing (safe-exit warnings apply)
 
 
+def is_moving(state: vehicle_pb2.VehicleState) -> bool:
+    return state.gear in (vehicle_pb2.GEAR_DRIVE, vehicle_pb2.GEAR_REVERSE) or state.speed_kmh >= MOVING_KMH
+
+
 def vehicle_mode(state: vehicle_pb2.VehicleState, sentry_armed: bool = False) -> str:
     """The mode the power budgets are set for: driving, parked_awake, sentry or off."""
-    if state.gear in (vehicle_pb2.GEAR_DRIVE, vehicle_pb2.GEAR_REVERSE) or state.speed_kmh >= MOVING_KMH:
+    if is_moving(state):
         return "driving"
     if state.ignition in (vehicle_pb2.IGNITION_ON, vehicle_pb2.IGNITION_ACCESSORY):
         return "parked_awake"

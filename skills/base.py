@@ -23,10 +23,9 @@ from prometheus_client import Counter, Histogram
 from incar.v1 import common_pb2, vehicle_pb2
 from service.perception.types import Face, FrameAnalysis, TextLine
 from service.store.db import Database
+from service.vehicle import MOVING_KMH, is_moving  # noqa: F401  (skills import them from here)
 
 log = structlog.get_logger(__name__)
-
-MOVING_KMH = 3.0   # below this the car counts as standing still
 
 SKILL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0)
 SKILL_LATENCY = Histogram("incar_skill_latency_seconds", "Time a skill takes to decide on one input",
@@ -155,10 +154,6 @@ class NotFoundError(SkillError):
 
 
 # ------------------------------------------------------------------ vehicle helpers
-def is_moving(state: vehicle_pb2.VehicleState) -> bool:
-    return state.gear in (vehicle_pb2.GEAR_DRIVE, vehicle_pb2.GEAR_REVERSE) or state.speed_kmh >= MOVING_KMH
-
-
 def is_parked_off(state: vehicle_pb2.VehicleState) -> bool:
     return (state.gear == vehicle_pb2.GEAR_PARK and state.ignition == vehicle_pb2.IGNITION_OFF
             and state.speed_kmh < MOVING_KMH)
