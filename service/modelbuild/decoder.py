@@ -17,6 +17,21 @@ import numpy as np
 
 from .graph import GraphBuilder
 
+# ONNX RMSNormalization arrived in opset 23. One node instead of Pow/ReduceMean/Add/Sqrt/Div matters for
+# the QDQ variants: the quantizer gives each of those intermediates its own per-tensor 16-bit scale (the
+# squared residual spans ~1e6), which wrecked W8A16 logits (-1.8 dB). Both the CPU EP and the QNN HTP
+# (emulator, CPU fallback disabled) accept the single node.
+DECODER_OPSET = 23
+
+
+class _DecoderGraph(GraphBuilder):
+    def model(self):
+        model = super().model()
+        for opset in model.opset_import:
+            if opset.domain in ("", "ai.onnx"):
+                opset.version = max(opset.version, DECODER_OPSET)
+        return model
+
 MASK_VALUE = -1.0e4
 MODES = ("append", "replace")
 # Append-mode (CPU) graphs take any past length P <= L, so attention costs what the sequence holds, not
@@ -104,7 +119,7 @@ class _Writer:
         if mode not in MODES:
             raise ValueError(f"state_update: {mode!r} is not one of {MODES}")
         self.spec, self.w, self.T, self.mode = spec, weights, tokens, mode
-        self.g = GraphBuilder(name)
+        self.g = _DecoderGraph(name)
 
     # -- small pieces ---------------------------------------------------------------------------
     def linear(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None = None) -> str:
@@ -115,12 +130,9 @@ class _Writer:
         return y
 
     def rms_norm(self, x: str, name: str, weight: np.ndarray) -> str:
-        # The exact pattern ORT fuses into SimplifiedLayerNormalization on the CPU EP.
-        g = self.g
-        sq = g.op("Pow", [x, g.const(2.0)])
-        mean = g.op("ReduceMean", [sq, g.const([-1], "int64")], keepdims=1)
-        std = g.op("Sqrt", [g.op("Add", [mean, g.const(np.float32(self.spec.rms_eps))])])
-        return g.op("Mul", [g.op("Div", [x, std]), g.init(f"{name}.weight", np.asarray(weight, np.float32))])
+        # x / sqrt(mean(x^2) + eps) * weight over the last axis, as one node (see DECODER_OPSET).
+        return self.g.op("RMSNormalization", [x, self.g.init(f"{name}.weight", np.asarray(weight, np.float32))],
+                         axis=-1, epsilon=float(self.spec.rms_eps))
 
     def reshape(self, x: str, shape: list[int]) -> str:
         return self.g.op("Reshape", [x, self.g.const(shape, "int64")])
