@@ -105,19 +105,20 @@ class Application:
         # frames -> perception -> skills; the model words what skills decide and answers the HMI
         self.cascade = Cascade(config.perception)
         self.pipeline = AnalysisPipeline(self.cameras, self.cascade)
-        self.narrator = SwitchableNarrator()
-        self.skills = SkillHost(
-            SkillContext(db=self.db, events=self.events, narrator=self.narrator, frames=self.cameras,
-                         data_dir=skills_data_dir(config.skills, config.server.data_dir)),
-            config.skills, face_embedder=self.pipeline.embed_faces, read_signs=self.pipeline.read_signs)
-        self.vehicle.sentry_armed = lambda: self.skills.sentinel.armed
         self.models = ModelHost(config.runtime, describe_images=self.pipeline.describe_images)
-        self.assistant = AssistantService(None, frames_for=self._frames_for, config=config.runtime.assistant,
-                                          router=self.skills.router)
         self.power = PowerManager(config.power, config.runtime.backend, mode_provider=self.vehicle.mode,
                                   set_analysis_rate=self.cameras.set_analysis_rate,
                                   set_cascade_depth=self.cascade.set_camera_depth,
                                   set_htp_performance_mode=self.models.set_htp_performance_mode)
+        self.narrator = SwitchableNarrator()
+        self.skills = SkillHost(
+            SkillContext(db=self.db, events=self.events, narrator=self.narrator, frames=self.cameras,
+                         data_dir=skills_data_dir(config.skills, config.server.data_dir),
+                         latency_observer=self.power.observe_latency),
+            config.skills, face_embedder=self.pipeline.embed_faces, read_signs=self.pipeline.read_signs)
+        self.vehicle.sentry_armed = lambda: self.skills.sentinel.armed
+        self.assistant = AssistantService(None, frames_for=self._frames_for, config=config.runtime.assistant,
+                                          router=self.skills.router)
 
     def _vehicle_events(self, previous: vehicle_pb2.VehicleState, current: vehicle_pb2.VehicleState) -> None:
         for kind, message in transitions(previous, current):

@@ -201,6 +201,8 @@ class SkillContext:
     data_dir: Path
     clock: Callable[[], float] = time.time
     frames: FrameSource | None = None
+    # Told every measured latency (skill, seconds): the power governor's latency guard listens here.
+    latency_observer: Callable[[str, float], object] | None = None
 
 
 class Skill(ABC):
@@ -270,6 +272,8 @@ class Skill(ABC):
     def record_latency(self, seconds: float, budget_s: float | None = None) -> bool:
         """Returns True when within budget."""
         SKILL_LATENCY.labels(self.name).observe(seconds)
+        if self.ctx.latency_observer is not None:
+            self.ctx.latency_observer(self.name, seconds)
         within = seconds <= (self.budget_s if budget_s is None else budget_s)
         if not within:
             SKILL_BUDGET_VIOLATIONS.labels(self.name).inc()
