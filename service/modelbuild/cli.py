@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -90,11 +92,21 @@ def build(args: argparse.Namespace) -> int:
         source = {"file": path.name, "sha256": source_sha}
     emit(f"{loaded.spec.architecture}: {loaded.spec.num_layers} layers, hidden {loaded.spec.hidden_size}, "
          f"context {loaded.spec.context_length}, prefill chunk {chunk}, variants {variants}")
-    write_bundle(out, name=args.name or (DEFAULT_BUNDLE_NAME if args.default else loaded.name), spec=loaded.spec,
+    # Build beside the bundle and swap it in at the end: a server (re)loading meanwhile never sees half a bundle.
+    staging = out.with_name(out.name + ".building")
+    shutil.rmtree(staging, ignore_errors=True)
+    write_bundle(staging, name=args.name or (DEFAULT_BUNDLE_NAME if args.default else loaded.name), spec=loaded.spec,
                  weights=loaded.weights, tokenizer_json=loaded.tokenizer_json,
                  tokenizer_config=loaded.tokenizer_config, source=source,
                  variants=[KNOWN_VARIANTS[v] for v in variants], prefill_chunk=chunk, inputs_hash=key,
                  progress=emit)
+    retired = out.with_name(out.name + ".old")
+    shutil.rmtree(retired, ignore_errors=True)
+    if out.exists():
+        os.replace(out, retired)
+    os.replace(staging, out)
+    shutil.rmtree(retired, ignore_errors=True)
+    emit(f"bundle ready at {out}")
     return 0
 
 
