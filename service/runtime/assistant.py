@@ -20,7 +20,8 @@ import structlog
 
 from incar.v1 import assistant_pb2, assistant_pb2_grpc, common_pb2
 from service.cameras.frames import FrameError, decode_checked
-from service.runtime.engine import Done, GenerationEngine, GenerationRequest, InvalidRequestError, TextDelta
+from service.runtime.engine import (Done, GenerationEngine, GenerationRequest, InvalidRequestError, ModelFailure,
+                                    TextDelta)
 from service.runtime.scheduler import QueueFullError
 
 log = structlog.get_logger(__name__)
@@ -144,6 +145,9 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except QueueFullError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except ModelFailure as exc:
+            # Not the caller's fault and not lasting: the engine serves the next request, so retrying is right.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     async def _gather_images(self, request: assistant_pb2.AskRequest, context) -> list[np.ndarray]:
         images: list[np.ndarray] = []

@@ -38,6 +38,10 @@ class InvalidRequestError(ValueError):
     """The request cannot be served as given (bad parameters, schema, context overflow); gRPC INVALID_ARGUMENT."""
 
 
+class ModelFailure(RuntimeError):
+    """A model step raised (a driver or session fault): this request fails, the engine keeps serving."""
+
+
 @dataclass
 class EngineConfig:
     default_max_tokens: int = 256
@@ -278,6 +282,11 @@ class GenerationEngine:
         except QueueFullError:
             outcome = None  # the scheduler counts rejections itself
             raise
+        except Exception as exc:
+            # A model session that throws fails this request only; the scheduler and the sessions serve the next.
+            log.exception("engine.model_failed", priority=priority)
+            raise ModelFailure(f"the model failed while answering ({type(exc).__name__}: {exc}); "
+                               f"the request was abandoned") from exc
         finally:
             if outcome is not None:
                 metrics.REQUESTS.labels(priority, outcome).inc()

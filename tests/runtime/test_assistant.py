@@ -238,3 +238,24 @@ async def test_deadline_exceeded_mid_answer():
             await asyncio.sleep(0.02)
         assert h.scheduler.running("chat") == 0
         assert h.scheduler.steps_total - steps <= 1  # no decoding goes on after the deadline
+
+
+async def test_a_session_that_throws_mid_decode_fails_that_request_and_the_next_is_served(monkeypatch):
+    from service.runtime import generator
+
+    real_append = generator.DecodeSequence.append
+    calls = {"n": 0}
+
+    def faulty_append(self, token_id):
+        calls["n"] += 1
+        if calls["n"] == 3:   # the third decode step of the first answer: mid-decode
+            raise RuntimeError("injected NPU session fault")
+        return real_append(self, token_id)
+
+    monkeypatch.setattr(generator.DecodeSequence, "append", faulty_append)
+    async with Harness() as h:
+        await expect_status(h.stub, grpc.StatusCode.UNAVAILABLE, "injected NPU session fault",
+                            question="What is the capital of France?", max_tokens=16)
+        texts, done = await ask(h.stub, question="What is the capital of France?", max_tokens=16)
+        assert "Paris" in done.answer and done.finish_reason in ("stop", "length")
+        assert h.scheduler.running("chat") == 0 and h.scheduler.waiting("chat") == 0
