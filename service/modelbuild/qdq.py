@@ -8,7 +8,8 @@ Precisions (names as in the bundle manifest):
               the recipe that is right on the HTP: `get_qnn_qdq_config(weight_type=QInt4, per_channel=True)`
               leaves MatMul weights per-tensor and asymmetric (runs, ~6 dB), and asymmetric int4 per-channel
               is rejected (error 3110). See shared/qnn-notes.md.
-- `int4` / `int8` (CPU EP): weight-only MatMulNBits (block 32, symmetric) / dynamic int8 quantization.
+- `int4` / `int8` (CPU EP): weight-only MatMulNBits (block 32, symmetric, accuracy_level 4) on the layer
+              weights, the bundle's own recipe (`cpu_quant.py`).
 """
 from __future__ import annotations
 
@@ -112,24 +113,24 @@ def quantize_qdq(float_path: str | Path, out_path: str | Path, calibration: Sequ
 
 
 def quantize_cpu(float_path: str | Path, out_path: str | Path, precision: str = "int4",
-                 block_size: int = 32) -> Path:
-    """CPU EP weight-only variants: int4 MatMulNBits or dynamic int8 (MatMul/Gemm/Conv weights)."""
+                 block_size: int | None = None) -> Path:
+    """CPU EP weight-only variants, exactly as the bundle writer makes them (`cpu_quant.quantize_weights`):
+    int4 / int8 MatMulNBits on the layer weights only, so reports measure what ships. (A generic
+    `quantize_dynamic` here used to quantize the attention score/context MatMuls too, activations x
+    activations at uint8, which the bundle never does.)"""
+    from .cpu_quant import BLOCK_SIZE, quantize_weights
+
+    if precision not in CPU_PRECISIONS:
+        raise QuantizationError(f"precision {precision!r} is not a CPU precision ({', '.join(CPU_PRECISIONS)})")
     float_path, out_path = Path(float_path), Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    if precision == "int4":
-        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-        model = onnx.load(str(float_path))
-        quant = MatMulNBitsQuantizer(model, algo_config=DefaultWeightOnlyQuantConfig(
-            block_size=block_size, is_symmetric=True, bits=4))
-        quant.process()
-        big = quant.model.model.ByteSize() > 1.9e9
-        quant.model.save_model_to_file(str(out_path), use_external_data_format=big)
-    elif precision == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-        quantize_dynamic(str(float_path), str(out_path), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gemm"])
-    else:
-        raise QuantizationError(f"precision {precision!r} is not a CPU precision ({', '.join(CPU_PRECISIONS)})")
+    model = quantize_weights(onnx.load(str(float_path)), bits=4 if precision == "int4" else 8,
+                             block_size=block_size or BLOCK_SIZE)
+    if not any(n.op_type == "MatMulNBits" for n in model.graph.node):
+        raise QuantizationError(f"{float_path.name}: no MatMul layer weights (`*.weight`) to quantize to {precision}")
+    big = model.ByteSize() > 1.9e9
+    onnx.save_model(model, str(out_path), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=out_path.name + ".data")
     return out_path
 
 
