@@ -11,6 +11,7 @@ The bundle holds (docs/model-bundle.md):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -45,8 +46,9 @@ def chat_template(tokens_per_image: int) -> str:
 def with_image_token(loaded: LoadedModel) -> tuple[dict, np.ndarray, int]:
     """(tokenizer.json, embedding table, image token id): `<image>` added as a special token when missing.
 
-    An added token gets an embedding row of zeros (the runtime always overwrites it with a vision row) but
-    no output row: the decoder's head keeps the checkpoint's vocabulary, so it can never be generated.
+    An added token gets an embedding row of zeros: the runtime always overwrites it with a vision row, and
+    through a tied head its logit is exactly 0 (an untied head gets a zero row too), below the top logit of
+    any sane model. The head must cover the whole tokenizer: constrained decoding sizes its masks by it.
     """
     tok = json.loads(json.dumps(loaded.tokenizer_json))
     embed = np.asarray(loaded.weights["embed"], np.float32)
@@ -170,16 +172,21 @@ def build_autoneural_bundle(out: str | Path, *, vision_cfg: vision_mod.VisionCon
         tok_cfg["chat_template"] = chat_template(tokens_per_image)
     tok_cfg.update(image_token=IMAGE_TOKEN, image_token_id=image_token_id, image_tokens_per_image=tokens_per_image)
 
+    weights = dict(loaded.weights, embed=table)
+    if "lm_head" in weights:
+        head = np.zeros_like(table)
+        head[:weights["lm_head"].shape[0]] = weights["lm_head"]
+        weights["lm_head"] = head
+    spec = dataclasses.replace(spec, vocab_size=table.shape[0])
+
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("qnn",):
-        shutil.rmtree(out / stale, ignore_errors=True)
-    manifest = write_bundle(out, name=name, spec=spec, weights=loaded.weights, tokenizer_json=tok_json,
+    shutil.rmtree(out / "qnn", ignore_errors=True)       # context binaries of an earlier build
+    manifest = write_bundle(out, name=name, spec=spec, weights=weights, tokenizer_json=tok_json,
                             tokenizer_config=tok_cfg, source=source or {"file": loaded.name, "sha256": ""},
                             variants=[KNOWN_VARIANTS["float"], KNOWN_VARIANTS["float_replace"]],
                             prefill_chunk=prefill_chunk, inputs_hash=inputs_hash, progress=progress)
-    # The runtime embeds prompts from this table, which also holds the (never generated) image token's row.
-    np.save(out / "embed_tokens.npy", table.astype(np.float16))
     manifest["architecture"] = "autoneural"
+    manifest["name"] = name
 
     progress(f"vision encoder: {vision_cfg.num_tokens} tokens -> hidden {vision_cfg.lm_hidden}, "
              f"precisions float,{','.join(vision_precisions)}")
@@ -197,15 +204,16 @@ def build_autoneural_bundle(out: str | Path, *, vision_cfg: vision_mod.VisionCon
                                       model_name="vision.float")
         tokenizer = Tokenizer(out / "tokenizer.json", tok_cfg)
         images = vision_mod.calibration_images(vision_cfg, calibration_prompts + 1, seed=20_000)
+        prompt_table = table.astype(np.float16).astype(np.float32)     # as the runtime embeds prompts
         trajectories = []
         for i, image in enumerate(images):
             question = CALIBRATION_QUESTIONS[i % len(CALIBRATION_QUESTIONS)]
             content = [{"type": "image"}, {"type": "text", "text": question}] if i % 2 == 0 else question
             ids = _prompts(tokenizer, [[{"role": "user", "content": content}]])[0]
-            rows = table[np.asarray(ids)].astype(np.float32)
+            rows = prompt_table[np.asarray(ids)]
             if i % 2 == 0:
                 rows[np.asarray(ids) == image_token_id] = vision_float.run(None, {"pixel_values": image})[0][0]
-            trajectories.append(replace_trajectory(spec, table, rows, sessions["decoder_prefill"],
+            trajectories.append(replace_trajectory(spec, prompt_table, rows, sessions["decoder_prefill"],
                                                    sessions["decoder_decode"], prefill_chunk, decode_steps))
         calibration, held_out = trajectories[:-1], trajectories[-1]      # the last run is held out
         reports = []
@@ -244,7 +252,7 @@ def _top1_agreement(float_session, quant_session, feeds: list[dict]) -> float:
 
 
 def tiny_autoneural_bundle(out: str | Path, seed: int = 0, *, precisions: tuple[str, ...] = ("w8a16",),
-                           context_length: int = 384, prefill_chunk: int = 64,
+                           context_length: int = 384, prefill_chunk: int = 64, targets: tuple[str, ...] = (),
                            progress: Progress = lambda s: None) -> Path:
     """A seeded tiny AutoNeural bundle (tiny LFM2 + tiny vision, hidden 64) built in seconds; returns its folder.
 
@@ -258,6 +266,6 @@ def tiny_autoneural_bundle(out: str | Path, seed: int = 0, *, precisions: tuple[
     cfg = vision_mod.tiny_config(lm_hidden=loaded.spec.hidden_size)
     build_autoneural_bundle(out, vision_cfg=cfg, vision_weights=vision_mod.random_weights(cfg, seed=seed),
                             lfm2_dir_or_loaded=loaded, precisions=precisions, name=out.name,
-                            context_length=context_length, prefill_chunk=prefill_chunk,
+                            context_length=context_length, prefill_chunk=prefill_chunk, targets=targets,
                             source={"file": f"tiny-autoneural seed {seed}", "sha256": ""}, progress=progress)
     return out

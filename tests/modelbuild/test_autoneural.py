@@ -3,6 +3,7 @@ on `cpu` its greedy tokens (and logits) equal the numpy reference (vision refere
 spliced into the LFM2 reference's embeddings)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import cv2
@@ -67,8 +68,9 @@ def test_one_bundle_holds_decoder_vision_and_image_token(tiny):
     lm = LanguageModel(bundle, "cpu")
     ids = _prompt(lm, "What is this?")
     assert ids.count(tok["image_token_id"]) == 256
-    # The image token has an embedding row but no output row: it can never be generated.
-    assert tok["image_token_id"] >= m["text"]["vocab_size"] == lfm2.spec.vocab_size
+    # The image token was added (the tiny checkpoint lacks it): one more embedding row, and a head covering it.
+    assert tok["image_token_id"] == lfm2.spec.vocab_size == m["text"]["vocab_size"] - 1
+    assert not np.load(bundle.file("embed_tokens.npy"))[tok["image_token_id"]].any()
     # A plain string message (what the engine sends, placeholders already in it) renders unchanged.
     text = lm.tokenizer.apply_chat_template([{"role": "user", "content": "<image>" * 256 + "\nhi"}])
     assert lm.tokenizer.encode(text).count(tok["image_token_id"]) == 256
@@ -79,11 +81,14 @@ def _reference_tokens(bundle, cfg, vision_weights, lfm2, enc: VisionEncoder, ids
     image_rows = vision_forward(cfg, vision_weights, enc.preprocess(img))[0]
     table = np.load(bundle.file(bundle.manifest["text"]["embedding"]["file"])).astype(np.float64)
     slots = np.asarray(ids) == bundle.manifest["tokenizer"]["image_token_id"]
+    # The tied head holds the checkpoint's rows plus the image token's zero row.
+    weights = dict(lfm2.weights, embed=np.concatenate([lfm2.weights["embed"], np.zeros((1, lfm2.spec.hidden_size))]))
+    spec = dataclasses.replace(lfm2.spec, vocab_size=lfm2.spec.vocab_size + 1)
     seq, tokens, logits = list(ids), [], []
     for _ in range(STEPS):
         embeds = table[np.asarray(seq)]
         embeds[: len(ids)][slots] = image_rows
-        step_logits = reference.forward(lfm2.spec, lfm2.weights, embeds)[-1]
+        step_logits = reference.forward(spec, weights, embeds)[-1]
         logits.append(step_logits)
         tokens.append(int(step_logits.argmax()))
         seq.append(tokens[-1])
