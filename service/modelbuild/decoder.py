@@ -33,6 +33,10 @@ class _DecoderGraph(GraphBuilder):
         return model
 
 MASK_VALUE = -1.0e4
+# The graph clamps the incoming mask to this before adding it to the scores. In float nothing changes
+# (exp(-1e3) is 0 in float32 like exp(-1e4)), but the QDQ scale of the masked scores is set by their
+# range: at -1e4 a 16-bit step is 0.15 (logit noise in every softmax), at -1e3 it is 0.015.
+MASK_CLAMP = -1.0e3
 MODES = ("append", "replace")
 # Append-mode (CPU) graphs take any past length P <= L, so attention costs what the sequence holds, not
 # the whole context; the runtime passes a bucketed prefix of its cache. Replace-mode graphs are static.
@@ -234,7 +238,8 @@ class _Writer:
         pos = g.input("position_ids", "int64", [1, T])
         token_mask = g.input("token_mask", "float32", [1, T])
         width = TOTAL_AXIS if self.mode == "append" else L
-        self.mask = g.input("attention_mask", "float32", [1, 1, T, width])
+        self.mask = g.op("Max", [g.input("attention_mask", "float32", [1, 1, T, width]),
+                                 g.const(np.float32(MASK_CLAMP))])
         self.token_mask3 = g.op("Unsqueeze", [token_mask, g.const([2], "int64")])
         if self.mode == "replace":
             self.cache_write = g.input("cache_write", "float32", [1, 1, L, T])
