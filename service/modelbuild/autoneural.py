@@ -257,11 +257,20 @@ def tiny_autoneural_bundle(out: str | Path, seed: int = 0, *, precisions: tuple[
     """A seeded tiny AutoNeural bundle (tiny LFM2 + tiny vision, hidden 64) built in seconds; returns its folder.
 
     The source checkpoint is written beside the bundle (`<out>.ckpt`)."""
-    from .lfm2 import load_lfm2
+    from .lfm2 import load_lfm2, read_safetensors, write_safetensors
     from .tiny import write_tiny_lfm2
 
     out = Path(out)
     ckpt = write_tiny_lfm2(out.with_name(out.name + ".ckpt"), seed=seed, max_positions=context_length)
+    # An untied random head: with a tied one a random tiny model only repeats its input token (the embedding
+    # dominates the residual stream), which would make token-equality checks say little.
+    tensors = read_safetensors(ckpt / "model.safetensors")
+    embed = tensors["model.embed_tokens.weight"]
+    rng = np.random.default_rng(seed + 7919)
+    tensors["lm_head.weight"] = (rng.standard_normal(embed.shape) * 3 / np.sqrt(embed.shape[1])).astype(np.float32)
+    write_safetensors(ckpt / "model.safetensors", tensors)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "tie_embedding": False}))
     loaded = load_lfm2(ckpt, context_length=context_length)
     cfg = vision_mod.tiny_config(lm_hidden=loaded.spec.hidden_size)
     build_autoneural_bundle(out, vision_cfg=cfg, vision_weights=vision_mod.random_weights(cfg, seed=seed),

@@ -81,8 +81,9 @@ def _reference_tokens(bundle, cfg, vision_weights, lfm2, enc: VisionEncoder, ids
     image_rows = vision_forward(cfg, vision_weights, enc.preprocess(img))[0]
     table = np.load(bundle.file(bundle.manifest["text"]["embedding"]["file"])).astype(np.float64)
     slots = np.asarray(ids) == bundle.manifest["tokenizer"]["image_token_id"]
-    # The tied head holds the checkpoint's rows plus the image token's zero row.
-    weights = dict(lfm2.weights, embed=np.concatenate([lfm2.weights["embed"], np.zeros((1, lfm2.spec.hidden_size))]))
+    # The head holds the checkpoint's rows plus the image token's zero row.
+    assert not lfm2.spec.tied_head
+    weights = dict(lfm2.weights, lm_head=np.concatenate([lfm2.weights["lm_head"], np.zeros((1, lfm2.spec.hidden_size))]))
     spec = dataclasses.replace(lfm2.spec, vocab_size=lfm2.spec.vocab_size + 1)
     seq, tokens, logits = list(ids), [], []
     for _ in range(STEPS):

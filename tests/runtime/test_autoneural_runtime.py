@@ -120,4 +120,7 @@ async def test_ask_with_an_inline_image_goes_through_the_vision_encoder(bundle, 
         want.append(int(seq.logits.argmax()))
         seq.append(want[-1])
     assert done.timings.generated_tokens > 0
-    assert done.answer == lm.tokenizer.decode(want), (done.answer, lm.tokenizer.decode(want))
+    # The tiny byte-level model emits arbitrary bytes: the stream holds back an incomplete UTF-8 tail.
+    direct = lm.tokenizer.decode(want)
+    assert direct.startswith(done.answer) and set(direct[len(done.answer):]) <= {"\ufffd"}, (done.answer, direct)
+    assert len(done.answer) > 0
