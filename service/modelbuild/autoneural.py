@@ -278,3 +278,46 @@ def tiny_autoneural_bundle(out: str | Path, seed: int = 0, *, precisions: tuple[
                             context_length=context_length, prefill_chunk=prefill_chunk, targets=targets,
                             source={"file": f"tiny-autoneural seed {seed}", "sha256": ""}, progress=progress)
     return out
+
+
+def cli_build(args, emit: Progress) -> int:
+    """`incar model build --autoneural LFM2_DIR|tiny` (the CLI's arguments; built beside, swapped in whole)."""
+    import os
+    import sys
+
+    precisions = tuple(p.strip() for p in args.htp.split(",") if p.strip())
+    out = Path(args.out) / (args.name or ("tiny-autoneural" if args.autoneural == "tiny"
+                                          else Path(args.autoneural).name.lower()))
+    staging = out.with_name(out.name + ".building")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(staging.with_name(staging.name + ".ckpt"), ignore_errors=True)
+    targets = tuple(t for t in (args.targets or "").split(",") if t)
+    try:
+        if args.autoneural == "tiny":
+            tiny_autoneural_bundle(staging, seed=args.seed, precisions=precisions, context_length=args.context or 384,
+                                   prefill_chunk=args.chunk or 64, targets=targets, progress=emit)
+            shutil.rmtree(staging.with_name(staging.name + ".ckpt"), ignore_errors=True)
+        else:
+            if not (args.vision_config and args.vision_weights):
+                print("error: --autoneural LFM2_DIR needs --vision-config and --vision-weights", file=sys.stderr)
+                return 2
+            cfg = vision_mod.load_config(args.vision_config)
+            build_autoneural_bundle(staging, vision_cfg=cfg, vision_weights=vision_mod.load_weights(args.vision_weights, cfg),
+                                    lfm2_dir_or_loaded=args.autoneural, precisions=precisions, name=out.name,
+                                    context_length=args.context or 4096, prefill_chunk=args.chunk or 64,
+                                    targets=targets, progress=emit)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.autoneural == "tiny":
+        manifest = json.loads((staging / "manifest.json").read_text())
+        manifest["name"] = out.name
+        write_manifest(staging, manifest)
+    retired = out.with_name(out.name + ".old")
+    shutil.rmtree(retired, ignore_errors=True)
+    if out.exists():
+        os.replace(out, retired)
+    os.replace(staging, out)
+    shutil.rmtree(retired, ignore_errors=True)
+    emit(f"bundle ready at {out}")
+    return 0

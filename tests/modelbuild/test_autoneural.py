@@ -136,3 +136,16 @@ def test_bundle_refuses_mismatched_parts(tmp_path, tiny):
     with pytest.raises(ValueError, match="not HTP QDQ precisions"):
         autoneural.build_autoneural_bundle(tmp_path / "x", vision_cfg=cfg, vision_weights=vision_weights,
                                            lfm2_dir_or_loaded=lfm2, precisions=("int4",))
+
+
+def test_cli_builds_validates_and_refuses(tmp_path, capsys):
+    from service.modelbuild.cli import main
+
+    assert main(["build", "--autoneural", "tiny", "--out", str(tmp_path), "--htp", "w8a16", "--seed", "2"]) == 0
+    bundle = load_bundle(tmp_path / "tiny-autoneural")
+    assert bundle.manifest["architecture"] == "autoneural" and bundle.name == "tiny-autoneural"
+    assert "w8a16" in bundle.variants("decoder_decode") and "vision" in bundle.manifest["components"]
+    assert not list(tmp_path.glob("*.building*"))
+    assert main(["validate", str(tmp_path / "tiny-autoneural"), "--tokens", "2"]) == 0
+    assert main(["build", "--autoneural", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "needs --vision-config and --vision-weights" in capsys.readouterr().err
