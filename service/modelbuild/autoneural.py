@@ -26,9 +26,9 @@ from .gguf_llama import LoadedModel
 
 IMAGE_TOKEN = "<image>"
 HTP_PRECISIONS = ("w8a16", "w4a16")
-# ChatML whose message content is a string or a list of parts ({"type": "text", "text": ...} | {"type": "image"}).
+# LFM2's ChatML (after the BOS token) whose message content is a string or a list of parts ({"type": "text", "text": ...} | {"type": "image"}).
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for part in m['content'] %}"
     "{% if part['type'] == 'image' %}{{ image_token * image_tokens_per_image }}\n"
     "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
@@ -168,8 +168,9 @@ def build_autoneural_bundle(out: str | Path, *, vision_cfg: vision_mod.VisionCon
                          f"and a prompt chunk ({prefill_chunk})")
     tok_json, table, image_token_id = with_image_token(loaded)
     tok_cfg = dict(loaded.tokenizer_config)
-    if IMAGE_TOKEN not in str(tok_cfg.get("chat_template") or ""):
-        tok_cfg["chat_template"] = chat_template(tokens_per_image)
+    # Always our template: a checkpoint's own (LFM2-VL's) places one <image> per image and leaves the
+    # expansion to its processor; ours places all of them, as the runtime expects.
+    tok_cfg["chat_template"] = chat_template(tokens_per_image)
     tok_cfg.update(image_token=IMAGE_TOKEN, image_token_id=image_token_id, image_tokens_per_image=tokens_per_image)
 
     weights = dict(loaded.weights, embed=table)
@@ -232,6 +233,13 @@ def build_autoneural_bundle(out: str | Path, *, vision_cfg: vision_mod.VisionCon
                 entry.pop("data_file", None)
                 entry.pop("sha256", None)
                 entry.update(file=path.name, precision=precision, backends=["cpu", "qnn-htp", "qnn-emulator"])
+                if targets:
+                    from .qnn_compile import compile_context
+                    entry["context_binaries"] = {}
+                    for target in targets:      # fails the build if the HTP rejects a node (no CPU fallback)
+                        progress(f"  compiling {path.name} for {target}")
+                        compiled = compile_context(path, out / "qnn" / target, target)
+                        entry["context_binaries"][target] = str(compiled.path.relative_to(out))
                 comps[component]["variants"][precision] = entry
         manifest["quantization"]["decoder"] = reports
     progress("hashing files")

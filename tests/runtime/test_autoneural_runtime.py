@@ -58,6 +58,10 @@ def _greedy(lm: LanguageModel, enc: VisionEncoder, img: np.ndarray, question: st
 
 
 def test_qdq_graphs_on_the_htp_emulator_match_their_cpu_run(bundle, dog, monkeypatch, tmp_path):
+    # The builder compiled every QDQ graph for the emulator with CPU fallback off (it fails on a rejected node).
+    for component in ("vision", "decoder_prefill", "decoder_decode"):
+        ctx = bundle.variant(component, "w8a16")["context_binaries"]["emulator"]
+        assert bundle.file(ctx).is_file()
     cpu_tokens, cpu_logits, cpu_embeds = _greedy(LanguageModel(bundle, "cpu", variant="w8a16"),
                                                  VisionEncoder(bundle, "cpu", variant="w8a16"), dog, "Dog?")
     # The decoder sessions must run wholly on the HTP: session creation fails if any node would need the CPU.
