@@ -123,9 +123,9 @@ def write_bundle(out: str | Path, *, name: str, spec: DecoderSpec, weights: dict
         by_precision.setdefault(variant.precision, []).append(variant)
     for precision, group in by_precision.items():
         progress(f"variants {', '.join(v.name for v in group)} ({precision})")
-        for name, comps in write_decoder_variants(out, spec, weights, group, prefill_chunk, progress).items():
+        for variant_name, comps in write_decoder_variants(out, spec, weights, group, prefill_chunk, progress).items():
             for component, entry in comps.items():
-                components[component]["variants"][name] = entry
+                components[component]["variants"][variant_name] = entry
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "architecture": spec.architecture,
         "source": source, "builder_version": BUILDER_VERSION, "inputs_hash": inputs_hash,

@@ -55,7 +55,12 @@ def _pick_variant(bundle: Bundle, backend: str, variant: str | None) -> str:
 
 
 class LanguageModel:
-    def __init__(self, bundle: Bundle, backend: str = "cpu", variant: str | None = None, threads: int | None = None):
+    def __init__(self, bundle: Bundle, backend: str = "cpu", variant: str | None = None, threads: int | None = None,
+                 disable_cpu_fallback: bool | None = None):
+        # On the NPU a graph runs wholly on the HTP or not at all: a silent CPU fallback would break the power and
+        # latency budgets, so it is off unless asked for.
+        if disable_cpu_fallback is None:
+            disable_cpu_fallback = backend != "cpu"
         self.bundle = bundle
         self.backend = backend
         self.name = bundle.name
@@ -72,7 +77,8 @@ class LanguageModel:
         self._graphs = {}
         for component in ("decoder_prefill", "decoder_decode"):
             entry = bundle.variant(component, self.variant)
-            session = create_session(bundle.file(entry["file"]), backend, threads=threads)
+            session = create_session(bundle.file(entry["file"]), backend, threads=threads,
+                                     disable_cpu_fallback=disable_cpu_fallback)
             tokens = int(bundle.manifest["components"][component]["tokens"])
             self._graphs[component] = _Graph(session, entry, tokens, entry.get("state_update", "append"))
         self.prefill_chunk = self._graphs["decoder_prefill"].tokens
