@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from . import vision as vision_mod
-from .bundle_writer import KNOWN_VARIANTS, write_bundle, write_manifest
+from .bundle_writer import KNOWN_VARIANTS, swap_in, write_bundle, write_manifest
 from .decoder import MASK_VALUE, DecoderSpec, state_entries
 from .gguf_llama import LoadedModel
 
@@ -290,7 +290,6 @@ def tiny_autoneural_bundle(out: str | Path, seed: int = 0, *, precisions: tuple[
 
 def cli_build(args, emit: Progress) -> int:
     """`incar model build --autoneural LFM2_DIR|tiny` (the CLI's arguments; built beside, swapped in whole)."""
-    import os
     import sys
 
     precisions = tuple(p.strip() for p in args.htp.split(",") if p.strip())
@@ -321,11 +320,6 @@ def cli_build(args, emit: Progress) -> int:
         manifest = json.loads((staging / "manifest.json").read_text())
         manifest["name"] = out.name
         write_manifest(staging, manifest)
-    retired = out.with_name(out.name + ".old")
-    shutil.rmtree(retired, ignore_errors=True)
-    if out.exists():
-        os.replace(out, retired)
-    os.replace(staging, out)
-    shutil.rmtree(retired, ignore_errors=True)
+    swap_in(staging, out)
     emit(f"bundle ready at {out}")
     return 0

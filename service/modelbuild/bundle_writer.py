@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -172,3 +173,14 @@ def _referenced_files(manifest: dict) -> set[str]:
             for ctx in (entry.get("context_binaries") or {}).values():
                 files.add(ctx)
     return files
+
+
+def swap_in(staging: Path, out: Path) -> None:
+    """Replace the bundle at `out` with the one built at `staging`, whole: a server (re)loading meanwhile sees
+    the old bundle or the new one, never half of either."""
+    retired = out.with_name(out.name + ".old")
+    shutil.rmtree(retired, ignore_errors=True)
+    if out.exists():
+        os.replace(out, retired)
+    os.replace(staging, out)
+    shutil.rmtree(retired, ignore_errors=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -44,7 +43,7 @@ def _cached_hash(out: Path) -> str | None:
 
 
 def build(args: argparse.Namespace) -> int:
-    from .bundle_writer import KNOWN_VARIANTS, PREFILL_CHUNK, write_bundle
+    from .bundle_writer import KNOWN_VARIANTS, PREFILL_CHUNK, swap_in, write_bundle
     from .gguf_llama import DEFAULT_CONTEXT, default_gguf, file_sha256, load_gguf
 
     emit = _progress(time.monotonic())
@@ -104,12 +103,7 @@ def build(args: argparse.Namespace) -> int:
                  tokenizer_config=loaded.tokenizer_config, source=source,
                  variants=[KNOWN_VARIANTS[v] for v in variants], prefill_chunk=chunk, inputs_hash=key,
                  progress=emit)
-    retired = out.with_name(out.name + ".old")
-    shutil.rmtree(retired, ignore_errors=True)
-    if out.exists():
-        os.replace(out, retired)
-    os.replace(staging, out)
-    shutil.rmtree(retired, ignore_errors=True)
+    swap_in(staging, out)
     emit(f"bundle ready at {out}")
     return 0
 

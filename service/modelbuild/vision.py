@@ -13,7 +13,7 @@ Weights are a flat dict name -> float32 array (names below); `random_weights` ma
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
