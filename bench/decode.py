@@ -247,6 +247,11 @@ def main() -> int:
     loop.close()
     ttft = {name: statistics.median(r[0] for r in rs) for name, rs in runs.items()}
     tps = {name: statistics.median(r[1] for r in rs) for name, rs in runs.items()}
+    # Best round too: on a shared machine the median can be dominated by outside load, and llama.cpp's
+    # spin-waiting worker threads collapse (10-20x) when its cores are oversubscribed, while ORT degrades
+    # gracefully. The best round is each contender's figure with the least interference.
+    best_tps = {name: max(r[1] for r in rs) for name, rs in runs.items()}
+    best_ttft = {name: min(r[0] for r in rs) for name, rs in runs.items()}
     same_tokens = model.tokenizer.decode(runs["bare"][0][2]) == runs["engine"][0][3]
     overhead = 1 - tps["engine"] / tps["bare"]
     own_overhead = 1 - tps["engine"] / tps["generator"]
@@ -275,7 +280,12 @@ def main() -> int:
                        "llama_cpp_tokens_per_s": round(tps["llama.cpp"], 2),
                        "engine_vs_llama_cpp_decode": round(ratio, 3),
                        "engine_vs_llama_cpp_decode_per_round": [round(r, 3) for r in per_round],
+                       "llama_cpp_best_tokens_per_s": round(best_tps["llama.cpp"], 2),
+                       "engine_vs_llama_cpp_decode_best": round(best_tps["engine"] / best_tps["llama.cpp"], 3),
                        "llama_cpp_gguf": gguf_path.name, "llama_cpp_cmake_args": llama_cmake_args()})
+    print("best round  : " + ", ".join(f"{n} {best_tps[n]:.1f} tok/s TTFT {best_ttft[n] * 1e3:.0f} ms" for n in runs))
+    result.update({"best_tokens_per_s": {n: round(v, 2) for n, v in best_tps.items()},
+                   "best_ttft_s": {n: round(v, 5) for n, v in best_ttft.items()}})
     print(json.dumps(result))
     return 0
 
