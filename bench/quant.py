@@ -7,7 +7,9 @@
   feature map; classifier top-1 agreement is reported too. Calibration on augmented crops of some photos,
   evaluation on other photos.
 - Language: SmolLM2-135M-Instruct (the default bundle's GGUF), one full-sequence chunk of real text through the
-  LM helper's decoder writer; output compared: logits; top-1 token agreement with float.
+  LM helper's decoder writer; output compared: logits; top-1 token agreement with float at every position.
+  CPU int4/int8 are made exactly as the bundle makes them (`cpu_quant.quantize_weights`: MatMulNBits on the
+  layer weights, lm_head included, attention MatMuls float).
 QDQ precisions run through ORT's CPU EP (the HTP emulator is far too slow for 135M; on tiny graphs it lands
 within ~1 dB of CPU QDQ, see tests/modelbuild/test_qnn_*.py). Prints a table, ends with one JSON line.
 
