@@ -43,8 +43,8 @@ def _cached_hash(out: Path) -> str | None:
 
 
 def build(args: argparse.Namespace) -> int:
-    from .bundle_writer import KNOWN_VARIANTS, PREFILL_CHUNK, swap_in, write_bundle
-    from .gguf_llama import DEFAULT_CONTEXT, default_gguf, file_sha256, load_gguf
+    from .bundle_writer import KNOWN_VARIANTS, PREFILL_CHUNK, sha256_file, swap_in, write_bundle
+    from .gguf_llama import DEFAULT_CONTEXT, default_gguf, load_gguf
 
     emit = _progress(time.monotonic())
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -84,7 +84,7 @@ def build(args: argparse.Namespace) -> int:
             return 2
         context = args.context or DEFAULT_CONTEXT
         emit(f"hashing {path.name}")
-        source_sha = file_sha256(path)
+        source_sha = sha256_file(path)
         out = Path(args.out) / (args.name or (DEFAULT_BUNDLE_NAME if args.default else path.stem.lower()))
         key = inputs_hash(source_sha, variants, context, chunk)
         if not args.force and _cached_hash(out) == key:

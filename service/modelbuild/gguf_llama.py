@@ -138,14 +138,6 @@ def tokenizer_from_gguf(reader) -> tuple[dict, dict]:
     return tok_json, cfg
 
 
-def file_sha256(path: str | Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def dump_tokenizer(tok_json: dict, path: str | Path) -> None:
