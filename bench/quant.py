@@ -40,7 +40,7 @@ from service.runtime.backends import create_session  # noqa: E402
 PAPER = {"cnn_vision_encoder": {"sqnr_db": 45.0, "rms_pct": 0.562},
          "vit_baseline": {"sqnr_db": 28.0, "rms_pct": 3.98}}
 PRECISIONS = ("w8a16", "w4a16", "w8pc-a16", "int4", "int8")
-IMAGES = ROOT.parent / "shared" / "images"
+IMAGES = ROOT / "tests" / "perception" / "data"
 
 
 # ----------------------------------------------------------------------------- safe legacy torch pickle
@@ -240,7 +240,7 @@ def vision_component(work: Path, calib_count: int, size: int) -> tuple[list[dict
 
 # -------------------------------------------------------------------------------------------- language
 _TEXT_CAL = [ROOT / "docs" / "model-bundle.md", ROOT / "README.md"]
-_TEXT_HELD = [ROOT.parent / "shared" / "design.md"]
+_TEXT_HELD = [ROOT / "docs" / "model-bundle.md"]
 
 
 def _token_chunks(tokenizer, files: list[Path], tokens: int, count: int) -> list[list[int]]:

@@ -41,7 +41,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc  # noqa:
 from incar.v1 import (assistant_pb2, assistant_pb2_grpc, cameras_pb2, cameras_pb2_grpc, common_pb2,  # noqa: E402
                       events_pb2, events_pb2_grpc, system_pb2, system_pb2_grpc, vehicle_pb2, vehicle_pb2_grpc)
 
-IMAGES = [ROOT / "tests" / "cameras" / "data", ROOT.parent / "shared" / "images"]
+IMAGES = [ROOT / "tests" / "perception" / "data"]
 CAMERAS = [("front", common_pb2.MOUNT_POSITION_FRONT, common_pb2.CAMERA_ROLE_EXTERIOR),
            ("rear", common_pb2.MOUNT_POSITION_REAR, common_pb2.CAMERA_ROLE_EXTERIOR),
            ("left", common_pb2.MOUNT_POSITION_LEFT, common_pb2.CAMERA_ROLE_EXTERIOR),

@@ -16,7 +16,7 @@ from service.modelbuild.reference_vision import vision_forward
 from service.runtime.bundle import load_bundle
 from service.runtime.generator import LanguageModel
 from service.runtime.vision import VisionEncoder
-from tests.conftest import SHARED_IMAGES
+from tests.conftest import PHOTOS
 
 SEED, CONTEXT, STEPS = 3, 384, 8
 
@@ -31,7 +31,7 @@ def tiny(tmp_path_factory):
 
 
 def _photo(name: str) -> np.ndarray:
-    img = cv2.imread(str(SHARED_IMAGES / name))
+    img = cv2.imread(str(PHOTOS / name))
     assert img is not None, name
     return img
 

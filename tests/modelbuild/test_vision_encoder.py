@@ -12,7 +12,7 @@ from service.modelbuild import qdq, vision
 from service.modelbuild.reference_vision import vision_forward
 from service.runtime.backends import BackendError
 from service.runtime.vision import VisionEncoder
-from tests.conftest import SHARED_IMAGES
+from tests.conftest import PHOTOS
 
 bundle_mod = pytest.importorskip("service.runtime.bundle")
 bundle_writer = pytest.importorskip("service.modelbuild.bundle_writer")
@@ -36,7 +36,7 @@ def tiny_bundle(tmp_path_factory):
 
 
 def _photo() -> np.ndarray:
-    img = cv2.imread(str(SHARED_IMAGES / "dog.jpg"))
+    img = cv2.imread(str(PHOTOS / "dog.jpg"))
     assert img is not None
     return img
 

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
-from tests.conftest import SHARED_IMAGES
+from tests.conftest import PHOTOS
 from tests.runtime.test_assistant import ask, free_port
 
 from incar.v1 import assistant_pb2_grpc, common_pb2
@@ -37,7 +37,7 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dog() -> np.ndarray:
-    img = cv2.imread(str(SHARED_IMAGES / "dog.jpg"))
+    img = cv2.imread(str(PHOTOS / "dog.jpg"))
     assert img is not None
     return img
 
