@@ -5,6 +5,9 @@ import argparse
 import importlib
 import sys
 
+from service import __version__
+from service.telemetry.logging import configure_logging
+
 # Sub-commands whose parsing belongs to their own package: `incar model ...` runs service.modelbuild.cli.main(argv).
 DELEGATED = {
     "model": ("service.modelbuild.cli", "build, inspect and validate model bundles"),
@@ -23,8 +26,15 @@ LOCAL = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {**LOCAL, **DELEGATED}
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"incar {__version__}")
+        return 0
+    # Until a command configures its own logging (serve does), log lines go to stderr: stdout is the command's
+    # output, and `--json` output must stay parseable.
+    configure_logging("warning", "console")
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         parser = argparse.ArgumentParser(prog="incar", description="In-car assistant service")
+        parser.add_argument("--version", "-V", action="store_true", help="print the version and exit")
         sub = parser.add_subparsers(dest="command", metavar="COMMAND")
         for name, (_, help_text) in commands.items():
             sub.add_parser(name, help=help_text)
