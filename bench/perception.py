@@ -19,6 +19,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from service.perception import models  # noqa: E402
+from service.perception.build import build  # noqa: E402
 from service.perception.calibration import HELD_OUT_PHOTOS, draw_sign, load_photo, sign_strips  # noqa: E402
 from service.runtime.backends import create_session  # noqa: E402
 
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=20)
     p.add_argument("--threads", type=int, default=int(os.environ.get("INCAR_THREADS", "0")) or None)
     args = p.parse_args(argv)
-    models.build(args.models, progress=lambda line: None)
+    build(args.models, progress=lambda line: None)
     inputs = model_inputs()
     per_model = {}
     print(f"{'model':16} {'float ms':>9} {'qdq ms':>9} {'qdq/float':>9}")

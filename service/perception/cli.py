@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from service.perception.models import build, model_path, models_dir
+from service.perception.build import build
+from service.perception.models import model_path, models_dir
 
 
 def _check(out: Path, backend: str) -> int:

@@ -15,7 +15,8 @@ from tests.skills.scenes import analysis, background, photo
 
 @pytest.fixture(scope="session")
 def read_signs():
-    from service.perception.models import ensure_built, model_path
+    from service.perception.build import ensure_built
+    from service.perception.models import model_path
     from service.perception.text import TextReader
     ensure_built()
     reader = TextReader(model_path("ocr_det"), model_path("ocr_rec"))

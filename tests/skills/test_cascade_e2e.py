@@ -21,7 +21,8 @@ def perception():
     from service.perception.cascade import Cascade, PerceptionConfig
     from service.perception.faces import FaceDetector
     from service.perception.identity import FaceEmbedder
-    from service.perception.models import ensure_built, model_path
+    from service.perception.build import ensure_built
+    from service.perception.models import model_path
     ensure_built()
     detector, identity = FaceDetector(model_path("face_full"), "full"), FaceEmbedder()
     return Cascade(PerceptionConfig()), lambda bgr: identity.embed_faces(bgr, detector.detect(bgr))

@@ -22,7 +22,8 @@ EMPTY_SEATS = [(vehicle_pb2.SEAT_ID_DRIVER, vehicle_pb2.OCCUPANCY_EMPTY),
 @pytest.fixture(scope="session")
 def face_detector():
     from service.perception.faces import FaceDetector
-    from service.perception.models import ensure_built, model_path
+    from service.perception.build import ensure_built
+    from service.perception.models import model_path
     ensure_built()
     return FaceDetector(model_path("face_full"), "full")
 
