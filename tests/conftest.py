@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PHOTOS = ROOT / "tests" / "perception" / "data"   # every real photo the tests use, with sources in its README
+PHOTOS = ROOT / "deploy" / "sim" / "images"   # the repository's real photos, with sources in its README
 DATA = ROOT / "tests" / "data"
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-IMAGES_DIR = Path(__file__).resolve().parents[2] / "tests" / "perception" / "data"
+# The repository's one photo set (sources in its README); the image build copies it, so no build reads tests/.
+IMAGES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "sim" / "images"
 CALIBRATION_PHOTOS = ("faces1.jpg", "faces2.jpg", "dog.jpg", "horses.jpg")
 HELD_OUT_PHOTOS = ("faces3.jpg", "person.jpg")
 # Sign texts for calibration; the held-out sign is the acceptance one, never seen by the calibrator.

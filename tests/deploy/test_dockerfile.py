@@ -68,3 +68,19 @@ def test_bundle_built_at_image_build_time_not_downloaded():
 def test_dockerignore_keeps_local_state_out_of_the_context():
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", "build", "data"} <= ignored
+
+
+def test_perception_build_photos_reach_the_image():
+    """`incar perception build` runs in the image: the photos it calibrates on are copied in and not ignored."""
+    from service.perception.calibration import CALIBRATION_PHOTOS, HELD_OUT_PHOTOS, IMAGES_DIR
+    folder = IMAGES_DIR.relative_to(ROOT).as_posix()
+    assert not folder.startswith("tests/")
+    copies = [args.split() for word, args in instructions() if word == "COPY" and "--from" not in args]
+    assert any(src.rstrip("/") == folder for *sources, _ in copies for src in sources), f"{folder} is not copied"
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    top = folder.split("/")[0]
+    if top in ignored:   # an ignored parent needs a re-include for the folder (or a parent of it)
+        assert any(line.startswith("!") and folder.startswith(line[1:].rstrip("/")) for line in ignored)
+    for name in CALIBRATION_PHOTOS + HELD_OUT_PHOTOS:
+        assert (IMAGES_DIR / name).is_file()
