@@ -57,6 +57,7 @@ OPTIONAL_SECTIONS: dict[str, str] = {
     "skills": "skills.config:SkillsConfig",
     "power": "service.power.config:PowerConfig",
     "security": "service.security.config:SecurityConfig",
+    "actions": "service.actions.config:ActionsConfig",
 }
 
 

@@ -18,6 +18,9 @@ from grpc_reflection.v1alpha import reflection
 
 from incar.v1 import assistant_pb2_grpc, common_pb2, events_pb2, system_pb2, system_pb2_grpc, vehicle_pb2
 from service import __version__
+from service.actions.escalator import Escalator
+from service.actions.queue import ActionQueue
+from service.actions.servicer import add_to_server as add_actions_service
 from service.cameras.hub import CameraHub
 from service.cameras.servicer import add_to_server as add_cameras_service
 from service.config import Config, ConfigError, load_config
@@ -35,7 +38,7 @@ from service.store.events import EventLog
 from service.telemetry.interceptors import TelemetryInterceptor
 from service.telemetry.logging import configure_logging
 from service.telemetry.metrics import BUILD_INFO, SERVICE_UP, start_metrics_server
-from service.vehicle import VehicleServicer, VehicleStateStore, transitions
+from service.vehicle import VehicleServicer, VehicleStateStore
 
 log = structlog.get_logger(__name__)
 
@@ -98,8 +101,9 @@ class Application:
         self.data_dir = data_dir
         self.db = Database(data_dir / "incar.db")
         self.events = EventLog(self.db)
-        self.vehicle = VehicleStateStore(self.db)
-        self.vehicle.add_listener(self._vehicle_events)
+        self.vehicle = VehicleStateStore(self.db, events=self.events)   # state + its events: one commit
+        self.actions = ActionQueue(self.db, config.actions)
+        self.escalator = Escalator(self.actions, self.events)
         self.cameras = CameraHub(config.cameras)
         self.cameras.on_camera_state(self._camera_events)
         # frames -> perception -> skills; the model words what skills decide and answers the HMI
@@ -114,15 +118,11 @@ class Application:
         self.skills = SkillHost(
             SkillContext(db=self.db, events=self.events, narrator=self.narrator, frames=self.cameras,
                          data_dir=skills_data_dir(config.skills, config.server.data_dir),
-                         latency_observer=self.power.observe_latency),
+                         latency_observer=self.power.observe_latency, actions=self.actions),
             config.skills, face_embedder=self.pipeline.embed_faces, read_signs=self.pipeline.read_signs)
         self.vehicle.sentry_armed = lambda: self.skills.sentinel.armed
         self.assistant = AssistantService(None, frames_for=self._frames_for, config=config.runtime.assistant,
                                           router=self.skills.router)
-
-    def _vehicle_events(self, previous: vehicle_pb2.VehicleState, current: vehicle_pb2.VehicleState) -> None:
-        for kind, message in transitions(previous, current):
-            self.events.append(kind, "system", common_pb2.SEVERITY_INFO, message)
 
     def _frames_for(self, camera_ids):
         frames = []
@@ -178,6 +178,7 @@ class Application:
         await self._became_ready()
         self._tasks += [asyncio.create_task(self.skills.consume(self.pipeline.analyses()), name="analysis"),
                         asyncio.create_task(self.power.run(), name="power"),
+                        asyncio.create_task(self.escalator.run(), name="actions-escalator"),
                         asyncio.create_task(self._load_model(), name="model-load")]
         log.info("serving", listen=cfg.listen, port=self.port, metrics_port=self.metrics_port, version=__version__)
         return self.port
@@ -192,6 +193,7 @@ class Application:
                 SYSTEM,
                 add_cameras_service(self.cameras, server),
                 add_assistant_service(self.assistant, server),
+                add_actions_service(self.actions, server),
                 *self.skills.register(server)]
 
     async def _became_ready(self) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 
-from incar.v1 import (assistant_pb2, assistant_pb2_grpc, cameras_pb2, cameras_pb2_grpc, common_pb2,
+from incar.v1 import (actions_pb2, actions_pb2_grpc, assistant_pb2, assistant_pb2_grpc, cameras_pb2, cameras_pb2_grpc, common_pb2,
                       events_pb2, events_pb2_grpc, vehicle_pb2, vehicle_pb2_grpc)
 from service.clients import DEFAULT_TARGET, check_health, format_event, open_channel
 
@@ -109,6 +109,33 @@ async def drive_vehicle(target: str, stop: asyncio.Event) -> None:
             start += CYCLE_S
 
 
+async def vehicle_gateway(target: str, stop: asyncio.Event) -> None:
+    """Plays the vehicle gateway's half of VehicleActions: performs (logs) each action and acknowledges it."""
+    cursor = 0
+    while not stop.is_set():
+        try:
+            async with open_channel(target) as channel:
+                stub = actions_pb2_grpc.VehicleActionsStub(channel)
+                async for action in stub.Stream(actions_pb2.StreamActionsRequest(after_cursor=cursor)):
+                    cursor = action.cursor
+                    kind = actions_pb2.ActionKind.Name(action.kind).removeprefix("ACTION_KIND_").lower()
+                    where = (f" {vehicle_pb2.DoorId.Name(action.door)}" if action.door else
+                             f" {vehicle_pb2.SeatId.Name(action.seat)}" if action.seat else "")
+                    if action.state == actions_pb2.ACTION_STATE_CANCELLED:
+                        say("gateway", f"lift {kind}{where} ({action.id})")
+                        continue
+                    say("gateway", f"{kind}{where} attempt {action.attempt}: {action.reason}")
+                    await stub.Acknowledge(actions_pb2.AcknowledgeActionRequest(
+                        id=action.id, result=actions_pb2.ACTION_RESULT_DONE, detail="simulated gateway"), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            if stop.is_set():
+                return
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:   # expired while we were away: skip it
+                say("gateway", f"acknowledge refused: {exc.details()}")
+                continue
+            await asyncio.sleep(1.0)
+
+
 async def hmi(target: str, stop: asyncio.Event, ask_every: float) -> None:
     async def print_events():
         cursor, first = 0, True
@@ -170,6 +197,7 @@ async def run_sim(target: str, images: Path, fps: float, duration: float, parts:
             tasks.append(asyncio.create_task(stream_camera(target, camera_id, role, position, paths, fps, stop)))
     if "vehicle" in parts:
         tasks.append(asyncio.create_task(drive_vehicle(target, stop)))
+        tasks.append(asyncio.create_task(vehicle_gateway(target, stop)))
     if "hmi" in parts:
         tasks.append(asyncio.create_task(hmi(target, stop, ask_every)))
     await stop.wait()

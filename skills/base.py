@@ -48,6 +48,18 @@ class EventSink(Protocol):
                camera_id: str = "", attachment_ids: Sequence[str] = ()) -> common_pb2.Event: ...
 
 
+class ActionSink(Protocol):
+    """`service.actions.queue.ActionQueue` satisfies it: the action is committed before it returns, then streamed to
+    the vehicle gateway (docs/actions.md). Kinds: horn, hazard_lights, headlight_flash, door_lock_hold, child_lock,
+    window_vent, climate_on, emergency_call, owner_notification, seat_mirror_profile."""
+
+    def request(self, kind: str, *, reason: str, cause_event: common_pb2.Event | int | None = None,
+                priority: str | None = None, expiry_s: float | None = None, target: str | None = None,
+                parameters: dict | None = None, key: str = "", requested_by: str = "") -> Any: ...
+
+    def cancel(self, action_id: str, reason: str = "") -> Any: ...
+
+
 class FrameSource(Protocol):
     """The camera ring buffers (`service.cameras.hub.CameraHub` satisfies it). Frames carry `camera_id`,
     `capture_time` (epoch s) and `original` (BGR as received)."""
@@ -203,6 +215,8 @@ class SkillContext:
     frames: FrameSource | None = None
     # Told every measured latency (skill, seconds): the power governor's latency guard listens here.
     latency_observer: Callable[[str, float], object] | None = None
+    # Vehicle actions out (horn, door-lock hold, owner notification, ...); None where nothing can act (tests).
+    actions: ActionSink | None = None
 
 
 class Skill(ABC):
@@ -259,6 +273,14 @@ class Skill(ABC):
                                        camera_id=camera_id, attachment_ids=attachment_ids)
         log.info("skill.event", skill=self.name, kind=event.kind, cursor=event.cursor, camera_id=camera_id or None)
         return event
+
+    def act(self, kind: str, *, reason: str, **options):
+        """Ask the car to do something (`ActionSink.request`, with this skill as the requester); returns the
+        committed action, or None when this context has no action queue (logged: the event still tells the HMI)."""
+        if self.ctx.actions is None:
+            log.warning("skill.no_action_queue", skill=self.name, kind=kind, reason=reason)
+            return None
+        return self.ctx.actions.request(kind, reason=reason, requested_by=self.name, **options)
 
     @contextmanager
     def measure(self, budget_s: float | None = None):

@@ -6,6 +6,7 @@ wrapper around the real handler, where `context.auth_context()` is available (as
 """
 from __future__ import annotations
 
+import contextvars
 import fnmatch
 import functools
 import hashlib
@@ -44,7 +45,7 @@ ROLE_METHODS: dict[str, tuple[str, ...]] = {
         "/incar.v1.Cameras/GetCameraStatus",
     ),
     "camera": ("/incar.v1.Cameras/StreamFrames",),
-    "vehicle": ("/incar.v1.Vehicle/UpdateState", "/incar.v1.Vehicle/GetState"),
+    "vehicle": ("/incar.v1.Vehicle/UpdateState", "/incar.v1.Vehicle/GetState", "/incar.v1.VehicleActions/*"),
     "admin": ("*",),
 }
 
@@ -54,6 +55,16 @@ class Identity:
     name: str      # SAN URI, CN, or the token's configured identity
     role: str
     via: str       # "certificate", "token", "loopback"
+
+
+# The caller of the RPC being served (set by the check; a handler runs in the same task): tools that change
+# the car's state ask it for the caller's role.
+CALLER: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("incar_caller", default=None)
+
+
+def caller_role(default: str = "") -> str:
+    identity = CALLER.get()
+    return identity.role if identity is not None else default
 
 
 def allowed(role: str, method: str) -> bool:
@@ -140,6 +151,7 @@ class Authenticator:
             log.warning("auth.permission_denied", method=method, identity=identity.name, role=identity.role)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"{method}: role {identity.role!r} ({identity.name}) may not call this method")
+        CALLER.set(identity)
         return identity
 
 
