@@ -18,6 +18,7 @@ import structlog
 
 from incar.v1 import common_pb2, skills_pb2, vehicle_pb2
 from service.perception.types import FrameAnalysis, TextLine
+from service.runtime.scheduler import JobClass
 from skills.base import (NotFoundError, PreconditionError, SignReader, Skill, SkillContext, is_moving,
                          is_parked_off, narrate)
 from skills.config import CarFinderConfig
@@ -190,7 +191,7 @@ class CarFinder(Skill):
             elif not record.level and not record.bay:
                 draft += f"; GPS {record.gps.latitude_deg:.5f}, {record.gps.longitude_deg:.5f}"
             draft += f", since {_local_time(record.time.ToSeconds())}."
-            answer = await narrate(self.ctx.narrator, priority="car_finder", max_tokens=64, draft=draft,
+            answer = await narrate(self.ctx.narrator, priority=JobClass.LOOKUP, max_tokens=64, draft=draft,
                                    task=f"The driver asks: {question.strip() or 'Where is my car?'}")
             answer = ensure_facts(answer, record)
         return answer, record

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from incar.v1 import common_pb2, skills_pb2
 from service.cameras.frames import FrameError, decode_checked
 from service.perception.types import FrameAnalysis
+from service.runtime.scheduler import JobClass
 from skills.base import (FaceEmbedder, InvalidRequestError, NotFoundError, PreconditionError, Skill,
                          SkillContext, area, is_moving, narrate)
 from skills.config import GreeterConfig
@@ -222,7 +223,7 @@ class Greeter(Skill):
 
     async def _say_welcome(self, profile_id: str, name: str, method: str, camera_id: str, extra: dict) -> None:
         words = await narrate(self.ctx.narrator, task="You are the car, greeting its driver who walks up.",
-                              draft=f"Welcome back, {name}!", priority="greeter", must_keep=(name,), max_tokens=32)
+                              draft=f"Welcome back, {name}!", priority=JobClass.INTERACTIVE, must_keep=(name,), max_tokens=32)
         self.emit("greeting", common_pb2.SEVERITY_INFO, words,
                   {"profile_id": profile_id, "method": method, **extra}, camera_id=camera_id)
         row = self.ctx.db.connect().execute("SELECT preferences_json FROM greeter_profiles WHERE profile_id=?",

@@ -23,6 +23,7 @@ import structlog
 
 from incar.v1 import common_pb2, skills_pb2, vehicle_pb2
 from service.perception.types import FrameAnalysis
+from service.runtime.scheduler import JobClass
 from skills.base import (PreconditionError, NotFoundError, Skill, SkillContext, area, centre, inside, is_moving,
                          narrate, overlap, to_pixels)
 from skills.config import SentinelConfig
@@ -263,7 +264,7 @@ class Sentinel(Skill):
         clip = await asyncio.to_thread(self._write_clip, clip_id, snapshot_id, images, snapshot)
         description = await narrate(
             self.ctx.narrator, task="You watch a parked car and tell its owner what the camera saw.",
-            draft=f"Sentinel {name} on the {analysis.position} camera: {why}.", priority="sentinel",
+            draft=f"Sentinel {name} on the {analysis.position} camera: {why}.", priority=JobClass.ALERT,
             images=(snapshot,))
         with self.ctx.db.transaction() as tx:
             tx.execute("INSERT INTO sentinel_clips(clip_id, camera_id, level, start_time, event_time, frame_count,"

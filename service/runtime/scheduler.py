@@ -14,6 +14,10 @@ Strict priority across step gaps: between two steps of the same request its coro
 loop (detokenizing, sending), so the heap momentarily holds only lower-priority steps. The executor waits up to
 `handoff_grace_s` for a started higher-priority ticket to submit its next step before it runs lower-priority
 work; without that, safety and chat would alternate step by step instead of safety finishing first.
+
+Priorities are *job classes*, not callers: the runtime knows what kind of work a request is (`JobClass`), and
+each caller (a skill, the Assistant, the perception cascade) says which class its request belongs to. The
+runtime never needs to know which skills exist.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, TypeVar
 
 import structlog
@@ -32,8 +37,25 @@ from service.runtime import metrics
 
 log = structlog.get_logger(__name__)
 
-PRIORITIES: tuple[str, ...] = ("safety", "sentinel", "greeter", "car_finder", "chat")
+class JobClass(StrEnum):
+    """What a request is for, highest priority first. A caller passes its class; the scheduler ranks by it."""
+    CRITICAL = "critical"        # someone may be in danger now (a child left behind, the safe-exit warning)
+    ALERT = "alert"              # a security event judged while it happens (an intrusion at the parked car)
+    INTERACTIVE = "interactive"  # a person at the car waits for a short reply (a greeting on approach)
+    LOOKUP = "lookup"            # a person asked for something the car knows (where it is parked)
+    CHAT = "chat"                # open questions and conversation; best effort
+
+
+PRIORITIES: tuple[str, ...] = tuple(c.value for c in JobClass)   # the order is the rank
 RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
+
+
+def job_class(value: "JobClass | str") -> JobClass:
+    """A job class from its name; ValueError naming the known classes otherwise."""
+    try:
+        return JobClass(value)
+    except ValueError:
+        raise ValueError(f"unknown job class {value!r}; expected one of {', '.join(PRIORITIES)}") from None
 
 T = TypeVar("T")
 
@@ -55,7 +77,7 @@ class SchedulerClosedError(RuntimeError):
 class SchedulerConfig:
     # Waiting (not yet running) requests allowed per priority before RESOURCE_EXHAUSTED.
     queue_limits: dict[str, int] = field(default_factory=lambda: {
-        "safety": 16, "sentinel": 16, "greeter": 16, "car_finder": 16, "chat": 8})
+        "critical": 16, "alert": 16, "interactive": 16, "lookup": 16, "chat": 8})
     # Requests of one priority that may be in progress at once (each interleaves its steps).
     max_running: int = 1
     # How long the executor holds lower-priority steps back for a started higher-priority request
@@ -65,7 +87,7 @@ class SchedulerConfig:
     def validate(self) -> None:
         unknown = set(self.queue_limits) - set(PRIORITIES)
         if unknown:
-            raise ValueError(f"queue_limits: unknown priorities {sorted(unknown)}; expected {list(PRIORITIES)}")
+            raise ValueError(f"queue_limits: unknown job classes {sorted(unknown)}; expected {list(PRIORITIES)}")
         for name in PRIORITIES:
             if self.queue_limits.get(name, 0) < 0:
                 raise ValueError(f"queue_limits.{name}: must be >= 0, got {self.queue_limits[name]}")
@@ -78,9 +100,9 @@ class SchedulerConfig:
 class Ticket:
     """One request's place in the scheduler. Use `await ticket.step(fn, *args)` for each unit of model work."""
 
-    def __init__(self, scheduler: "NpuScheduler", priority: str, request_id: str):
+    def __init__(self, scheduler: "NpuScheduler", priority: JobClass, request_id: str):
         self._scheduler = scheduler
-        self.priority = priority
+        self.priority = priority   # the request's job class
         self.rank = RANK[priority]
         self.request_id = request_id
         self.admitted_at = time.monotonic()
@@ -141,10 +163,10 @@ class NpuScheduler:
     def running(self, priority: str) -> int:
         return self._running[priority]
 
-    def admit(self, priority: str, request_id: str = "") -> "_Admission":
-        """`async with scheduler.admit("chat") as ticket:`; raises QueueFullError when that queue is full."""
-        if priority not in RANK:
-            raise ValueError(f"unknown priority {priority!r}; expected one of {', '.join(PRIORITIES)}")
+    def admit(self, priority: JobClass | str, request_id: str = "") -> "_Admission":
+        """`async with scheduler.admit(JobClass.CHAT) as ticket:`; raises QueueFullError when that class's queue
+        is full, ValueError for an unknown class."""
+        priority = job_class(priority)
         if self._closed:
             raise SchedulerClosedError("the scheduler is closed")
         limit = self.config.queue_limits.get(priority, 0)

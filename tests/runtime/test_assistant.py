@@ -15,7 +15,7 @@ from tests.runtime.serving_support import language_model
 from incar.v1 import assistant_pb2, assistant_pb2_grpc, common_pb2
 from service.runtime.assistant import AssistantService
 from service.runtime.engine import GenerationEngine, GenerationRequest, TextDelta
-from service.runtime.scheduler import NpuScheduler, SchedulerConfig
+from service.runtime.scheduler import JobClass, NpuScheduler, SchedulerConfig
 
 CAMERA_FRAMES = {"cabin": np.full((32, 48, 3), 90, np.uint8)}
 
@@ -162,7 +162,7 @@ async def test_safety_request_overtakes_a_long_chat_answer():
         loop = asyncio.get_running_loop()
         safety_start = loop.time()
         answer = await h.engine.complete("A child is alone in the back seat. Say one short warning.",
-                                         priority="safety", max_tokens=16)
+                                         priority=JobClass.CRITICAL, max_tokens=16)
         safety_end = loop.time()
         chat_end = await chat
     assert answer.strip()

@@ -14,7 +14,7 @@ from tests.runtime.serving_support import language_model
 
 from service.runtime.engine import (Done, GenerationEngine, GenerationRequest, IncrementalDetokenizer,
                                     InvalidRequestError, StopStringFilter, TextDelta, default_describe_images)
-from service.runtime.scheduler import NpuScheduler
+from service.runtime.scheduler import JobClass, NpuScheduler
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ async def test_json_schema_output_parses_and_validates(engine):
         "kind": {"enum": ["capital", "town"]}},
         "required": ["city", "population_millions", "kind"], "additionalProperties": False}
     text = await engine.complete("Which city is the capital of France?", json_schema=json.dumps(schema),
-                                 max_tokens=48, priority="car_finder")
+                                 max_tokens=48, priority=JobClass.LOOKUP)
     value = json.loads(text)
     assert set(value) == {"city", "population_millions", "kind"}
     assert isinstance(value["city"], str) and len(value["city"]) <= 40

@@ -7,6 +7,7 @@ import grpc
 import pytest
 
 from incar.v1 import skills_pb2, vehicle_pb2
+from service.runtime.scheduler import JobClass
 from skills.car_finder import ensure_facts, parse_signs
 from skills.router import route
 from tests.skills.conftest import vehicle
@@ -36,7 +37,7 @@ class ForgetfulNarrator:
     """A model whose wording drops the facts: the answer must still carry them."""
 
     async def complete(self, prompt, *, priority, **kwargs):
-        assert priority == "car_finder" and "level P2" in prompt and "bay 17" in prompt
+        assert priority == JobClass.LOOKUP and "level P2" in prompt and "bay 17" in prompt
         return "Your car is waiting for you in the garage."
 
 
