@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -23,9 +23,18 @@ log = structlog.get_logger(__name__)
 
 # The cascade's order, cheapest first: depth N runs the first N enabled stages.
 STAGES = ("motion", "faces", "objects", "identity", "text")
-# Cabin: who is there (Greeter) and what was left behind (Sentinel: phones, bags); exterior: what approaches
-# (Safety: tracks, looming) and where we parked (Car Finder: signs).
-DEFAULT_STAGES = {"cabin": ("motion", "faces", "objects", "identity"), "exterior": ("motion", "objects", "text")}
+# Stages that ride with a base stage (run only when it may, and not counted in the depth): the age estimate
+# of each face, and body pose with the person detector.
+EXTRA_STAGES = {"age": "faces", "pose": "objects"}
+ALL_STAGES = (*STAGES, *EXTRA_STAGES)
+# The slow stages: a frame in the safety lane skips them (a safe-exit or child-presence decision must not wait
+# behind dlib or OCR; nobody needs greeting in a locked car, and Car Finder reads signs itself).
+SLOW_STAGES = ("identity", "text")
+# Cabin: who is there (Greeter), who is left (Safety: faces, ages, bodies) and what was left behind (phones,
+# bags); exterior: what approaches (Safety: tracks, time to collision) and where we parked (Car Finder: signs).
+# On exterior cameras pose runs only on frames with a person detected (Sentinel: crouching, reaching).
+DEFAULT_STAGES = {"cabin": ("motion", "faces", "age", "objects", "pose", "identity"),
+                  "exterior": ("motion", "objects", "text")}
 
 STAGE_SECONDS = Histogram("incar_perception_stage_seconds", "Time per perception stage per frame", ["stage"],
                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
@@ -52,11 +61,12 @@ class CameraCascadeConfig:
 
     def validate(self) -> None:
         if self.stages is not None:
-            unknown = [s for s in self.stages if s not in STAGES]
+            unknown = [s for s in self.stages if s not in ALL_STAGES]
             if unknown:
-                raise ValueError(f"stages: unknown {unknown}; expected some of {list(STAGES)}")
-            if "identity" in self.stages and "faces" not in self.stages:
-                raise ValueError("stages: 'identity' needs 'faces'")
+                raise ValueError(f"stages: unknown {unknown}; expected some of {list(ALL_STAGES)}")
+            for needs, base in (("identity", "faces"), ("age", "faces"), ("pose", "objects")):
+                if needs in self.stages and base not in self.stages:
+                    raise ValueError(f"stages: '{needs}' needs '{base}'")
         if not 0 <= self.motion_threshold < 1:
             raise ValueError(f"motion_threshold: must be in [0, 1), got {self.motion_threshold}")
         if self.identity_refresh_seconds < 0:
@@ -153,15 +163,17 @@ class Cascade:
 
     def stages_for(self, camera_id: str, role: str) -> tuple[str, ...]:
         state = self._camera(camera_id)
-        wanted = state.stages if state.stages is not None else DEFAULT_STAGES.get(role, ("motion",))
+        configured = state.stages if state.stages is not None else DEFAULT_STAGES.get(role, ("motion",))
+        wanted = tuple(s for s in STAGES if s in configured)
         if state.depth_limit is not None:
-            wanted = tuple(s for s in STAGES if s in wanted)[: state.depth_limit]
+            wanted = wanted[: state.depth_limit]
         allowed = STAGES[: self._depth]
-        return tuple(s for s in STAGES if s in wanted and s in allowed)
+        base = tuple(s for s in wanted if s in allowed)
+        return base + tuple(s for s, rides_with in EXTRA_STAGES.items() if s in configured and rides_with in base)
 
     # --- models (opened on first use, shared by all cameras) -------------------------------------------------
     def model(self, name: str):
-        """A loaded perception model ("faces", "objects", "identity", "text"), opened on first use and shared
+        """A loaded perception model ("faces", "objects", "identity", "text", "pose", "age"), opened on first use and shared
         with single-image callers (enrolment, sign reading, image descriptions)."""
         with self._model_lock:
             if name not in self._models:
@@ -182,6 +194,12 @@ class Cascade:
         if name == "identity":
             from service.perception.identity import FaceEmbedder
             return FaceEmbedder()
+        if name == "pose":
+            from service.perception.pose import PoseEstimator
+            return PoseEstimator(model_path("pose", variant, base), cfg.backend, **kw)
+        if name == "age":
+            from service.perception.age import AgeEstimator
+            return AgeEstimator(model_path("age", variant, base), cfg.backend, **kw)
         if name == "text":
             from service.perception.text import TextReader
             return TextReader(model_path("ocr_det", variant, base), model_path("ocr_rec", variant, base), cfg.backend,
@@ -198,54 +216,55 @@ class Cascade:
             return state
 
     # --- the cascade ------------------------------------------------------------------------------------------
-    def analyze(self, bgr: np.ndarray, meta: CameraMeta) -> FrameAnalysis:
+    def analyze(self, bgr: np.ndarray, meta: CameraMeta, skip: tuple[str, ...] = ()) -> FrameAnalysis:
+        """Run this camera's stages on one frame (`skip`: stages to leave out this time, e.g. SLOW_STAGES for a
+        frame in the safety lane)."""
         if not isinstance(bgr, np.ndarray) or bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
             raise ValueError(f"cascade: expected a uint8 BGR frame HxWx3, got "
                              f"{getattr(bgr, 'dtype', type(bgr))} {getattr(bgr, 'shape', '')}")
         state = self._camera(meta.camera_id)
-        stages = self.stages_for(meta.camera_id, meta.role)
-        result = FrameAnalysis(camera_id=meta.camera_id, role=meta.role, position=meta.position,
-                               timestamp=float(meta.capture_time), frame=bgr)
+        stages = tuple(s for s in self.stages_for(meta.camera_id, meta.role) if s not in skip)
+        fields: dict = {}
         ran: list[str] = []
+
+        def timed(stage: str, run):
+            t0 = time.perf_counter()
+            out = run()
+            STAGE_SECONDS.labels(stage).observe(time.perf_counter() - t0)
+            ran.append(stage)
+            return out
+
         with state.lock:
             detectors_allowed = True
             if "motion" in stages:
-                t0 = time.perf_counter()
-                motion = state.motion.update(bgr)
-                STAGE_SECONDS.labels("motion").observe(time.perf_counter() - t0)
-                result = replace(result, motion=motion)
-                ran.append("motion")
+                fields["motion"] = motion = timed("motion", lambda: state.motion.update(bgr))
                 stale = meta.capture_time - state.last_detectors_run >= state.config.idle_refresh_seconds
                 detectors_allowed = motion.fraction >= state.config.motion_threshold or stale
             detector_stages = [s for s in stages if s != "motion"]
             FRAMES.labels(meta.camera_id, str(not detectors_allowed and bool(detector_stages)).lower()).inc()
             if detectors_allowed and detector_stages:
                 state.last_detectors_run = meta.capture_time
-                if "faces" in detector_stages:
-                    t0 = time.perf_counter()
-                    faces = self.model("faces").detect(bgr)
-                    STAGE_SECONDS.labels("faces").observe(time.perf_counter() - t0)
-                    ran.append("faces")
-                    identity_due = (len(faces) != state.last_face_count or meta.capture_time
-                                    - state.last_identity_run >= state.config.identity_refresh_seconds)
-                    state.last_face_count = len(faces)
-                    if "identity" in detector_stages and faces and identity_due:
-                        state.last_identity_run = meta.capture_time
-                        t0 = time.perf_counter()
-                        faces = self.model("identity").embed_faces(bgr, faces)
-                        STAGE_SECONDS.labels("identity").observe(time.perf_counter() - t0)
-                        ran.append("identity")
-                    result = replace(result, faces=tuple(faces))
-                if "objects" in detector_stages:
-                    t0 = time.perf_counter()
-                    detections = state.tracker.update(self.model("objects").detect(bgr), meta.capture_time)
-                    STAGE_SECONDS.labels("objects").observe(time.perf_counter() - t0)
-                    ran.append("objects")
-                    result = replace(result, detections=tuple(detections))
-                if "text" in detector_stages:
-                    t0 = time.perf_counter()
-                    texts = self.model("text").read(bgr)
-                    STAGE_SECONDS.labels("text").observe(time.perf_counter() - t0)
-                    ran.append("text")
-                    result = replace(result, texts=tuple(texts))
-        return replace(result, stages_run=tuple(ran))
+                if "faces" in stages:
+                    fields["faces"] = self._faces(bgr, meta, state, stages, timed)
+                if "objects" in stages:
+                    found = timed("objects", lambda: self.model("objects").detect(bgr))
+                    fields["detections"] = detections = tuple(state.tracker.update(found, meta.capture_time))
+                    # Outside, bodies matter only when the detector saw a person (cheap gate for a 25 ms stage).
+                    if "pose" in stages and (meta.role == "cabin" or any(d.label == "person" for d in detections)):
+                        fields["poses"] = tuple(timed("pose", lambda: self.model("pose").estimate(bgr)))
+                if "text" in stages:
+                    fields["texts"] = tuple(timed("text", lambda: self.model("text").read(bgr)))
+        return FrameAnalysis(camera_id=meta.camera_id, role=meta.role, position=meta.position,
+                             timestamp=float(meta.capture_time), frame=bgr, stages_run=tuple(ran), **fields)
+
+    def _faces(self, bgr, meta, state: _CameraState, stages, timed) -> tuple:
+        faces = timed("faces", lambda: self.model("faces").detect(bgr))
+        identity_due = (len(faces) != state.last_face_count
+                        or meta.capture_time - state.last_identity_run >= state.config.identity_refresh_seconds)
+        state.last_face_count = len(faces)
+        if faces and "age" in stages:
+            faces = timed("age", lambda: self.model("age").annotate(bgr, faces))
+        if "identity" in stages and faces and identity_due:
+            state.last_identity_run = meta.capture_time
+            faces = timed("identity", lambda: self.model("identity").embed_faces(bgr, faces))
+        return tuple(faces)

@@ -24,11 +24,20 @@ class Face:
     score: float
     landmarks: tuple[tuple[float, float], ...] = ()
     embedding: np.ndarray | None = None   # identity template, when the identity stage ran
+    age: float | None = None              # estimated years, when the age stage ran (service.perception.age)
 
 
 @dataclass(frozen=True)
 class TextLine:
     text: str
+    score: float
+    box: Box
+
+
+@dataclass(frozen=True)
+class Pose:
+    """One body from the pose stage (MoveNet multi-pose, service.perception.pose): 17 COCO keypoints."""
+    keypoints: tuple[tuple[float, float, float], ...]   # (x, y, score) in pixels, COCO order (nose first)
     score: float
     box: Box
 
@@ -51,4 +60,5 @@ class FrameAnalysis:
     detections: tuple[Detection, ...] = ()
     faces: tuple[Face, ...] = ()
     texts: tuple[TextLine, ...] = ()
+    poses: tuple[Pose, ...] = ()
     stages_run: tuple[str, ...] = ()   # which cascade stages ran on this frame (the governor may skip some)

@@ -27,8 +27,9 @@ def cascade(models_dir):
 def test_cabin_camera_runs_motion_faces_identity_and_motion_gates_repeats(cascade):
     img = cv2.resize(load_image("faces1.jpg"), (768, 512))
     first = cascade.analyze(img, Meta("cabin", "cabin", "cabin_front", 100.0))
-    assert first.stages_run == ("motion", "faces", "identity", "objects")
-    assert sum(d.label == "person" for d in first.detections) >= 2
+    assert first.stages_run == ("motion", "faces", "age", "identity", "objects", "pose")
+    assert sum(d.label == "person" for d in first.detections) >= 2 and len(first.poses) == 3
+    assert all(f.age is not None and f.age >= 18 for f in first.faces)   # three adults
     assert len(first.faces) == 3 and all(f.embedding is not None and f.embedding.shape == (128,) for f in first.faces)
     assert first.camera_id == "cabin" and first.timestamp == 100.0 and first.frame is img
     for i in range(5):   # MOG2 needs a few frames before its variance settles
@@ -45,7 +46,7 @@ def test_cabin_camera_runs_motion_faces_identity_and_motion_gates_repeats(cascad
     assert sum(gallery.match(f.embedding)[0] == "driver" for f in refresh.faces) == 1
     cv2.rectangle(moved, (560, 300), (767, 379), (255, 0, 0), -1)   # more movement, same people
     soon = cascade.analyze(moved, Meta("cabin", "cabin", "cabin_front", 106.1))
-    assert soon.stages_run == ("motion", "faces", "objects")   # same three faces 0.1 s later: identity not re-run yet
+    assert soon.stages_run == ("motion", "faces", "age", "objects", "pose")   # same three faces 0.1 s later: identity not re-run yet
 
 
 def test_exterior_camera_reads_a_sign_and_the_governor_lowers_depth(cascade):

@@ -27,6 +27,9 @@ def convert_float(spec: ModelSpec, dst: Path) -> None:
                     tflite2onnx.convert(str(src), str(staged))
             finally:
                 logging.disable(logging.NOTSET)
+        elif spec.kind == "tfjs" and spec.outputs:
+            from service.perception.build.tfjs.fused import convert_fused
+            convert_fused(src, staged, input_shape=spec.input_shape, outputs=dict(spec.outputs))
         elif spec.kind == "tfjs":
             from service.perception.build.tfjs import convert
             convert(src, staged)

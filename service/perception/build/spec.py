@@ -62,6 +62,9 @@ class ModelSpec:
     kind: str                      # "tflite" | "onnx" | "tfjs"
     input_shape: tuple[int, ...]   # the static shape the build fixes (QNN compiles static graphs)
     calibration: Callable[[], list[np.ndarray]]  # input tensors from real photos, for the W8A16 QDQ variant
+    # TF.js only: cut the graph at these tensors, (ONNX output name, TF tensor) pairs, converting only what they
+    # need (tfjs/fused.py); the model's own post-processing then runs at run time. Empty: the whole graph.
+    outputs: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -5,10 +5,10 @@ shape, calibration inputs from real photos) and add the module to `_FAMILIES` be
 """
 from __future__ import annotations
 
-from service.perception.build.catalog import blazeface, nanodet, ppocr
+from service.perception.build.catalog import blazeface, face_checks, movenet, nanodet, ppocr, ssrnet_age
 from service.perception.build.spec import ModelSpec
 
-_FAMILIES = (blazeface, nanodet, ppocr)
+_FAMILIES = (blazeface, nanodet, ppocr, movenet, ssrnet_age, face_checks)
 
 
 def _collect() -> dict[str, ModelSpec]:
