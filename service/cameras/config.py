@@ -44,6 +44,7 @@ class CamerasConfig:
     decode_threads: int = 2
     ring_seconds: float = 10.0                # history kept per camera for pre-event clips
     ring_max_bytes: int = 256 * 1024 * 1024   # per camera (originals + resized), whichever limit hits first
+    record_seconds: float = 25.0              # exterior frames kept encoded, at the camera's rate, for event clips
     watchdog_timeout_seconds: float = 3.0     # no frame for this long: the camera is down
     reconnect_initial_seconds: float = 0.5    # pulled sources: first retry delay, doubled up to the max
     reconnect_max_seconds: float = 30.0
@@ -66,6 +67,8 @@ class CamerasConfig:
             raise ValueError("ring_seconds: must be >= 0")
         if self.ring_max_bytes < 0:
             raise ValueError("ring_max_bytes: must be >= 0")
+        if self.record_seconds < 0:
+            raise ValueError("record_seconds: must be >= 0")
         if self.watchdog_timeout_seconds <= 0:
             raise ValueError("watchdog_timeout_seconds: must be > 0")
         if not 0 < self.reconnect_initial_seconds <= self.reconnect_max_seconds:

@@ -31,6 +31,7 @@ from incar.v1 import cameras_pb2, common_pb2
 from service.cameras.config import CAMERA_ID, CamerasConfig
 from service.cameras.frames import FrameError, ImageSpec, check_image, decode_and_resize, resize_for_model
 from service.cameras.ring import CameraFrame, FrameRing
+from service.cameras.recorder import FrameRecorder, RecordedFrame
 
 log = structlog.get_logger(__name__)
 
@@ -151,6 +152,7 @@ class CameraHub:
         self._watchdog: asyncio.Task | None = None
         self._sources: list = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.recorder = FrameRecorder(self.config.record_seconds, self.config.ring_max_bytes)
         for declared in self.config.cameras:
             self._add_camera(declared.id, declared.role, declared.position,
                              declared.source if declared.pulled else "grpc", pulled=declared.pulled)
@@ -278,6 +280,8 @@ class CameraHub:
                                  f"{camera.last_admitted_capture:.6f}")
         camera.last_admitted_capture = capture_time
         self._alive(camera)
+        if camera.role == "exterior":   # event clips at the camera's own rate, whatever analysis may take
+            self.recorder.add(RecordedFrame(camera.id, camera.position, capture_time, spec, data, decoded))
         rate = self._rates.get(camera.id)
         if rate is not None and (rate <= 0 or capture_time - camera.last_rate_capture < 1.0 / rate):
             return self._dropped(camera, sequence, cameras_pb2.DROP_REASON_RATE_LIMITED,
@@ -411,6 +415,10 @@ class CameraHub:
         if newest is None:
             return []
         return camera.ring.since(newest.capture_time - seconds)
+
+    def recording(self, camera_id: str, since: float, until: float = math.inf) -> list[RecordedFrame]:
+        """Every admitted frame of an exterior camera in [since, until], still encoded (see recorder.py)."""
+        return self.recorder.frames(camera_id, since, until)
 
     async def frames(self) -> AsyncIterator[CameraFrame]:
         """New decoded frames from every camera; a slow consumer gets the newest frame per camera."""
