@@ -16,12 +16,17 @@ class BundleError(RuntimeError):
     """The bundle cannot be used; the message names the mismatch."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def hash_file(path: str | Path, h=None):
+    """Feed a file into `h` (a new sha256 when None) in 1 MiB blocks; returns `h`."""
+    h = h if h is not None else hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()
+    return h
+
+
+def sha256_file(path: str | Path) -> str:
+    return hash_file(path).hexdigest()
 
 
 class Bundle:
@@ -76,7 +81,7 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
     bundle = Bundle(path, manifest)
     if verify_hashes:
         for rel, expected in manifest["files"].items():
-            actual = _sha256(bundle.file(rel))
+            actual = sha256_file(bundle.file(rel))
             if actual != expected:
                 raise BundleError(f"{path}: {rel} sha256 {actual[:12]}... does not match the manifest's {expected[:12]}...")
     log.info("bundle_loaded", path=str(path), name=bundle.name, version=version)

@@ -16,6 +16,7 @@ import structlog
 
 from .backends import create_session
 from .bundle import Bundle, BundleError
+from .qnn_context import context_binary
 from .tokenizer import Tokenizer
 
 MASK_VALUE = np.float32(-1.0e4)
@@ -56,7 +57,7 @@ def _pick_variant(bundle: Bundle, backend: str, variant: str | None) -> str:
 
 class LanguageModel:
     def __init__(self, bundle: Bundle, backend: str = "cpu", variant: str | None = None, threads: int | None = None,
-                 disable_cpu_fallback: bool | None = None):
+                 disable_cpu_fallback: bool | None = None, target: str | None = None):
         # On the NPU a graph runs wholly on the HTP or not at all: a silent CPU fallback would break the power and
         # latency budgets, so it is off unless asked for.
         if disable_cpu_fallback is None:
@@ -75,10 +76,13 @@ class LanguageModel:
         self.image_token_id = tok_cfg.get("image_token_id")
         self.variant = _pick_variant(bundle, backend, variant)
         self._graphs = {}
+        self.model_files: dict[str, str] = {}   # component -> the file its session loaded
         for component in ("decoder_prefill", "decoder_decode"):
             entry = bundle.variant(component, self.variant)
-            session = create_session(bundle.file(entry["file"]), backend, threads=threads,
-                                     disable_cpu_fallback=disable_cpu_fallback)
+            path = context_binary(bundle, entry, backend, target) or bundle.file(entry["file"])
+            self.model_files[component] = str(path)
+            session = create_session(path, backend, threads=threads, disable_cpu_fallback=disable_cpu_fallback,
+                                     target=target, model_name=entry["file"].rsplit("/", 1)[-1].removesuffix(".onnx"))
             tokens = int(bundle.manifest["components"][component]["tokens"])
             self._graphs[component] = _Graph(session, entry, tokens, entry.get("state_update", "append"))
         self.prefill_chunk = self._graphs["decoder_prefill"].tokens

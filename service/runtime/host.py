@@ -13,6 +13,7 @@ from pathlib import Path
 
 import structlog
 
+from service.runtime import qnn_context
 from service.runtime.backends import QNN_BACKENDS, BackendError, set_performance_mode
 from service.runtime.bundle import BundleError, load_bundle
 from service.runtime.engine import DescribeImages, GenerationEngine
@@ -43,12 +44,13 @@ class ModelHost:
 
     def _open(self, backend: str) -> GenerationEngine:
         bundle = load_bundle(Path(self.config.bundle))
+        target = qnn_context.current().target   # the context binaries this machine's SoC runs
         model = LanguageModel(bundle, backend=backend, variant=self.config.variant or None,
-                              threads=self.config.threads or None)
+                              threads=self.config.threads or None, target=target)
         vision = None
         if "vision" in bundle.manifest.get("components", {}):
             from service.runtime.vision import VisionEncoder
-            vision = VisionEncoder(bundle, backend=backend, threads=self.config.threads or None)
+            vision = VisionEncoder(bundle, backend=backend, threads=self.config.threads or None, target=target)
         self.model = model
         return GenerationEngine(model, vision, self.scheduler, config=self.config.engine,
                                 describe_images=self.describe_images)

@@ -10,6 +10,7 @@ import numpy as np
 import structlog
 
 from service.runtime.backends import QNN_BACKENDS, BackendError, create_session
+from service.runtime.qnn_context import context_binary
 
 log = structlog.get_logger(__name__)
 
@@ -18,7 +19,7 @@ _PREFERENCE = {"cpu": ("float", "int8", "w8a16"), "qnn": ("w8a16", "w8pc-a16", "
 
 
 class VisionEncoder:
-    def __init__(self, bundle, backend: str = "cpu", variant: str | None = None, *, target: str = "emulator",
+    def __init__(self, bundle, backend: str = "cpu", variant: str | None = None, *, target: str | None = None,
                  performance_mode: str | None = None, threads: int | None = None):
         if isinstance(bundle, (str, Path)):
             from service.runtime.bundle import load_bundle
@@ -38,12 +39,7 @@ class VisionEncoder:
         self.backend = backend
         path = bundle.file(spec["file"])
         if backend in QNN_BACKENDS:
-            ctx = spec.get("context_binaries", {}).get(target)
-            if ctx:
-                try:
-                    path = bundle.file(ctx)   # a shipped context binary: no compile on the device
-                except Exception as exc:      # a bundle without it still works: compile once and cache
-                    log.warning("vision.context_binary_missing", target=target, file=ctx, reason=str(exc))
+            path = context_binary(bundle, spec, backend, target) or path   # shipped: no compile on the device
             self.session = create_session(path, backend, threads=threads, disable_cpu_fallback=True,
                                           performance_mode=performance_mode, target=target,
                                           model_name=f"vision.{self.variant_name}")

@@ -72,5 +72,5 @@ def test_sa8295p_context_records_the_target_and_differs_in_cache_key(w8a16):
     out_dir = w8a16["root"] / "bundle_qnn" / "sa8295p-v68"
     compiled = compile_context(w8a16["qdq"], out_dir, "sa8295p-v68")
     assert compiled.path.parent == out_dir
-    from service.modelbuild.qnn_compile import content_hash
+    from service.runtime.qnn_context import content_hash
     assert content_hash(w8a16["qdq"], "sa8295p-v68") != content_hash(w8a16["qdq"], "emulator")

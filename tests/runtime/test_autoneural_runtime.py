@@ -74,6 +74,10 @@ def test_qdq_graphs_on_the_htp_emulator_match_their_cpu_run(bundle, dog, monkeyp
     monkeypatch.setattr(generator, "create_session", open_on_htp)
     lm = LanguageModel(bundle, "qnn-emulator", variant="w8a16")
     enc = VisionEncoder(bundle, "qnn-emulator", variant="w8a16")
+    # This machine's target (the emulator here) picks the bundle's shipped context binaries: no compile.
+    for component in ("decoder_prefill", "decoder_decode"):
+        ctx = bundle.variant(component, "w8a16")["context_binaries"]["emulator"]
+        assert lm.model_files[component] == str(bundle.file(ctx))
     htp_tokens, htp_logits, htp_embeds = _greedy(lm, enc, dog, "Dog?")
     for model in ("decoder_prefill.w8a16", "decoder_decode.w8a16"):
         labels = {"backend": "qnn-emulator", "model": model}

@@ -1,13 +1,15 @@
-"""Backends: cpu / qnn-emulator sessions, readable errors, node placement gauges, HTP performance mode."""
+"""Backends: cpu / qnn-emulator sessions, readable errors, node placement gauges, HTP performance mode, and
+the machine's QNN target (`runtime.qnn_target` or the SoC's own) with its cache under the data directory."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from service.config import ConfigError, load_config
 from service.modelbuild.graph import GraphBuilder
-from service.runtime import backends
-from service.runtime.backends import BackendConfig, BackendError, create_session, open_with_fallback
+from service.runtime import backends, qnn_context
+from service.runtime.backends import BackendError, create_session
 
 
 def _gauge(backend, placement, model):
@@ -30,6 +32,14 @@ def graphs(tmp_path_factory):
     return root
 
 
+@pytest.fixture
+def site(tmp_path):
+    """A QNN site for the test (cache under its tmp data dir); the process default comes back afterwards."""
+    before = qnn_context.current()
+    yield qnn_context.configure("", tmp_path / "data" / "qnn-cache")
+    qnn_context.configure(before.target, before.cache_dir)
+
+
 def test_cpu_session_runs_and_exports_placement(graphs):
     session = create_session(graphs / "plain.onnx", "cpu", model_name="plain-cpu")
     out = session.run(None, {"x": np.eye(2, dtype=np.float32)})[0]
@@ -50,13 +60,9 @@ def test_readable_errors(graphs, tmp_path):
 
 
 @pytest.mark.skipif(not backends.is_emulator_host(), reason="x86_64 hosts only carry the HTP emulator")
-def test_qnn_htp_is_refused_on_an_emulator_host_and_falls_back(graphs):
+def test_qnn_htp_is_refused_on_an_emulator_host(graphs):
     with pytest.raises(BackendError, match="only an emulator"):
         create_session(graphs / "plain.onnx", "qnn-htp")
-    loaded = open_with_fallback(graphs / "plain.onnx", BackendConfig(backend="qnn-htp", fallback_backend="cpu"))
-    assert loaded.backend == "cpu" and "only an emulator" in loaded.fallback_reason
-    with pytest.raises(BackendError):
-        open_with_fallback(graphs / "plain.onnx", BackendConfig(backend="qnn-htp", fallback_backend=""))
 
 
 def test_placement_counts_nodes_left_on_the_cpu(graphs, tmp_path):
@@ -80,10 +86,33 @@ def test_performance_mode_at_load_and_live(graphs, tmp_path):
         backends.set_performance_mode(create_session(graphs / "plain.onnx", "cpu"), "burst")
 
 
-def test_backend_config_validation():
-    assert BackendConfig().validate().backend == "cpu"
-    for kwargs, key in [({"backend": "tpu"}, "backend"), ({"performance_mode": "max"}, "performance_mode"),
-                        ({"target": "sm9999"}, "target"), ({"threads": -1}, "threads"),
-                        ({"fallback_backend": "x"}, "fallback_backend")]:
-        with pytest.raises(ValueError, match=f"^{key}:"):
-            BackendConfig(**kwargs).validate()
+def test_the_soc_picks_its_target(tmp_path):
+    machine = tmp_path / "machine"
+    machine.write_text("SA8295P\n")
+    assert qnn_context.detect_target(machine, emulator=False) == "sa8295p-v68"
+    machine.write_text("SM8650\n")       # a SoC the project builds no context binaries for: QNN's defaults
+    assert qnn_context.detect_target(machine, emulator=False) == "emulator"
+    assert qnn_context.detect_target(tmp_path / "absent", emulator=False) == "emulator"
+    assert qnn_context.detect_target(machine, emulator=True) == "emulator"
+
+
+def test_the_context_cache_lives_under_the_data_dir_for_the_sites_target(graphs, site, tmp_path):
+    assert site.cache_dir == tmp_path / "data" / "qnn-cache"
+    create_session(graphs / "plain.onnx", "qnn-emulator", disable_cpu_fallback=True, model_name="plain-site")
+    compiled = list(site.cache_dir.glob(f"{site.target}/plain.*/plain_ctx.onnx"))
+    assert len(compiled) == 1, sorted(site.cache_dir.rglob("*"))
+    assert _gauge("qnn-emulator", "npu", "plain-site") == 3
+
+
+def test_a_configured_target_overrides_the_soc_and_is_checked(graphs, site, tmp_path):
+    chosen = qnn_context.configure("sa8295p-v68", tmp_path / "cache")
+    create_session(graphs / "plain.onnx", "qnn-emulator", disable_cpu_fallback=True)
+    assert list((chosen.cache_dir / "sa8295p-v68").glob("plain.*/plain_ctx.onnx"))
+    with pytest.raises(ValueError, match="expected one of emulator, sa8295p-v68"):
+        qnn_context.configure("sm9999")
+
+
+def test_runtime_qnn_target_in_config_names_the_key():
+    assert load_config(None, overrides=["runtime.qnn_target=sa8295p-v68"]).runtime.qnn_target == "sa8295p-v68"
+    with pytest.raises(ConfigError, match=r"runtime\.qnn_target: expected one of emulator, sa8295p-v68 .* got 'v99'"):
+        load_config(None, overrides=["runtime.qnn_target=v99"])

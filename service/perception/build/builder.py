@@ -12,7 +12,7 @@ import onnx
 import onnxruntime
 import structlog
 
-from service.modelbuild.bundle_writer import sha256_file
+from service.runtime.bundle import sha256_file
 from service.perception.build.catalog import SPECS
 from service.perception.build.convert import convert_float
 from service.perception.build.quantize import RECIPE, quantize_w8a16

@@ -1,0 +1,120 @@
+"""Execution-provider facts shared by sessions and the context compiler: the backend names, session options
+(CPU and QNN HTP), and how many graph nodes run where."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+BACKENDS = ("cpu", "qnn-htp", "qnn-emulator")
+QNN_BACKENDS = ("qnn-htp", "qnn-emulator")
+# QNN HTP performance modes (onnxruntime-qnn `htp_performance_mode`), fastest/most power first.
+PERFORMANCE_MODES = ("burst", "sustained_high_performance", "high_performance", "balanced", "low_balanced",
+                     "high_power_saver", "power_saver", "low_power_saver", "extreme_power_saver", "default")
+
+_QNN_LOCK = threading.Lock()
+_QNN_REGISTERED = False
+
+
+class BackendError(RuntimeError):
+    """A backend could not open a session; the message says why (shown on gRPC health)."""
+
+
+@dataclass
+class Placement:
+    npu: int
+    cpu: int
+    source: str = ""                       # how it was counted
+
+    def to_dict(self) -> dict:
+        return {"npu": self.npu, "cpu": self.cpu, "source": self.source}
+
+
+def is_emulator_host() -> bool:
+    """The Linux x86_64 onnxruntime-qnn wheel ships the HTP backend as an emulator."""
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "qnn-htp" and is_emulator_host():
+        raise BackendError("qnn-htp: this host is x86_64, where the QNN HTP library is only an emulator; "
+                           "use backend 'qnn-emulator' for validation or 'cpu' for speed")
+
+
+def _register_qnn() -> None:
+    global _QNN_REGISTERED
+    with _QNN_LOCK:
+        if _QNN_REGISTERED:
+            return
+        try:
+            import onnxruntime_qnn
+        except ImportError as exc:  # pragma: no cover - the package is a declared dependency
+            raise BackendError(f"onnxruntime-qnn is not installed: {exc}") from exc
+        try:
+            ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
+        except Exception as exc:
+            raise BackendError(f"cannot register the QNN execution provider: {exc}") from exc
+        _QNN_REGISTERED = True
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    # An idle server must not burn CPU: no spin-waiting in ORT's thread pools.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.intra_op_num_threads = threads or int(os.environ.get("INCAR_THREADS", "0")) or (os.cpu_count() or 1)
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+def qnn_session_options(backend: str, *, threads: int | None = None, disable_cpu_fallback: bool = False,
+                        provider_options: dict[str, str] | None = None,
+                        performance_mode: str | None = None) -> ort.SessionOptions:
+    """Session options with the QNN HTP provider added (shared by sessions and the context compiler)."""
+    check_backend(backend)
+    if backend not in QNN_BACKENDS:
+        raise BackendError(f"{backend}: not a QNN backend")
+    _register_qnn()
+    import onnxruntime_qnn
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
+    if not devices:
+        raise BackendError(f"{backend}: no QNN device found (onnxruntime-qnn loaded, but it reports no device)")
+    options = {"backend_path": onnxruntime_qnn.get_qnn_htp_path()}
+    if performance_mode:
+        if performance_mode not in PERFORMANCE_MODES:
+            raise BackendError(f"{backend}: unknown HTP performance mode {performance_mode!r}; "
+                               f"expected one of {', '.join(PERFORMANCE_MODES)}")
+        options["htp_performance_mode"] = performance_mode
+    options.update({k: str(v) for k, v in (provider_options or {}).items()})
+    so = session_options(threads)
+    so.add_provider_for_devices(devices, options)
+    if disable_cpu_fallback:
+        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    return so
+
+
+def count_nodes(path: str | Path) -> int:
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def is_context_model(path: str | Path) -> bool:
+    model = onnx.load(str(path), load_external_data=False)
+    return any(n.op_type == "EPContext" for n in model.graph.node)
+
+
+def context_placement(ctx_path: str | Path) -> Placement | None:
+    """Counts recorded beside a context binary by the compiler (`<stem>.placement.json`)."""
+    sidecar = Path(ctx_path).with_suffix(".placement.json")
+    if not sidecar.is_file():
+        return None
+    data = json.loads(sidecar.read_text())
+    return Placement(int(data["npu"]), int(data["cpu"]), data.get("source", "compile"))
