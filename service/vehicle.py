@@ -1,16 +1,19 @@
 """Vehicle state: the latest snapshot from the vehicle gateway, validated, persisted, and fanned out to listeners."""
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import grpc
 import structlog
 
-from incar.v1 import vehicle_pb2, vehicle_pb2_grpc
+from incar.v1 import common_pb2, vehicle_pb2, vehicle_pb2_grpc
 from service.store.db import Database, StoreUnavailableError
+from service.store.events import EventLog
 
 log = structlog.get_logger(__name__)
 
@@ -73,27 +76,45 @@ def validate_state(state: vehicle_pb2.VehicleState) -> None:
             raise ValueError(f"seats[{i}].occupancy: unknown value {seat.occupancy}")
     if len(state.key_fob_id) > 128:
         raise ValueError("key_fob_id: longer than 128 characters")
+    intrusion = state.intrusion
+    if not math.isfinite(intrusion.shock_g) or not 0 <= intrusion.shock_g <= 100:
+        raise ValueError(f"intrusion.shock_g: expected 0..100, got {intrusion.shock_g}")
+    if not math.isfinite(intrusion.tilt_deg) or not 0 <= intrusion.tilt_deg <= 90:
+        raise ValueError(f"intrusion.tilt_deg: expected 0..90, got {intrusion.tilt_deg}")
+    for i, door in enumerate(intrusion.forced_doors):
+        if door not in vehicle_pb2.DoorId.values() or door == vehicle_pb2.DOOR_ID_UNSPECIFIED:
+            raise ValueError(f"intrusion.forced_doors[{i}]: unknown door {door}")
 
 
 Listener = Callable[[vehicle_pb2.VehicleState, vehicle_pb2.VehicleState], None]
 
+_UPSERT = ("INSERT INTO vehicle_state(id, time, state) VALUES(1, ?, ?) "
+           "ON CONFLICT(id) DO UPDATE SET time=excluded.time, state=excluded.state")
+COMMIT_TAG = "vehicle_state"   # the event log's group-commit tag (crash tests kill right after it commits)
+
 
 class VehicleStateStore:
-    """Holds the latest snapshot; survives restarts; calls listeners with (previous, current)."""
+    """Holds the latest snapshot; survives restarts; calls listeners with (previous, current).
 
-    def __init__(self, db: Database, clock=time.time):
+    With an event log, a snapshot and the transition events it causes (locked, parked, door opened, ...) are
+    committed in one transaction: a crash can lose both, never one, so a gateway retrying an unacknowledged
+    update still gets its events."""
+
+    def __init__(self, db: Database, clock=time.time, events: EventLog | None = None):
         self.db = db
         self.clock = clock
+        self.events = events
         db.register_migrations("vehicle", MIGRATIONS)
         self._lock = threading.Lock()
-        self._state: vehicle_pb2.VehicleState | None = None
+        self._state: vehicle_pb2.VehicleState | None = None       # committed
+        self._submitted: vehicle_pb2.VehicleState | None = None   # newest queued for commit
         self._listeners: list[Listener] = []
         self.sentry_armed: Callable[[], bool] = lambda: False
 
     def load(self) -> None:
         row = self.db.connect().execute("SELECT state FROM vehicle_state WHERE id=1").fetchone()
         if row:
-            self._state = vehicle_pb2.VehicleState.FromString(row["state"])
+            self._state = self._submitted = vehicle_pb2.VehicleState.FromString(row["state"])
 
     @property
     def current(self) -> vehicle_pb2.VehicleState:
@@ -108,21 +129,66 @@ class VehicleStateStore:
         self._listeners.append(listener)
 
     def update(self, state: vehicle_pb2.VehicleState) -> vehicle_pb2.VehicleState:
+        """Store a snapshot (blocking until committed); raises ValueError naming a bad field, or StoreError."""
+        previous, committed = self._submit(state)
+        if committed is not None:
+            self._wait(committed.result)
+        self._apply(previous, state)
+        return state
+
+    async def update_async(self, state: vehicle_pb2.VehicleState) -> vehicle_pb2.VehicleState:
+        """As update(), without blocking the event loop on the disk."""
+        previous, committed = self._submit(state)
+        if committed is not None:
+            await self._wait_async(committed)
+        self._apply(previous, state)
+        return state
+
+    def _submit(self, state: vehicle_pb2.VehicleState) -> tuple[vehicle_pb2.VehicleState, Future | None]:
         validate_state(state)
         if not state.HasField("time"):
             state.time.FromNanoseconds(int(self.clock() * 1e9))
-        with self.db.transaction() as tx:
-            tx.execute("INSERT INTO vehicle_state(id, time, state) VALUES(1, ?, ?) "
-                       "ON CONFLICT(id) DO UPDATE SET time=excluded.time, state=excluded.state",
-                       (self.clock(), state.SerializeToString()))
+        statement = (_UPSERT, (self.clock(), state.SerializeToString()))
         with self._lock:
-            previous, self._state = self._state or vehicle_pb2.VehicleState(), state
+            previous = self._submitted or vehicle_pb2.VehicleState()
+            if self.events is None:
+                with self.db.transaction() as tx:
+                    tx.execute(*statement)
+                self._submitted = state
+                return previous, None
+            events = [self.events.new_event(kind, "system", common_pb2.SEVERITY_INFO, message)
+                      for kind, message in transitions(previous, state)]
+            committed = self.events.commit([statement], events, tag=COMMIT_TAG)
+            self._submitted = state
+        return previous, committed
+
+    def _wait(self, result) -> None:
+        try:
+            result()
+        except Exception:
+            self._forget_queued()
+            raise
+
+    async def _wait_async(self, committed: Future) -> None:
+        try:
+            await asyncio.wrap_future(committed)
+        except Exception:
+            self._forget_queued()
+            raise
+
+    def _forget_queued(self) -> None:
+        # Updates queued after the refused one were compared with it; compare what comes next with what is stored.
+        with self._lock:
+            self._submitted = self._state
+
+    def _apply(self, previous: vehicle_pb2.VehicleState, state: vehicle_pb2.VehicleState) -> None:
+        with self._lock:
+            self._state = state
         for listener in self._listeners:
             try:
                 listener(previous, state)
             except Exception:
                 log.exception("vehicle.listener_failed", listener=getattr(listener, "__qualname__", repr(listener)))
-        return state
 
 
 class VehicleServicer(vehicle_pb2_grpc.VehicleServicer):
@@ -131,7 +197,7 @@ class VehicleServicer(vehicle_pb2_grpc.VehicleServicer):
 
     async def UpdateState(self, request, context):
         try:
-            self.store.update(request)
+            await self.store.update_async(request)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"vehicle state: {exc}")
         except StoreUnavailableError as exc:

@@ -40,6 +40,8 @@ class CamerasConfig:
     model_size: int = 768                     # frames are resized to model_size x model_size for analysis
     max_pixels: int = 4096 * 4096             # checked from the image header, before any decoding
     max_frame_age_seconds: float = 2.0        # older capture times are dropped as stale
+    max_clock_ahead_seconds: float = 2.0      # capture times further ahead of the server clock are refused
+    max_clock_behind_seconds: float = 86400.0  # ... and further behind it (a camera without a set clock)
     max_pending_frames: int = 1               # per camera, waiting for decode; beyond it the oldest is dropped
     decode_threads: int = 2
     ring_seconds: float = 10.0                # history kept per camera for pre-event clips
@@ -48,8 +50,10 @@ class CamerasConfig:
     watchdog_timeout_seconds: float = 3.0     # no frame for this long: the camera is down
     reconnect_initial_seconds: float = 0.5    # pulled sources: first retry delay, doubled up to the max
     reconnect_max_seconds: float = 30.0
-    allow_unknown_cameras: bool = True        # cameras may register themselves on their first gRPC frame
+    allow_unknown_cameras: bool = True        # cameras may register themselves with their first valid gRPC frame
     max_cameras: int = 16
+    forget_after_seconds: float = 120.0       # a self-registered camera silent this long is unregistered
+    max_unacked_frames: int = 8               # per stream: frames read but not yet acknowledged to the sender
     cameras: list[CameraConfig] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -59,6 +63,14 @@ class CamerasConfig:
             raise ValueError(f"max_pixels: must be at least model_size^2 ({self.model_size ** 2})")
         if self.max_frame_age_seconds <= 0:
             raise ValueError("max_frame_age_seconds: must be > 0")
+        if not 0 < self.max_clock_ahead_seconds <= 3600:
+            raise ValueError(f"max_clock_ahead_seconds: must be in (0, 3600], got {self.max_clock_ahead_seconds}")
+        if self.max_clock_behind_seconds < self.max_frame_age_seconds:
+            raise ValueError("max_clock_behind_seconds: must be >= max_frame_age_seconds")
+        if self.forget_after_seconds < self.watchdog_timeout_seconds:
+            raise ValueError("forget_after_seconds: must be >= watchdog_timeout_seconds")
+        if not 1 <= self.max_unacked_frames <= 1024:
+            raise ValueError(f"max_unacked_frames: must be in 1..1024, got {self.max_unacked_frames}")
         if self.max_pending_frames < 1:
             raise ValueError("max_pending_frames: must be >= 1")
         if not 1 <= self.decode_threads <= 64:

@@ -21,6 +21,10 @@ ENCODING_NAMES = {JPEG: "JPEG", PNG: "PNG", RAW_BGR: "RAW_BGR", NV12: "NV12"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Start-of-frame markers carry the dimensions; C4 (DHT), C8 (JPG) and CC (DAC) share the range but do not.
 JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# A progressive JPEG is decoded in as many passes as it has scans (each touches every block), so a small file with
+# thousands of scans costs tens of seconds: a "scan bomb". Encoders write about 10 (libjpeg's default progression
+# for colour); 64 leaves room for any real encoder and bounds the cost to ~64 passes at the pixel limit.
+MAX_JPEG_SCANS = 64
 # Decode as the sensor delivered it: mount rotation is configuration, and the header size must match the pixels.
 IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
@@ -71,6 +75,16 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
     raise FrameError("image.data", "corrupt or truncated JPEG: no frame header (SOF) found")
 
 
+def check_jpeg_scans(data: bytes, max_scans: int = MAX_JPEG_SCANS) -> None:
+    """Refuse a JPEG with more scans than any encoder writes, before decoding it. Every start-of-scan marker is
+    counted: inside entropy-coded data a 0xFF byte is always stuffed (FF 00), so FF DA is a real marker there
+    (one inside an APPn thumbnail counts too, which only makes the check stricter)."""
+    scans = data.count(b"\xff\xda")
+    if scans > max_scans:
+        raise FrameError("image.data", f"JPEG has {scans} scans, more than the limit of {max_scans} "
+                                       f"(each scan is a full decoding pass)")
+
+
 def png_size(data: bytes) -> tuple[int, int]:
     if len(data) < 24 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
         raise FrameError("image.data", "not a PNG (bad signature or no IHDR chunk)")
@@ -90,6 +104,8 @@ def check_image(image: common_pb2.Image, max_pixels: int) -> ImageSpec:
         raise FrameError("image.data", "empty")
     if encoding in (JPEG, PNG):
         width, height = jpeg_size(data) if encoding == JPEG else png_size(data)
+        if encoding == JPEG:
+            check_jpeg_scans(data)
         for field_name, declared, actual in (("width", image.width, width), ("height", image.height, height)):
             if declared and declared != actual:
                 raise FrameError(f"image.{field_name}", f"frame says {declared} but the {name} header says {actual}")

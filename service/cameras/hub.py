@@ -2,8 +2,11 @@
 ring per camera and handed to analysis consumers, latest-wins.
 
 Admission, in order, on the event loop (cheap checks only):
-  bad input (empty/unknown camera id, role, position, encoding, header dimensions, pixel limit, raw length)
+  bad input (empty/unknown camera id, role, position, encoding, header dimensions, pixel limit, JPEG scan count,
+  raw length, a capture time outside the window around the server clock)
       -> FrameError (the servicer answers INVALID_ARGUMENT naming the field and camera)
+  a new camera registers only now, with a valid frame (max_cameras -> CameraLimitError); one whose frames all
+  fail to decode is unregistered again, and one silent for forget_after_seconds is forgotten (rings released)
   capture time older than max_frame_age_seconds -> dropped STALE
   capture time not after the camera's latest admitted frame -> dropped OUT_OF_ORDER
   (the camera is alive from here on: the watchdog sees it)
@@ -94,6 +97,7 @@ class _Camera:
     source: str
     ring: FrameRing
     pulled: bool = False
+    declared: bool = False
     pending: deque = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     worker: asyncio.Task | None = None
@@ -134,10 +138,22 @@ class _Consumer:
         return self.latest.pop(next(iter(self.latest)))
 
 
-def _timestamp_seconds(frame: cameras_pb2.Frame, default: float) -> float:
+def _capture_seconds(frame: cameras_pb2.Frame, received: float, ahead: float, behind: float) -> float:
+    """The frame's capture time, refused (FrameError) outside [received - behind, received + ahead]: a clock
+    80 years ahead would make every later real frame OUT_OF_ORDER, and 2^40 s is not a representable time."""
     if not frame.HasField("capture_time"):
-        return default   # a camera without a clock: its frame is as old as its arrival
-    return frame.capture_time.seconds + frame.capture_time.nanos / 1e9
+        return received   # a camera without a clock: its frame is as old as its arrival
+    stamp = frame.capture_time
+    if not 0 <= stamp.nanos < 1_000_000_000:
+        raise FrameError("capture_time.nanos", f"expected 0..999999999, got {stamp.nanos}")
+    seconds = stamp.seconds + stamp.nanos / 1e9
+    if seconds > received + ahead:
+        raise FrameError("capture_time", f"{seconds - received:.3f} s ahead of the server clock "
+                                         f"(max_clock_ahead_seconds is {ahead:g})")
+    if seconds < received - behind:
+        raise FrameError("capture_time", f"{received - seconds:.0f} s behind the server clock "
+                                         f"(max_clock_behind_seconds is {behind:g})")
+    return seconds
 
 
 class CameraHub:
@@ -155,7 +171,7 @@ class CameraHub:
         self.recorder = FrameRecorder(self.config.record_seconds, self.config.ring_max_bytes)
         for declared in self.config.cameras:
             self._add_camera(declared.id, declared.role, declared.position,
-                             declared.source if declared.pulled else "grpc", pulled=declared.pulled)
+                             declared.source if declared.pulled else "grpc", pulled=declared.pulled, declared=True)
 
     # lifecycle -----------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -205,17 +221,23 @@ class CameraHub:
         received = time.time()
         camera_id = frame.camera_id
         try:
-            camera = self._camera_for(frame)
-            if camera.pulled:
+            camera, role, position = self._camera_for(frame)
+            if camera is not None and camera.pulled:
                 raise FrameError("camera_id", f"camera {camera_id!r} is fed by its configured source "
                                               f"{camera.source!r}, not over gRPC")
             spec = check_image(frame.image, self.config.max_pixels)
+            capture = _capture_seconds(frame, received, self.config.max_clock_ahead_seconds,
+                                       self.config.max_clock_behind_seconds)
         except FrameError as exc:
             FRAMES_INVALID.labels(exc.field).inc()
-            log.info("camera_frame_invalid", camera=camera_id, field=exc.field, error=str(exc))
+            log.info("camera_frame_invalid", camera=camera_id[:80], field=exc.field, error=str(exc))
             raise
-        return await self._admit(camera, _timestamp_seconds(frame, received), received, frame.sequence,
-                                 spec=spec, data=frame.image.data)
+        if camera is None:   # registered only with a frame that passed every check
+            if len(self._cameras) >= self.config.max_cameras:
+                raise CameraLimitError(f"camera {camera_id!r}: max_cameras ({self.config.max_cameras}) reached")
+            camera = self._add_camera(camera_id, role, position, "grpc")
+            log.info("camera_registered", camera=camera_id, role=role, position=position)
+        return await self._admit(camera, capture, received, frame.sequence, spec=spec, data=frame.image.data)
 
     async def submit_decoded(self, camera_id: str, bgr: np.ndarray, capture_time: float,
                              sequence: int) -> cameras_pb2.FrameAck:
@@ -228,7 +250,8 @@ class CameraHub:
                                       f"{self.config.max_pixels} pixels")
         return await self._admit(camera, capture_time, time.time(), sequence, decoded=bgr)
 
-    def _camera_for(self, frame: cameras_pb2.Frame) -> _Camera:
+    def _camera_for(self, frame: cameras_pb2.Frame) -> tuple[_Camera | None, str | None, str]:
+        """(the registered camera or None for a new one, role, position); FrameError for bad identity fields."""
         camera_id = frame.camera_id
         if not camera_id:
             raise FrameError("camera_id", "empty")
@@ -246,23 +269,46 @@ class CameraHub:
                 raise UnknownCameraError(camera_id)
             if role is None:
                 raise FrameError("role", "unspecified on the camera's first frame (CABIN or EXTERIOR)")
-            if len(self._cameras) >= self.config.max_cameras:
-                raise CameraLimitError(f"camera {camera_id!r}: max_cameras ({self.config.max_cameras}) reached")
-            camera = self._add_camera(camera_id, role, position, "grpc")
-            log.info("camera_registered", camera=camera_id, role=role, position=position)
-            return camera
+            return None, role, position
         if role is not None and role != camera.role:
             raise FrameError("role", f"camera is {camera.role}, frame says {role}")
         if position != "unspecified" and camera.position != "unspecified" and position != camera.position:
             raise FrameError("position", f"camera is mounted {camera.position}, frame says {position}")
-        return camera
+        return camera, role, position
 
-    def _add_camera(self, camera_id: str, role: str, position: str, source: str, pulled: bool = False) -> _Camera:
+    def _add_camera(self, camera_id: str, role: str, position: str, source: str, pulled: bool = False,
+                    declared: bool = False) -> _Camera:
         camera = _Camera(camera_id, role, position, source,
-                         FrameRing(self.config.ring_seconds, self.config.ring_max_bytes), pulled=pulled)
+                         FrameRing(self.config.ring_seconds, self.config.ring_max_bytes), pulled=pulled,
+                         declared=declared)
         self._cameras[camera_id] = camera
         CAMERA_UP.labels(camera_id).set(0)
         return camera
+
+    def _forget(self, camera: _Camera, reason: str) -> None:
+        """Unregister a self-registered camera: its ring, rate, metrics and undelivered frames go with it."""
+        if self._cameras.get(camera.id) is not camera:
+            return
+        if camera.up:
+            self._set_up(camera, False, reason)
+        del self._cameras[camera.id]
+        self._rates.pop(camera.id, None)
+        camera.ring.clear()
+        for consumer in self._consumers:
+            consumer.latest.pop(camera.id, None)
+        if camera.worker is not None and camera.worker is not asyncio.current_task():
+            camera.worker.cancel()
+        for metric in (CAMERA_UP, CAMERA_FPS, QUEUE_DEPTH, RING_BYTES, FRAMES_ACCEPTED, FRAME_AGE, DECODE_SECONDS):
+            try:
+                metric.remove(camera.id)
+            except KeyError:
+                pass
+        for label in REASON_LABELS.values():
+            try:
+                FRAMES_DROPPED.remove(camera.id, label)
+            except KeyError:
+                pass
+        log.info("camera_forgotten", camera=camera.id, reason=reason)
 
     async def _admit(self, camera: _Camera, capture_time: float, received: float, sequence: int, *,
                      spec: ImageSpec | None = None, data: bytes = b"",
@@ -338,13 +384,24 @@ class CameraHub:
                 FRAMES_INVALID.labels(exc.field).inc()
                 log.info("camera_frame_invalid", camera=camera.id, field=exc.field, error=str(exc))
                 self._resolve(item, exc)
+                if self._never_valid(camera):
+                    return
                 continue
             except Exception as exc:   # an OpenCV failure on hostile data is bad input, not a server fault
                 log.warning("camera_decode_failed", camera=camera.id, error=repr(exc))
                 self._resolve(item, FrameError("image.data", f"could not be decoded ({exc.__class__.__name__})"))
+                if self._never_valid(camera):
+                    return
                 continue
             DECODE_SECONDS.labels(camera.id).observe(time.perf_counter() - started)
             self._store(camera, item, original, image)
+
+    def _never_valid(self, camera: _Camera) -> bool:
+        """A self-registered camera whose frames have all failed to decode does not keep its registry slot."""
+        if camera.declared or camera.accepted or camera.pending:
+            return False
+        self._forget(camera, "no frame of it could be decoded")
+        return True
 
     def _store(self, camera: _Camera, item: _Pending, original: np.ndarray, image: np.ndarray) -> None:
         original.flags.writeable = False
@@ -383,6 +440,12 @@ class CameraHub:
                 CAMERA_FPS.labels(camera.id).set(camera.fps(now, timeout))
                 if camera.up and now - camera.last_alive > timeout:
                     self._set_up(camera, False, f"no frame for {timeout:g} s")
+                if not camera.up and len(camera.ring) > 1:
+                    camera.ring.keep_latest()        # a gone camera holds one frame (snapshots), not its history
+                    RING_BYTES.labels(camera.id).set(camera.ring.nbytes)
+                if (not camera.declared and not camera.up and not camera.pending and camera.last_alive is not None
+                        and now - camera.last_alive > self.config.forget_after_seconds):
+                    self._forget(camera, f"no frame for {self.config.forget_after_seconds:g} s")
                 elif camera.last_alive is None and camera.state_reason == "no frame yet" and now - started > timeout:
                     # a declared camera that never delivered: say so once (its state was already down)
                     self._set_up(camera, False, f"no frame within {timeout:g} s of start")

@@ -46,6 +46,15 @@ class FrameRing:
         while len(self._frames) > 1 and (self._frames[0].capture_time < oldest_kept or self.nbytes > self.max_bytes):
             self.nbytes -= self._frames.popleft().nbytes
 
+    def keep_latest(self) -> None:
+        """Release the history, keeping only the newest frame (a camera that has gone quiet)."""
+        while len(self._frames) > 1:
+            self.nbytes -= self._frames.popleft().nbytes
+
+    def clear(self) -> None:
+        self._frames.clear()
+        self.nbytes = 0
+
     def latest(self) -> CameraFrame | None:
         return self._frames[-1] if self._frames else None
 

@@ -29,17 +29,25 @@ class CamerasServicer(cameras_pb2_grpc.CamerasServicer):
 
     async def StreamFrames(self, request_iterator, context):
         # Frames are read and admitted as they come (not one ack round-trip at a time), so a fast sender meets
-        # latest-wins dropping rather than TCP backpressure; acks go back in completion order.
+        # latest-wins dropping rather than TCP backpressure; acks go back in completion order. At most
+        # max_unacked_frames are read ahead of the acks the sender has taken: a sender that never reads its acks
+        # stops being read (HTTP/2 flow control holds it), instead of piling up finished frames in memory.
         done: asyncio.Queue = asyncio.Queue()
         in_flight: set[asyncio.Task] = set()
         read_error: list[BaseException] = []
+        window = asyncio.Semaphore(self.hub.config.max_unacked_frames)
 
         async def read() -> None:
+            frames = aiter(request_iterator)
             try:
-                async for frame in request_iterator:
+                while True:
+                    await window.acquire()
+                    frame = await anext(frames)
                     task = asyncio.ensure_future(self._submit(frame))
                     in_flight.add(task)
                     task.add_done_callback(done.put_nowait)
+            except StopAsyncIteration:
+                pass
             except Exception as exc:
                 read_error.append(exc)
             finally:
@@ -60,6 +68,7 @@ class CamerasServicer(cameras_pb2_grpc.CamerasServicer):
                 if code is not None:
                     await context.abort(code, message)
                 yield ack
+                window.release()   # the ack is written: one more frame may be read
         finally:
             reader.cancel()
 

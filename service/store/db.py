@@ -28,6 +28,12 @@ class Database:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._close_hooks: list = []
+        self._pragmas: list[str] = []
+
+    def add_close_hook(self, hook) -> None:
+        """`hook()` runs at the start of close(), while connections still work (writers commit what is queued)."""
+        self._close_hooks.append(hook)
 
     def register_migrations(self, namespace: str, migrations: list[str]) -> None:
         """Migrations are append-only: never edit one that has shipped, add the next."""
@@ -47,8 +53,15 @@ class Database:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             self._local.conn = conn
+            self._local.pragmas = 0
             with self._lock:
                 self._all.append(conn)
+        if self._local.pragmas < len(self._pragmas):
+            with self._lock:
+                pending = self._pragmas[self._local.pragmas:]
+                self._local.pragmas = len(self._pragmas)
+            for pragma in pending:
+                conn.execute(f"PRAGMA {pragma}")
         return conn
 
     def migrate(self) -> dict[str, int]:
@@ -74,7 +87,15 @@ class Database:
     def transaction(self) -> "_Transaction":
         return _Transaction(self.connect())
 
+    def pragma_everywhere(self, pragma: str) -> None:
+        """A PRAGMA (e.g. `query_only=ON` for maintenance or a fault test) for every thread's connection: each
+        applies it on its next use (sqlite3 connections may not be touched from another thread)."""
+        with self._lock:
+            self._pragmas.append(pragma)
+
     def close(self) -> None:
+        for hook in list(self._close_hooks):
+            hook()
         with self._lock:
             for conn in self._all:
                 try:

@@ -109,12 +109,11 @@ async def test_read_only_store_refuses_writes_with_unavailable_and_keeps_serving
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
             stub = vehicle_pb2_grpc.VehicleStub(ch)
             assert (await _update(stub, True))[0] == grpc.StatusCode.OK
-            conn = app.db.connect()               # the event-loop thread's connection, the one handlers use
-            conn.execute("PRAGMA query_only=ON")
+            app.db.pragma_everywhere("query_only=ON")   # every connection, the event writer's included
             code, details = await _update(stub, False)
             assert code == grpc.StatusCode.UNAVAILABLE and "read-only" in details, (code, details)
             await _check_reads_and_integrity(app, ch, _lock_state(True), 1)
-            conn.execute("PRAGMA query_only=OFF")
+            app.db.pragma_everywhere("query_only=OFF")
             assert (await _update(stub, False))[0] == grpc.StatusCode.OK
     finally:
         await app.stop(0.2)
