@@ -43,8 +43,8 @@ def make_frame(camera_id: str, data: bytes | None = None, *, encoding=common_pb2
 
 
 class Served:
-    def __init__(self, hub: CameraHub, server: grpc.aio.Server, channel: grpc.aio.Channel):
-        self.hub, self.server, self.channel = hub, server, channel
+    def __init__(self, hub: CameraHub, server: grpc.aio.Server, channel: grpc.aio.Channel, port: int = 0):
+        self.hub, self.server, self.channel, self.port = hub, server, channel, port
         self.stub = cameras_pb2_grpc.CamerasStub(channel)
 
 

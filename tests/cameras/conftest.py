@@ -25,7 +25,7 @@ async def serve():
         await server.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}",
                                             options=[("grpc.max_send_message_length", MAX_MESSAGE)])
-        served = Served(hub, server, channel)
+        served = Served(hub, server, channel, port)
         started.append(served)
         return served
 
