@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from service.perception.identity import DEFAULT_THRESHOLD as IDENTITY_THRESHOLD
 from skills.base import validate_norm_boxes
+from skills.safety_config import SafetyConfig
 
 PROFILE_KEY_ENV = "INCAR_PROFILE_KEY"
 
@@ -131,49 +132,6 @@ class CarFinderConfig:
             raise ValueError("snapshot_quality: expected 1..100")
         if self.history_limit < 1 or self.budget_seconds <= 0:
             raise ValueError("history_limit: must be >= 1; budget_seconds > 0")
-
-
-@dataclass
-class SafetyConfig:
-    # Child presence detection. Defaults follow the shape of Euro NCAP's CPD assessment (warn the occupants
-    # first, then the owner, repeat until someone responds), with short times: a child in a closed car heats
-    # up in minutes. `monitor_seconds` is how long after locking the cabin is watched.
-    monitor_seconds: float = 600.0
-    child_confirm_frames: int = 3
-    child_min_score: float = 0.4
-    seat_zones: list[list[float]] = field(default_factory=lambda: [[0.0, 0.25, 1.0, 1.0]])
-    seat_motion_fraction: float = 0.02     # small motion (a sleeping child breathing, a hand) in the seats
-    first_warning_delay_seconds: float = 0.0     # in-car visual + audible warning on confirmation
-    owner_notification_seconds: float = 30.0     # then notify the owner's phone
-    repeat_seconds: float = 60.0                 # then repeat the owner notification this often
-    max_notifications: int = 10
-    # Safe-exit warning.
-    exit_speed_kmh: float = 3.0
-    exit_hazard_labels: list[str] = field(default_factory=lambda: ["bicycle", "motorcycle", "car"])
-    exit_min_score: float = 0.4
-    exit_looming_per_second: float = 0.3   # relative box-area growth per second that counts as approaching
-    exit_warning_cooldown_seconds: float = 3.0
-    exit_warning_budget_seconds: float = 0.2     # frame capture to warning
-    # Items left behind.
-    item_labels: list[str] = field(default_factory=lambda: ["handbag", "backpack", "suitcase", "cell phone",
-                                                            "laptop", "umbrella"])
-    item_min_score: float = 0.4
-    item_confirm_frames: int = 3
-    budget_seconds: float = 0.05
-
-    def validate(self) -> None:
-        for key in ("monitor_seconds", "repeat_seconds", "exit_speed_kmh", "exit_looming_per_second",
-                    "exit_warning_budget_seconds", "budget_seconds"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"{key}: must be > 0")
-        for key in ("first_warning_delay_seconds", "owner_notification_seconds", "exit_warning_cooldown_seconds"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key}: must be >= 0")
-        if self.owner_notification_seconds < self.first_warning_delay_seconds:
-            raise ValueError("owner_notification_seconds: must not come before first_warning_delay_seconds")
-        if min(self.child_confirm_frames, self.item_confirm_frames, self.max_notifications) < 1:
-            raise ValueError("child_confirm_frames, item_confirm_frames, max_notifications: must be >= 1")
-        validate_norm_boxes("seat_zones", self.seat_zones)
 
 
 @dataclass

@@ -1,56 +1,42 @@
-"""Safety around getting on and off: child left behind, safe-exit warning, items left behind.
+"""Safety around getting on and off: someone left in the car, safe exit, items left behind.
 
-Child presence: after locking, the cabin camera is watched for `monitor_seconds`; a person, a face or small
-motion in the seat zones on `child_confirm_frames` consecutive frames starts the escalation timeline:
-  t0 + first_warning_delay_seconds   level 1: in-car visual and audible warning
-  t0 + owner_notification_seconds    level 2: owner notification (phone)
-  then every repeat_seconds          level 3, 4, ...: the notification again, up to max_notifications
-until someone acknowledges it (Safety.Acknowledge) or the car is unlocked. The defaults (0 s, 30 s, 60 s) follow
-the order Euro NCAP's child presence detection protocol asks for — occupants first, then the owner, repeated —
-with times well inside its limits; they are configuration, not constants.
+Child presence (Euro NCAP CPD): after locking a parked car, or when a parked, unlocked car's doors close with
+nobody in the driver's seat, the cabin cameras are watched (`skills.safety_presence`: people, faces, bodies and
+motion per seat zone, judged over the frames the detectors analysed; a child/adult estimate from the face; pets
+apart). A confirmed occupant starts the ladder of `escalation` steps (cabin warning -> owner notification ->
+horn and hazards -> climate and vent -> emergency call), each an event plus vehicle actions, then repeated owner
+notifications, until Safety.Acknowledge or the car is opened. Watch and alert are durable (`skills.safety_state`):
+a restart resumes the same alert at the same level, on the same timeline.
 
-Safe exit: a door handle pulled or a door open below `exit_speed_kmh`, and a bicycle, motorcycle or car on that
-side's camera approaching (perception's looming, or the box growing between frames) -> a CRITICAL warning.
-Frame-to-warning latency (frame age on arrival + decision + durable commit) goes into
-`incar_safety_exit_warning_latency_seconds`, and over-budget warnings into the skill's violation counter.
-
-Items left behind: after locking, with every seat empty and no person in the cabin, a bag or phone seen on
-`item_confirm_frames` consecutive frames -> one warning per item kind per locked period.
+Safe exit (Hyundai/Kia SEA) is `skills.safety_exit.SafeExit`; items left behind are reported to the owner
+when the driver has left and locked the car.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-
 import structlog
-from prometheus_client import Histogram
 
 from incar.v1 import common_pb2, skills_pb2, vehicle_pb2
-from service.perception.types import Detection, FrameAnalysis
-from skills.base import (NotFoundError, Skill, SkillContext, area, centre, inside, overlap, to_pixels)
-from skills.config import SafetyConfig
+from service.perception.types import FrameAnalysis
+from skills.base import NotFoundError, Skill, SkillContext, is_moving
+from skills.safety_config import SafetyConfig
+from skills.safety_exit import EXIT_WARNING_LATENCY, SafeExit   # noqa: F401  (the histogram is exported)
+from skills.safety_presence import PresenceTracker
+from skills.safety_state import ActiveAlert, ChildAlert, SafetyStore, Watch
 
 log = structlog.get_logger(__name__)
 
-EXIT_WARNING_LATENCY = Histogram(
-    "incar_safety_exit_warning_latency_seconds", "Safe-exit warning: frame capture to committed warning",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0))
-
-LEFT_DOORS = {vehicle_pb2.DOOR_ID_FRONT_LEFT, vehicle_pb2.DOOR_ID_REAR_LEFT}
-RIGHT_DOORS = {vehicle_pb2.DOOR_ID_FRONT_RIGHT, vehicle_pb2.DOOR_ID_REAR_RIGHT}
+DRIVER = vehicle_pb2.SEAT_ID_DRIVER
+SEAT_NAMES = {vehicle_pb2.SEAT_ID_DRIVER: "driver", vehicle_pb2.SEAT_ID_FRONT_PASSENGER: "front_passenger",
+              vehicle_pb2.SEAT_ID_REAR_LEFT: "rear_left", vehicle_pb2.SEAT_ID_REAR_CENTER: "rear_center",
+              vehicle_pb2.SEAT_ID_REAR_RIGHT: "rear_right"}
 
 
-@dataclass
-class ActiveAlert:
-    kind: str
-    since: float
-    detail: str
-    camera_id: str = ""
-    event_cursor: int = 0            # the first event of this alert: what Acknowledge names
-    escalation_level: int = 0
-    notifications: int = 0
-    expires: float | None = None
-    payload: dict = field(default_factory=dict)
+def occupied(state: vehicle_pb2.VehicleState, seat: int) -> bool:
+    return any(s.seat == seat and s.occupancy == vehicle_pb2.OCCUPANCY_OCCUPIED for s in state.seats)
+
+
+def any_door_open(state: vehicle_pb2.VehicleState) -> bool:
+    return any(d.open for d in state.doors)
 
 
 class Safety(Skill):
@@ -60,198 +46,266 @@ class Safety(Skill):
         super().__init__(ctx)
         self.config = config or SafetyConfig()
         self.budget_s = self.config.budget_seconds
-        self.active: dict[int, ActiveAlert] = {}
-        self._lock_time: float | None = None
-        self._child_frames = 0
-        self._child: ActiveAlert | None = None
-        self._item_frames: dict[str, int] = {}
-        self._items_reported: set[str] = set()
-        self._previous_boxes: dict[tuple[str, object], tuple[float, float]] = {}   # (camera, key) -> (t, area)
-        self._last_exit_warning: dict[tuple[str, str], float] = {}
+        self.store = SafetyStore(ctx.db, ctx.clock)
+        self.presence = PresenceTracker(self.config)
+        self.exit = SafeExit(self)
+        self.watch: Watch | None = None
+        self.child: ChildAlert | None = None
+        self.items: dict[int, ActiveAlert] = {}        # item alerts of this locked period, by event cursor
+        self._items_reported: set[str] = set()         # "seat/item" already told
+        self._restored = False
+
+    # ------------------------------------------------------------------ durable state
+    def _restore(self) -> None:
+        """Once, after the database is migrated: bring back the watch, the alert and the items, then check them
+        against the vehicle as it is now (a lock this process never saw is watched from now on)."""
+        if self._restored:
+            return
+        self._restored = True
+        self.watch, self.child = self.store.watch(), self.store.child()
+        doc = self.store.load("items") or {}
+        self._items_reported = set(doc.get("reported", []))
+        for item in doc.get("alerts", []):
+            self.items[item["event_cursor"]] = ActiveAlert(**item)
+        if self.child is not None:
+            log.warning("safety.alert_restored", kind=self.child.kind, step=self.child.step,
+                        cursor=self.child.event_cursor)
+        v = self.vehicle
+        if self.watch is None and v.locked and not is_moving(v):
+            self._start_watch("locked")
+        elif self.watch is not None and not self._watch_holds(v):
+            self._stop_watch("the car was opened while the service was down")
+        self.exit.restore()
+
+    def _save_items(self) -> None:
+        self.store.save("items", {"reported": sorted(self._items_reported),
+                                  "alerts": [vars(a) for a in self.items.values()]})
 
     # ------------------------------------------------------------------ vehicle
     async def on_vehicle(self, previous, current) -> None:
-        if current.locked and not previous.locked:
-            self._lock_time = self.now
-            self._child_frames = 0
-            self._item_frames.clear()
+        self._restore()
+        if current.locked and not previous.locked and not is_moving(current):
             self._items_reported.clear()
-        elif previous.locked and not current.locked:
-            self._lock_time = None
-            for cursor, alert in list(self.active.items()):
-                if alert.kind in ("child_left_behind", "item_left_behind"):
-                    self._resolve(cursor, "car unlocked")
+            self._save_items()
+            if self.watch is None or self.watch.reason != "locked":
+                self._start_watch("locked")
+        elif (not current.locked and not is_moving(current) and any_door_open(previous)
+              and not any_door_open(current) and not occupied(current, DRIVER) and self.watch is None):
+            self._start_watch("closed_with_occupant")   # closed up with nobody at the wheel: who is inside?
+        elif self.watch is not None and not self._watch_holds(current):
+            self._stop_watch("car unlocked" if previous.locked and not current.locked else "someone is back")
+        if previous.locked and not current.locked:
+            for cursor in list(self.items):
+                self._resolve(cursor, "car unlocked")
+        self.exit.on_vehicle(current)
 
-    def _watching_cabin(self) -> bool:
-        return (self._lock_time is not None and self.vehicle.locked
-                and self.now - self._lock_time <= self.config.monitor_seconds)
+    def _watch_holds(self, v: vehicle_pb2.VehicleState) -> bool:
+        if self.watch is None or is_moving(v) or v.ignition == vehicle_pb2.IGNITION_ON:
+            return False
+        if self.watch.reason == "locked":
+            return v.locked
+        return not any_door_open(v) and not occupied(v, DRIVER)
+
+    def _start_watch(self, reason: str) -> None:
+        self.watch = Watch(reason, self.now)
+        self.presence.reset()
+        self.store.save("watch", self.watch)
+        log.info("safety.watching", reason=reason)
+
+    def _stop_watch(self, how: str) -> None:
+        self.watch = None
+        self.presence.reset()
+        self.store.delete("watch")
+        if self.child is not None:
+            self._resolve(self.child.event_cursor, how)
+
+    def needs_camera(self, role: str, position: str) -> bool:
+        """For the analysis pipeline's safety lane: does Safety need this camera's frames first, now?"""
+        self._restore()
+        if role == "cabin":
+            return self.watch is not None
+        return self.exit.needs(position)
 
     # ------------------------------------------------------------------ frames
     async def on_frame(self, analysis: FrameAnalysis) -> None:
-        arrived = time.perf_counter()
-        age = max(0.0, self.now - analysis.timestamp)
+        self._restore()
         if analysis.role == "exterior":
-            await self._safe_exit(analysis, arrived, age)
-        elif analysis.role == "cabin" and self._watching_cabin():
+            await self.exit.on_frame(analysis)
+        elif analysis.role == "cabin" and self.watch is not None:
             with self.measure():
                 self._cabin(analysis)
             await self.tick()
 
     def _cabin(self, analysis: FrameAnalysis) -> None:
-        cfg, frame = self.config, analysis.frame
-        seats = [to_pixels(z, frame) for z in cfg.seat_zones]
-        in_seats = lambda box: any(inside(centre(box), z) for z in seats)   # noqa: E731
-        people = [d for d in analysis.detections if d.label == "person" and d.score >= cfg.child_min_score
-                  and in_seats(d.box)]
-        faces = [f for f in analysis.faces if f.score >= cfg.child_min_score and in_seats(f.box)]
-        moved = 0.0
-        if analysis.motion is not None:
-            moved = max((min(1.0, sum(overlap(r, z) for r in analysis.motion.regions) / max(area(z), 1.0))
-                         for z in seats), default=0.0)
-        present = bool(people or faces or moved >= cfg.seat_motion_fraction)
-        self._child_frames = self._child_frames + 1 if present else 0
-        if self._child is None and self._child_frames >= cfg.child_confirm_frames:
-            cues = (["person"] if people else []) + (["face"] if faces else []) + \
-                (["motion"] if moved >= cfg.seat_motion_fraction else [])
-            self._child = ActiveAlert("child_left_behind", self.now,
-                                      f"occupant detected in the cabin after locking ({', '.join(cues)})",
-                                      camera_id=analysis.camera_id, payload={"cues": cues})
-            log.warning("safety.child_detected", cues=cues, camera_id=analysis.camera_id)
-        # Items: only once everyone has left.
-        occupied = any(s.occupancy == vehicle_pb2.OCCUPANCY_OCCUPIED for s in self.vehicle.seats)
-        anyone = occupied or any(d.label == "person" and d.score >= cfg.child_min_score for d in analysis.detections)
-        seen = {d.label for d in analysis.detections if d.label in cfg.item_labels and d.score >= cfg.item_min_score}
-        for label in cfg.item_labels:
-            self._item_frames[label] = self._item_frames.get(label, 0) + 1 if (label in seen and not anyone) else 0
-            if self._item_frames[label] >= cfg.item_confirm_frames and label not in self._items_reported:
-                self._items_reported.add(label)
-                event = self.emit("item_left_behind", common_pb2.SEVERITY_WARNING,
-                                  f"A {label} was left in the car", {"item": label, "escalation_level": 1},
-                                  camera_id=analysis.camera_id)
-                self.active[event.cursor] = ActiveAlert("item_left_behind", self.now, f"{label} left in the cabin",
-                                                        analysis.camera_id, event.cursor, 1)
+        if not self.presence.add(analysis):
+            return
+        occupants = self.presence.confirmed()
+        people = [o for o in occupants if o.kind == "person"]
+        if self.child is None and occupants:
+            kind = "child_left_behind" if people else "pet_left_behind"
+            self.child = ChildAlert(kind, self.now, analysis.camera_id, [o.as_dict() for o in occupants])
+            log.warning("safety.occupant_confirmed", kind=kind, occupants=self.child.occupants)
+        elif self.child is not None and people and self.child.kind == "pet_left_behind":
+            self.child.kind = "child_left_behind"   # a person found beside the pet: the person's ladder from here
+            self.child.occupants = [o.as_dict() for o in occupants]
+        if self.watch is not None and self.watch.reason == "locked" and not people and not any(
+                occupied(self.vehicle, seat) for seat in SEAT_NAMES):
+            self._items(analysis)
 
-    # ------------------------------------------------------------------ child escalation timeline
+    def _items(self, analysis: FrameAnalysis) -> None:
+        for (seat, item), camera_id in sorted(self.presence.items().items()):
+            tag = f"{seat}/{item}"
+            if tag in self._items_reported:
+                continue
+            self._items_reported.add(tag)
+            where = seat.replace("_", " ")
+            where = "in the car" if seat == "cabin" else f"on the {where} seat"
+            message = f"A {item} was left {where}"
+            event = self.emit("item_left_behind", common_pb2.SEVERITY_WARNING, message,
+                              {"item": item, "seat": seat, "escalation_level": 1}, camera_id=camera_id)
+            action = self.act("owner_notification", reason=message, cause_event=event, key=f"safety:item:{event.cursor}",
+                              parameters={"title": "Left in the car", "body": message + "."})
+            self.items[event.cursor] = ActiveAlert("item_left_behind", self.now, message, camera_id, event.cursor,
+                                                   1, [action.id] if action is not None else [])
+        self._save_items()
+
+    # ------------------------------------------------------------------ the escalation ladder
     async def tick(self) -> None:
-        now = self.now
-        for cursor, alert in list(self.active.items()):
-            if alert.expires is not None and now >= alert.expires:
-                del self.active[cursor]
-        child = self._child
+        self._restore()
+        now, cfg = self.now, self.config
+        if self.watch is not None and self.child is None and now - self.watch.since > cfg.monitor_seconds:
+            log.info("safety.watch_ended", reason="monitor_seconds passed with nobody found")
+            self._stop_watch("monitoring time over")
+        self.exit.tick()
+        child = self.child
         if child is None:
             return
-        cfg = self.config
         elapsed = now - child.since
-        if child.escalation_level == 0 and elapsed >= cfg.first_warning_delay_seconds:
-            self._escalate(child, 1, ["in_car_visual", "in_car_audible"], common_pb2.SEVERITY_WARNING,
-                           "Child presence warning: someone may still be in the car")
-        while child.escalation_level >= 1 and child.notifications < cfg.max_notifications:
-            due = cfg.owner_notification_seconds + child.notifications * cfg.repeat_seconds
-            if elapsed < due:
-                break
-            child.notifications += 1
-            self._escalate(child, child.escalation_level + 1, ["owner_notification", "in_car_visual",
-                                                              "in_car_audible"], common_pb2.SEVERITY_CRITICAL,
-                           f"Someone may be left in the locked car (notification {child.notifications})")
+        while child.step < len(cfg.escalation) and elapsed >= cfg.escalation[child.step].after_seconds:
+            self._step(child, cfg.escalation[child.step])
+        first = cfg.owner_notification_seconds
+        while (first is not None and 0 < child.notifications < cfg.max_notifications
+               and elapsed >= first + child.notifications * cfg.notification_repeat_seconds):
+            self._notify(child, repeat=True)
 
-    def _escalate(self, child: ActiveAlert, level: int, actions: list[str], severity: int, message: str) -> None:
-        child.escalation_level = level
-        payload = {"escalation_level": level, "actions": actions, "detected_at": child.since,
-                   "seconds_since_detection": round(self.now - child.since, 3), **child.payload}
-        if child.event_cursor:
-            payload["alert_cursor"] = child.event_cursor
-        event = self.emit("child_left_behind", severity, message, payload, camera_id=child.camera_id)
+    def _step(self, child: ChildAlert, step) -> None:
+        level = child.step + 1
+        severity = common_pb2.SEVERITY_WARNING if level == 1 else common_pb2.SEVERITY_CRITICAL
+        who = "A pet" if child.kind == "pet_left_behind" else _who(child.occupants)
+        message = step.message or f"{who} may be left in the car"
+        if child.kind == "pet_left_behind":
+            message = message.replace("Someone", "A pet").replace("someone", "a pet")
+        event = self._event(child, level, severity, message, ["cabin_warning", *step.actions])
         if not child.event_cursor:
             child.event_cursor = event.cursor
-            self.active[event.cursor] = child
+        for kind in step.actions:
+            if kind == "owner_notification":
+                self._notify(child, repeat=False, cause=event)
+                continue
+            action = self.act(kind, reason=f"{message} (level {level})", cause_event=event,
+                              key=f"safety:{child.event_cursor}:{level}:{kind}", priority="critical"
+                              if kind == "emergency_call" else "safety", parameters=_parameters(kind, message))
+            if action is not None:
+                child.action_ids.append(action.id)
+        child.step = level
+        self.store.save("child", child)
 
-    # ------------------------------------------------------------------ safe exit
-    def _exit_sides(self) -> set[str]:
-        v = self.vehicle
-        if v.speed_kmh >= self.config.exit_speed_kmh:
-            return set()
-        sides = set()
-        for door in v.doors:
-            if door.open or door.handle_pulled:
-                if door.door in LEFT_DOORS:
-                    sides.add("left")
-                elif door.door in RIGHT_DOORS:
-                    sides.add("right")
-        return sides
+    def _notify(self, child: ChildAlert, *, repeat: bool, cause=None) -> None:
+        n = child.notifications + 1
+        body = f"{_who(child.occupants) if child.kind == 'child_left_behind' else 'A pet'} may be left in your " \
+               f"locked car ({_seats(child.occupants)})"
+        if repeat:
+            cause = self._event(child, child.step, common_pb2.SEVERITY_CRITICAL,
+                                f"Still no answer: {body} (notification {n})", ["owner_notification"],
+                                notification=n)
+        action = self.act("owner_notification", reason=body, cause_event=cause, key=f"safety:{child.event_cursor}:"
+                          f"notify:{n}", priority="safety", parameters={"title": "Check your car now", "body": body})
+        if action is not None:
+            child.action_ids.append(action.id)
+        child.notifications = n
+        self.store.save("child", child)
 
-    async def _safe_exit(self, analysis: FrameAnalysis, arrived: float, age: float) -> None:
-        cfg = self.config
-        started = time.perf_counter()
-        hazards = [d for d in analysis.detections if d.label in cfg.exit_hazard_labels and d.score >= cfg.exit_min_score]
-        growth = {id(d): self._growth(analysis, d) for d in hazards}   # keep box history even with doors shut
-        side = analysis.position
-        if side not in self._exit_sides() or not hazards:
-            return
-        approaching = [d for d in hazards if max(d.looming, growth[id(d)]) >= cfg.exit_looming_per_second]
-        if not approaching:
-            self.record_latency(time.perf_counter() - started)
-            return
-        hazard = max(approaching, key=lambda d: max(d.looming, growth[id(d)]))
-        key = (side, hazard.label)
-        last = self._last_exit_warning.get(key)
-        if last is not None and self.now - last < cfg.exit_warning_cooldown_seconds:
-            return
-        self._last_exit_warning[key] = self.now
-        doors = [vehicle_pb2.DoorId.Name(d.door).removeprefix("DOOR_ID_").lower() for d in self.vehicle.doors
-                 if (d.open or d.handle_pulled) and d.door in (LEFT_DOORS if side == "left" else RIGHT_DOORS)]
-        decided = time.perf_counter()
-        event = self.emit("safe_exit_warning", common_pb2.SEVERITY_CRITICAL,
-                          f"Wait: a {hazard.label} is approaching from behind on the {side}",
-                          {"side": side, "doors": doors, "object": hazard.label, "score": round(hazard.score, 3),
-                           "looming": round(max(hazard.looming, growth[id(hazard)]), 3),
-                           "frame_age_s": round(age, 6), "decision_s": round(decided - arrived, 6),
-                           "budget_s": cfg.exit_warning_budget_seconds},
-                          camera_id=analysis.camera_id)
-        latency = age + (time.perf_counter() - arrived)
-        EXIT_WARNING_LATENCY.observe(latency)
-        within = self.record_latency(latency, cfg.exit_warning_budget_seconds)
-        self.last_exit_latency = latency
-        self.active[event.cursor] = ActiveAlert("safe_exit_warning", self.now, event.message, analysis.camera_id,
-                                                event.cursor, 1, expires=self.now + cfg.exit_warning_cooldown_seconds,
-                                                payload={"latency_s": latency, "within_budget": within})
+    def _event(self, child: ChildAlert, level: int, severity: int, message: str, actions: list[str], **extra):
+        payload = {"escalation_level": level, "actions": actions, "detected_at": child.since,
+                   "seconds_since_detection": round(self.now - child.since, 3), "occupants": child.occupants,
+                   "watch": self.watch.reason if self.watch else "", **extra}
+        if child.event_cursor:
+            payload["alert_cursor"] = child.event_cursor
+        return self.emit(child.kind, severity, message, payload, camera_id=child.camera_id)
 
-    def _growth(self, analysis: FrameAnalysis, det: Detection) -> float:
-        """Relative box-area growth per second against the same track (or label) in this camera's last frame."""
-        key = (analysis.camera_id, det.track_id if det.track_id is not None else det.label)
-        now_area = area(det.box)
-        previous = self._previous_boxes.get(key)
-        self._previous_boxes[key] = (analysis.timestamp, now_area)
-        if previous is None or previous[1] <= 0 or analysis.timestamp <= previous[0]:
-            return 0.0
-        return (now_area / previous[1] - 1.0) / (analysis.timestamp - previous[0])
+    # ------------------------------------------------------------------ status and acknowledgement
+    def alerts(self) -> dict[int, ActiveAlert]:
+        self._restore()
+        out = dict(self.items)
+        if self.child is not None and self.child.event_cursor:
+            c = self.child
+            out[c.event_cursor] = ActiveAlert(c.kind, c.since, f"{_who(c.occupants) if c.kind == 'child_left_behind' else 'A pet'} in the car ({_seats(c.occupants)})",
+                                              c.camera_id, c.event_cursor, c.step, c.action_ids)
+        out.update(self.exit.alerts())
+        return out
 
-    # ------------------------------------------------------------------ status
+    @property
+    def active(self) -> dict[int, ActiveAlert]:
+        return self.alerts()
+
     def status(self) -> skills_pb2.SafetyStatus:
-        self._expire()
         out = skills_pb2.SafetyStatus()
-        for cursor, alert in sorted(self.active.items()):
+        for cursor, alert in sorted(self.alerts().items()):
             item = out.active.add(event_cursor=cursor, kind=alert.kind, escalation_level=alert.escalation_level,
                                   detail=alert.detail)
             item.since.FromNanoseconds(int(alert.since * 1e9))
         return out
 
-    def _expire(self) -> None:
-        now = self.now
-        for cursor, alert in list(self.active.items()):
-            if alert.expires is not None and now >= alert.expires:
-                del self.active[cursor]
-
     def acknowledge(self, event_cursor: int) -> None:
-        if event_cursor not in self.active:
+        if event_cursor not in self.alerts():
             raise NotFoundError(f"no active safety alert with event cursor {event_cursor}")
         self._resolve(event_cursor, "acknowledged")
 
     def _resolve(self, cursor: int, how: str) -> None:
-        alert = self.active.pop(cursor)
-        if alert is self._child:
-            self._child = None
-            self._child_frames = 0
-            self._lock_time = None     # handled by a person: stop watching until the next lock
-        self.emit(f"{alert.kind}_resolved", common_pb2.SEVERITY_INFO, f"{alert.kind.replace('_', ' ')}: {how}",
-                  {"alert_cursor": cursor, "how": how, "escalation_level": alert.escalation_level},
-                  camera_id=alert.camera_id)
+        if self.child is not None and cursor == self.child.event_cursor:
+            alert = self.child
+            self.child, level, kind, camera_id, actions = None, alert.step, alert.kind, alert.camera_id, alert.action_ids
+            self.store.delete("child")
+            if self.watch is not None:   # handled by a person: stop watching until the next lock or close-up
+                self.watch = None
+                self.store.delete("watch")
+            self.presence.reset()
+        elif cursor in self.items:
+            item = self.items.pop(cursor)
+            level, kind, camera_id, actions = item.escalation_level, item.kind, item.camera_id, item.action_ids
+            self._save_items()
+        elif self.exit.resolve(cursor, how):
+            return
+        else:
+            return
+        self._cancel(actions, how)
+        self.emit(f"{kind}_resolved", common_pb2.SEVERITY_INFO, f"{kind.replace('_', ' ')}: {how}",
+                  {"alert_cursor": cursor, "how": how, "escalation_level": level}, camera_id=camera_id)
+
+    def _cancel(self, action_ids: list[str], how: str) -> None:
+        if self.ctx.actions is None:
+            return
+        for action_id in action_ids:
+            try:
+                self.ctx.actions.cancel(action_id, how)
+            except Exception as exc:    # an action already gone must not keep the alert open
+                log.info("safety.cancel_failed", action=action_id, error=str(exc))
+
+
+def _who(occupants: list[dict]) -> str:
+    people = [o for o in occupants if o.get("kind") == "person"]
+    if any(o.get("estimate") == "child" for o in people):
+        return "A child"
+    return "Someone" if people else "A pet"
+
+
+def _seats(occupants: list[dict]) -> str:
+    return ", ".join(sorted({o["seat"].replace("_", " ") for o in occupants})) or "cabin"
+
+
+def _parameters(kind: str, message: str) -> dict[str, str]:
+    if kind == "emergency_call":
+        return {"message": message}
+    if kind == "climate_on":
+        return {"temperature_c": "21"}
+    return {}

@@ -8,6 +8,7 @@ from prometheus_client import REGISTRY
 from skills.base import SwitchableNarrator, TemplateNarrator, accept_words, narrate, narration_request
 from skills.config import GreeterConfig, SafetyConfig, SentinelConfig, SkillsConfig, decode_key
 from skills.router import route
+from skills.safety_config import EscalationStep
 
 
 @pytest.mark.parametrize("question, skill", [
@@ -62,8 +63,10 @@ def test_config_errors_name_the_key(monkeypatch):
         SentinelConfig(battery_floor_percent=120).validate()
     with pytest.raises(ValueError, match=r"^door_handle_zones\.left\[0\]:"):
         SentinelConfig(door_handle_zones={"left": [[0.5, 0.1, 0.2, 0.3]]}).validate()
-    with pytest.raises(ValueError, match="^owner_notification_seconds:"):
-        SafetyConfig(first_warning_delay_seconds=60, owner_notification_seconds=30).validate()
+    with pytest.raises(ValueError, match="^escalation: steps must come in time order"):
+        SafetyConfig(escalation=[EscalationStep(60.0), EscalationStep(30.0, ["horn"])]).validate()
+    with pytest.raises(ValueError, match=r"^escalation\[0\]\.actions:"):
+        SafetyConfig(escalation=[EscalationStep(0.0, ["fireworks"])]).validate()
     with pytest.raises(ValueError, match="^profile_key: expected 32 bytes"):
         GreeterConfig(profile_key="c2hvcnQ=").validate()
     with pytest.raises(ValueError, match=r"^sentinel\.clip_format:"):
@@ -77,9 +80,9 @@ def test_config_errors_name_the_key(monkeypatch):
 def test_service_config_composes_the_skills_section():
     from service.config import load_config
     config = load_config(env={"INCAR_SKILLS__TICK_SECONDS": "0.25"},
-                         overrides=["skills.sentinel.battery_floor_percent=25", "skills.safety.repeat_seconds=45"])
+                         overrides=["skills.sentinel.battery_floor_percent=25", "skills.safety.notification_repeat_seconds=45"])
     assert config.skills.tick_seconds == 0.25
-    assert config.skills.sentinel.battery_floor_percent == 25 and config.skills.safety.repeat_seconds == 45
+    assert config.skills.sentinel.battery_floor_percent == 25 and config.skills.safety.notification_repeat_seconds == 45
 
 
 def test_latency_and_budget_metrics_are_registered():
