@@ -24,31 +24,60 @@ class SavedPlace:
 
 
 @dataclass
+class CameraGeometry:
+    """Where an exterior camera sits and looks, for distances from a pinhole model (the camera's calibration)."""
+    height_m: float = 1.0                  # lens above the ground
+    pitch_deg: float = 0.0                 # looking down by this much
+    vfov_deg: float = 60.0                 # vertical field of view
+
+    def validate(self) -> None:
+        if not 0 < self.height_m <= 5 or not -45 <= self.pitch_deg <= 80 or not 10 <= self.vfov_deg <= 170:
+            raise ValueError("expected 0 < height_m <= 5, pitch_deg -45..80, vfov_deg 10..170")
+
+
+def _default_geometry() -> dict[str, CameraGeometry]:
+    return {"front": CameraGeometry(0.8, 5.0), "rear": CameraGeometry(0.9, 10.0),
+            "left": CameraGeometry(1.0, 0.0), "right": CameraGeometry(1.0, 0.0)}
+
+
+@dataclass
 class SentinelConfig:
     auto_arm: bool = True                  # arm by itself when the car is locked and parked
     battery_floor_percent: float = 20.0    # below it Sentinel stays off to save the 12 V battery
     saved_places: list[SavedPlace] = field(default_factory=list)   # home, work: never armed there
     saved_place_radius_m: float = 10.0
     person_min_score: float = 0.5
-    near_height_fraction: float = 0.35     # a person box this tall (share of frame height) is near the car
-    touch_height_fraction: float = 0.8     # this tall: touching the car / the camera
-    linger_seconds: float = 5.0            # near this long -> Alert
-    confirm_frames: int = 3                # a condition must hold on this many consecutive frames
+    camera_geometry: dict[str, CameraGeometry] = field(default_factory=_default_geometry)
+    person_height_m: float = 1.7           # assumed body height when only the box height tells the distance
+    near_distance_m: float = 4.0           # a person this close counts as near the car
+    touch_distance_m: float = 1.8          # this close: at the car (leaning, touching)
+    linger_seconds: float = 5.0            # one person near this long -> Alert
+    approach_min_m: float = 1.5            # a track that closed this much distance, mostly towards the car ...
+    approach_alert_distance_m: float = 2.5  # ... and is now this close -> Alert (a pass-by never is)
+    track_gap_seconds: float = 2.0         # a person's track survives this long without a detection
+    confirm_frames: int = 3                # a condition must hold on this many frames of one person
     door_handle_zones: dict[str, list[list[float]]] = field(default_factory=lambda: {
         "left": [[0.30, 0.35, 0.45, 0.60], [0.60, 0.35, 0.75, 0.60]],
         "right": [[0.25, 0.35, 0.40, 0.60], [0.55, 0.35, 0.70, 0.60]],
     })
-    handle_zone_coverage: float = 0.5      # share of a handle zone a person box must cover
     window_zones: dict[str, list[list[float]]] = field(default_factory=lambda: {
         "left": [[0.20, 0.05, 0.80, 0.35]],
         "right": [[0.20, 0.05, 0.80, 0.35]],
     })
-    window_motion_fraction: float = 0.15   # share of a window zone that moved
+    keypoint_min_score: float = 0.3        # a wrist keypoint counts from this score
+    window_motion_fraction: float = 0.15   # share of a window zone that moved (with a person at the car)
     masks: dict[str, list[list[float]]] = field(default_factory=dict)   # ignored regions (trees, a road)
+    shock_alert_g: float = 0.15            # a bump: Alert
+    shock_alarm_g: float = 0.5             # a blow: Alarm
+    tilt_alarm_deg: float = 3.0            # jacked up or towed: Alarm
+    false_positive_step: float = 0.25      # each false positive in a zone raises its thresholds by this share
+    false_positive_max_steps: int = 4
+    alert_actions: list[str] = field(default_factory=lambda: ["headlight_flash"])
+    alarm_actions: list[str] = field(default_factory=lambda: ["horn", "headlight_flash", "owner_notification"])
     cooldown_seconds: float = 30.0         # quiet this long -> back to Standby
-    pre_event_seconds: float = 5.0         # the clip starts this long before the event
-    clip_format: str = "jpeg"              # "jpeg" (JPEG sequence) or "mp4"
-    clip_fps: float = 10.0
+    pre_event_seconds: float = 10.0        # clips: footage before the event ...
+    post_event_seconds: float = 10.0       # ... and after it, from every exterior camera
+    clip_format: str = "jpeg"              # "jpeg" (JPEG sequence per camera) or "mp4" (one file per camera)
     jpeg_quality: int = 85
     clip_max_total_bytes: int = 512 * 1024 * 1024
     clip_max_age_seconds: float = 30 * 24 * 3600.0
@@ -62,23 +91,39 @@ class SentinelConfig:
         for i, place in enumerate(self.saved_places):
             if not (-90 <= place.latitude_deg <= 90 and -180 <= place.longitude_deg <= 180):
                 raise ValueError(f"saved_places[{i}]: latitude/longitude out of range")
-        if not 0 < self.near_height_fraction <= self.touch_height_fraction <= 1:
-            raise ValueError("near_height_fraction: expected 0 < near <= touch_height_fraction <= 1")
-        if self.confirm_frames < 1:
-            raise ValueError("confirm_frames: must be >= 1")
-        for key in ("linger_seconds", "cooldown_seconds", "pre_event_seconds", "clip_max_age_seconds",
-                    "budget_seconds"):
+        if not 0 < self.touch_distance_m <= self.approach_alert_distance_m <= self.near_distance_m:
+            raise ValueError("near_distance_m: expected 0 < touch_distance_m <= approach_alert_distance_m "
+                             "<= near_distance_m")
+        if self.confirm_frames < 1 or self.false_positive_max_steps < 0:
+            raise ValueError("confirm_frames: must be >= 1; false_positive_max_steps >= 0")
+        for key in ("linger_seconds", "cooldown_seconds", "pre_event_seconds", "post_event_seconds",
+                    "clip_max_age_seconds", "budget_seconds", "person_height_m", "approach_min_m",
+                    "track_gap_seconds", "shock_alert_g", "tilt_alarm_deg", "false_positive_step"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}: must be > 0")
+        if self.shock_alarm_g < self.shock_alert_g:
+            raise ValueError("shock_alarm_g: must be >= shock_alert_g")
         if self.clip_format not in ("jpeg", "mp4"):
             raise ValueError(f"clip_format: expected jpeg or mp4, got {self.clip_format!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError("jpeg_quality: expected 1..100")
-        if self.clip_fps <= 0 or self.clip_max_total_bytes <= 0:
-            raise ValueError("clip_fps and clip_max_total_bytes: must be > 0")
+        if self.clip_max_total_bytes <= 0:
+            raise ValueError("clip_max_total_bytes: must be > 0")
         for name in ("door_handle_zones", "window_zones", "masks"):
             for position, boxes in getattr(self, name).items():
                 validate_norm_boxes(f"{name}.{position}", boxes)
+        for position, geometry in self.camera_geometry.items():
+            try:
+                geometry.validate()
+            except ValueError as exc:
+                raise ValueError(f"camera_geometry.{position}: {exc}") from None
+        from service.actions.model import kind_name   # the action kinds the vehicle gateway knows
+        for key in ("alert_actions", "alarm_actions"):
+            for kind in getattr(self, key):
+                try:
+                    kind_name(kind)
+                except ValueError as exc:
+                    raise ValueError(f"{key}: {exc}") from None
 
 
 @dataclass

@@ -1,61 +1,38 @@
-"""AI Sentinel: parked-car surveillance. Disarmed -> Standby -> Alert -> Alarm -> (cool-down) -> Standby.
+"""AI Sentinel: parked-car surveillance, after Tesla's Sentry Mode. Disarmed -> Standby -> Alert -> Alarm ->
+(cool-down) -> Standby.
 
 Armed when locked and parked (unless configured off), never at a saved place (home, work) and never below the
-battery floor. Alert: a person lingers near the car for `linger_seconds`, or touches it. Alarm: a person at a door
-handle, or motion at a window with a person there. Every condition must hold on `confirm_frames` consecutive
-frames of one camera (one-frame detector glitches do not wake the owner), and masked regions are ignored.
-On Alert and Alarm: a clip from the camera ring buffer starting `pre_event_seconds` before the event, a snapshot,
-and a description worded by the model; then one durable event that links them.
+battery floor; an owner's Arm or Disarm holds until the next unlock. Arming, the owner's request and the state
+are stored, so a restart comes back as it was and says nothing new. Alert: one person (a tracker id) lingering
+near the car, approaching it (not passing by), or at the car. Alarm: a hand at a door handle or a window (pose),
+or an intrusion sensor (shock, tilt, glass break, a door forced). Each Alert and Alarm: a snapshot and the model's
+description in one durable event, the configured vehicle actions (headlight flash; horn, owner notification),
+and a clip from every exterior camera, 10 s before to 10 s after, at the cameras' own frame rate.
+False-positive feedback on a clip raises its zone's thresholds (skills/README.md).
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import math
-import shutil
 import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import cv2
 import numpy as np
 import structlog
 
 from incar.v1 import common_pb2, skills_pb2, vehicle_pb2
 from service.perception.types import FrameAnalysis
 from service.runtime.scheduler import JobClass
-from skills.base import (PreconditionError, NotFoundError, Skill, SkillContext, area, centre, inside, is_moving,
-                         narrate, overlap, to_pixels)
+from skills.base import NotFoundError, PreconditionError, Skill, SkillContext, is_moving, narrate
 from skills.config import SentinelConfig
+from skills.sentinel_clips import ClipStore, clip_message, footage_of
+from skills.sentinel_watch import CameraWatch, ZoneThresholds
 
 log = structlog.get_logger(__name__)
 
-MIGRATIONS = [
-    """
-    CREATE TABLE sentinel_clips (
-        clip_id TEXT PRIMARY KEY,
-        camera_id TEXT NOT NULL,
-        event_cursor INTEGER NOT NULL DEFAULT 0,
-        level TEXT NOT NULL,
-        start_time REAL NOT NULL,
-        event_time REAL NOT NULL,
-        frame_count INTEGER NOT NULL,
-        size_bytes INTEGER NOT NULL,
-        format TEXT NOT NULL,
-        path TEXT NOT NULL,
-        snapshot_id TEXT NOT NULL DEFAULT '',
-        snapshot_path TEXT NOT NULL DEFAULT '',
-        description TEXT NOT NULL DEFAULT '',
-        false_positive INTEGER NOT NULL DEFAULT 0,
-        note TEXT NOT NULL DEFAULT ''
-    );
-    CREATE INDEX sentinel_clips_time ON sentinel_clips(event_time);
-    """,
-]
-
 EARTH_RADIUS_M = 6_371_008.8
 STATE = skills_pb2.SentinelState
-LEVEL_NAMES = {skills_pb2.SENTINEL_STATE_ALERT: "alert", skills_pb2.SENTINEL_STATE_ALARM: "alarm"}
+LEVELS = {"alert": skills_pb2.SENTINEL_STATE_ALERT, "alarm": skills_pb2.SENTINEL_STATE_ALARM}
+SENSOR_ZONES = ("sensor.shock", "sensor.tilt")
 
 
 def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
@@ -65,25 +42,6 @@ def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(a)))
 
 
-@dataclass
-class _CameraTrack:
-    """Consecutive-frame counters of one camera (multi-frame confirmation)."""
-    near: int = 0
-    touch: int = 0
-    handle: int = 0
-    window: int = 0
-    near_since: float | None = None
-
-
-@dataclass
-class _Observation:
-    near: bool = False
-    touch: bool = False
-    handle: bool = False
-    window: bool = False
-    detail: list[str] = field(default_factory=list)
-
-
 class Sentinel(Skill):
     name = "sentinel"
 
@@ -91,18 +49,44 @@ class Sentinel(Skill):
         super().__init__(ctx)
         self.config = config or SentinelConfig()
         self.budget_s = self.config.budget_seconds
-        ctx.db.register_migrations("sentinel", MIGRATIONS)
-        self.clip_dir = Path(ctx.data_dir) / "sentinel" / "clips"
-        self.snapshot_dir = Path(ctx.data_dir) / "sentinel" / "snapshots"
+        self.clips = ClipStore(ctx.db, ctx.data_dir, self.config, ctx.clock)
+        self.clip_dir = self.clips.clip_dir
         self.state = skills_pb2.SENTINEL_STATE_DISARMED
         self.armed = False
         self.reason = "not locked and parked"
         self.since = ctx.clock()
         self._requested: bool | None = None   # True: armed by request; False: disarmed by request (until unlock)
-        self._tracks: dict[str, _CameraTrack] = {}
+        self._watches: dict[str, CameraWatch] = {}
+        self._episode: set[str] = set()       # triggers raised since the last Standby
         self._last_activity = 0.0
+        self._recording: dict[str, tuple[float, dict]] = {}   # clip_id -> (event time, pre-event footage)
+        self._exterior: dict[str, str] = {}   # exterior camera id -> position, as analyses name them
 
-    # ------------------------------------------------------------------ arming
+    # ------------------------------------------------------------------ arming (stored: restarts keep intent)
+    def restore(self) -> None:
+        """After `db.migrate()`: the arming, request and state as they were stored; no event unless the stored
+        decision no longer holds for the current vehicle state."""
+        stored = dict(self.ctx.db.connect().execute("SELECT key, value FROM sentinel_state").fetchall())
+        if stored:
+            self._requested = {"armed": True, "disarmed": False}.get(stored.get("request", ""))
+            self.armed = stored.get("armed") == "1"
+            self.state = STATE.Value(stored.get("state", "SENTINEL_STATE_DISARMED"))
+            self.since = float(stored.get("since", self.now))
+            self.reason = stored.get("reason", self.reason)
+            self._last_activity = self.since
+        for row in self.ctx.db.connect().execute("SELECT clip_id, event_time FROM sentinel_clips WHERE complete=0"):
+            self._recording[row["clip_id"]] = (row["event_time"], {})   # pre-event footage died with the process
+        self._evaluate_arming()
+
+    def _store(self) -> None:
+        values = {"request": {True: "armed", False: "disarmed"}.get(self._requested, ""),
+                  "armed": "1" if self.armed else "0", "state": STATE.Name(self.state), "since": repr(self.since),
+                  "reason": self.reason}
+        with self.ctx.db.transaction() as tx:
+            for key, value in values.items():
+                tx.execute("INSERT INTO sentinel_state(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET "
+                           "value=excluded.value", (key, value))
+
     def arm(self) -> skills_pb2.SentinelStatus:
         if is_moving(self.vehicle):
             raise PreconditionError("cannot arm Sentinel while driving (gear D/R or moving)")
@@ -120,8 +104,10 @@ class Sentinel(Skill):
         return self.status()
 
     def status(self) -> skills_pb2.SentinelStatus:
-        out = skills_pb2.SentinelStatus(state=self.state, armed=self.armed, reason=self.reason)
+        out = skills_pb2.SentinelStatus(state=self.state, armed=self.armed, reason=self.reason,
+                                        request={True: "armed", False: "disarmed"}.get(self._requested, ""))
         out.since.FromNanoseconds(int(self.since * 1e9))
+        out.zones.extend(t for t in self.zone_tunings() if t.false_positives)
         return out
 
     def _arming_decision(self) -> tuple[bool, str]:
@@ -158,243 +144,234 @@ class Sentinel(Skill):
         was = self.armed
         self.armed, self.reason = armed, reason
         if armed and not was:
-            self._tracks.clear()
+            self._watches.clear()
             self._set_state(skills_pb2.SENTINEL_STATE_STANDBY)
             self.emit("armed", common_pb2.SEVERITY_INFO, f"Sentinel armed: {reason}", {"reason": reason})
         elif not armed and was:
             self._set_state(skills_pb2.SENTINEL_STATE_DISARMED)
             self.emit("disarmed", common_pb2.SEVERITY_INFO, f"Sentinel disarmed: {reason}", {"reason": reason})
+        elif not armed:
+            self.state = skills_pb2.SENTINEL_STATE_DISARMED
+        self._store()
 
     def _set_state(self, state: int) -> None:
         if state != self.state:
             log.info("sentinel.state", state=STATE.Name(state), previous=STATE.Name(self.state))
             self.state, self.since = state, self.now
+            if state in (skills_pb2.SENTINEL_STATE_STANDBY, skills_pb2.SENTINEL_STATE_DISARMED):
+                self._episode.clear()
 
     async def on_vehicle(self, previous, current) -> None:
         if previous.locked and not current.locked:
             self._requested = None     # the owner is back: a request lasts one locked period
         self._evaluate_arming()
+        if self.armed:
+            for level, trigger, zone, reason in self._intrusions(previous.intrusion, current.intrusion):
+                self._raise(level, trigger, zone, reason, *self._snapshot_camera())
+
+    def _intrusions(self, before, now):
+        """(level, trigger, zone, reason) for each intrusion signal that rose with this snapshot."""
+        shock_factor = self._factor("sensor.shock")
+        alarm_g, alert_g = self.config.shock_alarm_g * shock_factor, self.config.shock_alert_g * shock_factor
+        if now.shock_g >= alarm_g > before.shock_g:
+            yield "alarm", "shock", "sensor.shock", f"a strong shock ({now.shock_g:.2f} g)"
+        elif now.shock_g >= alert_g > before.shock_g:
+            yield "alert", "shock", "sensor.shock", f"a light shock ({now.shock_g:.2f} g)"
+        tilt = self.config.tilt_alarm_deg * self._factor("sensor.tilt")
+        if now.tilt_deg >= tilt > before.tilt_deg:
+            yield "alarm", "tilt", "sensor.tilt", f"the car tilted by {now.tilt_deg:.1f} deg (jacked or towed)"
+        if now.glass_break and not before.glass_break:
+            yield "alarm", "glass_break", "sensor.glass_break", "glass breaking"
+        for door in set(now.forced_doors) - set(before.forced_doors):
+            name = vehicle_pb2.DoorId.Name(door).removeprefix("DOOR_ID_").lower().replace("_", " ")
+            yield "alarm", "forced_door", "sensor.forced_door", f"the {name} door forced open"
 
     # ------------------------------------------------------------------ watching
     async def on_frame(self, analysis: FrameAnalysis) -> None:
-        if not self.armed or analysis.role != "exterior":
+        if analysis.role != "exterior":
+            return
+        self._exterior[analysis.camera_id] = analysis.position
+        self._finish_due()
+        if not self.armed:
             return
         with self.measure():
-            level, why = self._decide(analysis)
-        if level is not None:
-            previous = self.state
-            self._set_state(level)
-            # Take the ring's frames now (references, cheap): the clip is the footage up to this decision.
-            images = self._pre_event_images(analysis)
-            self.spawn(self._record(level, previous, analysis, why, images))
+            watch = self._watches.setdefault(analysis.camera_id, CameraWatch(analysis.camera_id, analysis.position))
+            findings = watch.observe(analysis, self.config, self.thresholds(analysis.position))
+            if watch.active(analysis.timestamp, self.config.track_gap_seconds):
+                self._last_activity = self.now
+        for finding in sorted(findings, key=lambda f: LEVELS[f.level], reverse=True):
+            self._raise(finding.level, finding.trigger, analysis.position, finding.reason, analysis.camera_id,
+                        analysis.position, analysis.frame, {"track_id": finding.track_id,
+                                                            "distance_m": round(finding.distance_m, 2),
+                                                            "motion": finding.motion})
 
-    def _decide(self, analysis: FrameAnalysis) -> tuple[int | None, str]:
-        """Update the confirmation counters with one frame; returns a new (higher) state and why, or None."""
-        obs = self._observe(analysis)
-        track = self._tracks.setdefault(analysis.camera_id, _CameraTrack())
-        now = analysis.timestamp
-        track.near = track.near + 1 if obs.near else 0
-        track.touch = track.touch + 1 if obs.touch else 0
-        track.handle = track.handle + 1 if obs.handle else 0
-        track.window = track.window + 1 if obs.window else 0
-        if not obs.near:
-            track.near_since = None
-        elif track.near_since is None:
-            track.near_since = now
-        if obs.near or obs.handle or obs.window:
-            self._last_activity = self.now
-        need = self.config.confirm_frames
-        if track.handle >= need or track.window >= need:
-            level = skills_pb2.SENTINEL_STATE_ALARM
-            why = "a person at a door handle" if track.handle >= need else "motion at a window with a person there"
-        elif track.touch >= need:
-            level, why = skills_pb2.SENTINEL_STATE_ALERT, "a person touching the car"
-        elif (track.near >= need and track.near_since is not None
-              and now - track.near_since >= self.config.linger_seconds):
-            level = skills_pb2.SENTINEL_STATE_ALERT
-            why = f"a person lingering near the car for {now - track.near_since:.0f} s"
-        else:
-            return None, ""
-        return (level, why) if level > self.state else (None, "")
+    def _raise(self, level: str, trigger: str, zone: str, reason: str, camera_id: str, position: str,
+               snapshot: np.ndarray | None, extra: dict | None = None) -> None:
+        target = LEVELS[level]
+        if target < self.state or trigger in self._episode:
+            return
+        self._episode.add(trigger)
+        previous = self.state
+        self._set_state(max(target, self.state))
+        self._last_activity = self.now
+        self._store()
+        event_time = self.now
+        clip_id = f"clip-{uuid.uuid4().hex[:16]}"
+        # The pre-event footage, taken now (references): the ring moves on while the event is written.
+        pre = {cam: (pos, self._footage(cam, event_time - self.config.pre_event_seconds, event_time))
+               for cam, pos in self._cameras().items()}
+        self.spawn(self._record(clip_id, level, trigger, zone, reason, camera_id, position, snapshot, previous,
+                                event_time, pre, extra or {}))
 
-    def _observe(self, analysis: FrameAnalysis) -> _Observation:
-        cfg, frame = self.config, analysis.frame
-        height = frame.shape[0]
-        masks = [to_pixels(b, frame) for b in cfg.masks.get(analysis.position, [])]
-        handles = [to_pixels(b, frame) for b in cfg.door_handle_zones.get(analysis.position, [])]
-        windows = [to_pixels(b, frame) for b in cfg.window_zones.get(analysis.position, [])]
-        obs = _Observation()
-        people = [d for d in analysis.detections if d.label == "person" and d.score >= cfg.person_min_score
-                  and not any(inside(centre(d.box), m) for m in masks)]
-        for person in people:
-            tall = (person.box[3] - person.box[1]) / height
-            obs.near |= tall >= cfg.near_height_fraction
-            obs.touch |= tall >= cfg.touch_height_fraction
-            obs.handle |= any(overlap(person.box, z) >= cfg.handle_zone_coverage * area(z) for z in handles)
-        if people and analysis.motion is not None and windows:
-            regions = [r for r in analysis.motion.regions if not any(inside(centre(r), m) for m in masks)]
-            for zone in windows:
-                moved = min(1.0, sum(overlap(r, zone) for r in regions) / max(area(zone), 1.0))
-                obs.window |= moved >= cfg.window_motion_fraction
-        return obs
+    async def _record(self, clip_id, level, trigger, zone, reason, camera_id, position, snapshot, previous,
+                      event_time, pre, extra) -> None:
+        where = f"the {position} camera" if position else "the car's sensors"
+        description = await narrate(
+            self.ctx.narrator, task="You watch a parked car and tell its owner what the camera saw.",
+            draft=f"Sentinel {level} on {where}: {reason}.", priority=JobClass.ALERT,
+            images=(snapshot,) if snapshot is not None else ())
+        if snapshot is None:
+            snapshot = np.zeros((8, 8, 3), np.uint8)
+        await asyncio.to_thread(self.clips.begin, clip_id, level=level, trigger=trigger, zone=zone,
+                                camera_id=camera_id, event_time=event_time, snapshot=snapshot,
+                                description=description)
+        severity = common_pb2.SEVERITY_CRITICAL if level == "alarm" else common_pb2.SEVERITY_WARNING
+        event = self.emit(level, severity, description,
+                          {"reason": reason, "trigger": trigger, "zone": zone, "clip_id": clip_id,
+                           "snapshot_id": f"{clip_id}-snapshot", "previous_state": STATE.Name(previous),
+                           "cameras": sorted(pre), "frames_before_event": sum(len(f) for _, f in pre.values()),
+                           **extra},
+                          camera_id=camera_id, attachment_ids=(clip_id, f"{clip_id}-snapshot"))
+        self.clips.set_event(clip_id, event.cursor)
+        self._recording[clip_id] = (event_time, pre)
+        for kind in self.config.alarm_actions if level == "alarm" else self.config.alert_actions:
+            params = {"title": f"Sentinel {level}", "body": description} if kind == "owner_notification" else None
+            self.act(kind, reason=f"Sentinel {level}: {reason}", cause_event=event, parameters=params,
+                     key=f"sentinel:{clip_id}:{kind}")
+        self._finish_due()
+
+    def _cameras(self) -> dict[str, str]:
+        """Every exterior camera: those analysed, and those the hub records (analysis may be paused)."""
+        cameras = dict(self._exterior)
+        recorder = getattr(self.ctx.frames, "recorder", None)
+        for camera_id in recorder.camera_ids() if recorder is not None else ():
+            frames = recorder.frames(camera_id, -math.inf)
+            cameras.setdefault(camera_id, frames[-1].position if frames else "")
+        return cameras
+
+    def _footage(self, camera_id: str, since: float, until: float) -> list:
+        frames = self.ctx.frames
+        if frames is None:
+            return []
+        if hasattr(frames, "recording"):
+            return frames.recording(camera_id, since, until)
+        return [f for f in frames.history(camera_id, self.now - since + 1.0) if since <= f.capture_time <= until]
+
+    def _finish_due(self) -> None:
+        """Finish clips whose post-event time has passed."""
+        for clip_id, (event_time, pre) in list(self._recording.items()):
+            if self.now >= event_time + self.config.post_event_seconds:
+                del self._recording[clip_id]
+                self.spawn(self._finish(clip_id, event_time, pre))
+
+    async def _finish(self, clip_id: str, event_time: float, pre: dict) -> None:
+        end = event_time + self.config.post_event_seconds
+        cameras = {}
+        for camera_id, position in {**{c: p for c, (p, _) in pre.items()}, **self._cameras()}.items():
+            before = pre.get(camera_id, (position, []))[1]
+            after = [f for f in self._footage(camera_id, event_time, end) if f.capture_time > event_time]
+            cameras[camera_id] = (position, before + after)
+        summary = await asyncio.to_thread(self._write, clip_id, event_time, cameras)
+        self.emit("clip_saved", common_pb2.SEVERITY_INFO,
+                  f"Clip {clip_id}: {summary['frames']} frames from {len(summary['cameras'])} cameras",
+                  {"clip_id": clip_id, "cameras": summary["cameras"], "size_bytes": summary["bytes"]},
+                  attachment_ids=(clip_id,))
+        await asyncio.to_thread(self.clips.enforce_retention)
+
+    def _write(self, clip_id: str, event_time: float, cameras: dict) -> dict:
+        """In a thread: frames become footage (decoding where they are not JPEG) and are written."""
+        return self.clips.finish(clip_id, event_time, {cam: (pos, [footage_of(f) for f in frames])
+                                                       for cam, (pos, frames) in cameras.items()})
+
+    def _snapshot_camera(self) -> tuple[str, str, np.ndarray | None]:
+        """For a sensor alarm: the newest frame of any exterior camera (camera id, position, image)."""
+        best = None
+        for camera_id, position in self._cameras().items():
+            latest = self.ctx.frames.latest(camera_id) if self.ctx.frames is not None else None
+            if latest is not None and (best is None or latest.capture_time > best[2].capture_time):
+                best = (camera_id, position, latest)
+        return ("", "", None) if best is None else (best[0], best[1], best[2].original)
 
     async def tick(self) -> None:
+        self._finish_due()
         if self.state in (skills_pb2.SENTINEL_STATE_ALERT, skills_pb2.SENTINEL_STATE_ALARM) and \
                 self.now - self._last_activity >= self.config.cooldown_seconds:
-            self._tracks.clear()
+            self._watches.clear()
             self._set_state(skills_pb2.SENTINEL_STATE_STANDBY)
+            self._store()
             self.emit("standby", common_pb2.SEVERITY_INFO,
                       f"Sentinel back to standby after {self.config.cooldown_seconds:.0f} s without activity")
 
-    # ------------------------------------------------------------------ evidence
-    def _pre_event_images(self, analysis: FrameAnalysis) -> list[tuple[float, np.ndarray]]:
-        event_time, pre = analysis.timestamp, self.config.pre_event_seconds
-        frames = []
-        if self.ctx.frames is not None:
-            frames = [f for f in self.ctx.frames.history(analysis.camera_id, pre + 1.0)
-                      if event_time - pre <= f.capture_time <= event_time]
-        return [(f.capture_time, f.original) for f in frames] or [(event_time, analysis.frame)]
+    # ------------------------------------------------------------------ false-positive feedback
+    def _false_positives(self, zone: str) -> int:
+        row = self.ctx.db.connect().execute("SELECT false_positives FROM sentinel_zones WHERE zone=?",
+                                            (zone,)).fetchone()
+        return min(row["false_positives"], self.config.false_positive_max_steps) if row else 0
 
-    async def _record(self, level: int, previous: int, analysis: FrameAnalysis, why: str,
-                      images: list[tuple[float, np.ndarray]]) -> None:
-        name = LEVEL_NAMES[level]
-        event_time = analysis.timestamp
-        snapshot = images[-1][1]
-        clip_id, snapshot_id = f"clip-{uuid.uuid4().hex[:16]}", f"snap-{uuid.uuid4().hex[:16]}"
-        clip = await asyncio.to_thread(self._write_clip, clip_id, snapshot_id, images, snapshot)
-        description = await narrate(
-            self.ctx.narrator, task="You watch a parked car and tell its owner what the camera saw.",
-            draft=f"Sentinel {name} on the {analysis.position} camera: {why}.", priority=JobClass.ALERT,
-            images=(snapshot,))
-        with self.ctx.db.transaction() as tx:
-            tx.execute("INSERT INTO sentinel_clips(clip_id, camera_id, level, start_time, event_time, frame_count,"
-                       " size_bytes, format, path, snapshot_id, snapshot_path, description)"
-                       " VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
-                       (clip_id, analysis.camera_id, name, images[0][0], event_time, clip["frames"], clip["bytes"],
-                        clip["format"], clip["path"], snapshot_id, clip["snapshot"], description))
-        severity = common_pb2.SEVERITY_CRITICAL if level == skills_pb2.SENTINEL_STATE_ALARM \
-            else common_pb2.SEVERITY_WARNING
-        event = self.emit(name, severity, description,
-                          {"reason": why, "clip_id": clip_id, "snapshot_id": snapshot_id,
-                           "previous_state": STATE.Name(previous), "frames_before_event":
-                               sum(1 for t, _ in images if t < event_time)},
-                          camera_id=analysis.camera_id, attachment_ids=(clip_id, snapshot_id))
-        with self.ctx.db.transaction() as tx:
-            tx.execute("UPDATE sentinel_clips SET event_cursor=? WHERE clip_id=?", (event.cursor, clip_id))
-        await asyncio.to_thread(self.enforce_retention)
+    def _factor(self, zone: str) -> float:
+        return 1 + self.config.false_positive_step * self._false_positives(zone)
 
-    def _write_clip(self, clip_id: str, snapshot_id: str, images, snapshot: np.ndarray) -> dict:
-        cfg = self.config
-        self.clip_dir.mkdir(parents=True, exist_ok=True)
-        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
-        snapshot_path = self.snapshot_dir / f"{snapshot_id}.jpg"
-        _write_jpeg(snapshot_path, snapshot, cfg.jpeg_quality)
-        if cfg.clip_format == "mp4":
-            path = self.clip_dir / f"{clip_id}.mp4"
-            if _write_mp4(path, [img for _, img in images], cfg.clip_fps):
-                return {"frames": len(images), "bytes": path.stat().st_size, "format": "mp4", "path": str(path),
-                        "snapshot": str(snapshot_path)}
-            log.warning("sentinel.mp4_unavailable", clip_id=clip_id, fallback="jpeg-sequence")
-        folder = self.clip_dir / clip_id
-        folder.mkdir()
-        index = []
-        for i, (t, img) in enumerate(images):
-            name = f"{i:06d}.jpg"
-            _write_jpeg(folder / name, img, cfg.jpeg_quality)
-            index.append({"file": name, "capture_time": t})
-        (folder / "index.json").write_text(json.dumps(index))
-        size = sum(p.stat().st_size for p in folder.iterdir())
-        return {"frames": len(images), "bytes": size, "format": "jpeg-sequence", "path": str(folder),
-                "snapshot": str(snapshot_path)}
+    def thresholds(self, zone: str) -> ZoneThresholds:
+        return ZoneThresholds.of(self.config, self._false_positives(zone))
 
-    def enforce_retention(self) -> list[str]:
-        """Drop clips older than the age limit, then the oldest until the total fits the size limit."""
-        cfg = self.config
-        conn = self.ctx.db.connect()
-        rows = conn.execute("SELECT clip_id, event_time, size_bytes FROM sentinel_clips "
-                            "ORDER BY event_time DESC").fetchall()
-        keep_bytes, doomed = 0, []
-        for i, row in enumerate(rows):
-            too_old = self.now - row["event_time"] > cfg.clip_max_age_seconds
-            # The newest clip stays even alone over the size limit: it is the evidence of what just happened.
-            if too_old or (i > 0 and keep_bytes + row["size_bytes"] > cfg.clip_max_total_bytes):
-                doomed.append(row["clip_id"])
-            else:
-                keep_bytes += row["size_bytes"]
-        for clip_id in doomed:
-            self.delete_clip(clip_id)
-        if doomed:
-            log.info("sentinel.retention", deleted=len(doomed), kept_bytes=keep_bytes)
-        return doomed
+    def zone_tuning(self, zone: str) -> skills_pb2.ZoneTuning:
+        count = self.ctx.db.connect().execute("SELECT false_positives FROM sentinel_zones WHERE zone=?",
+                                              (zone,)).fetchone()
+        out = skills_pb2.ZoneTuning(zone=zone, false_positives=count["false_positives"] if count else 0)
+        if zone.startswith("sensor."):
+            base = {"sensor.shock": self.config.shock_alert_g, "sensor.tilt": self.config.tilt_alarm_deg}.get(zone)
+            out.sensor_threshold = base * self._factor(zone) if base is not None else 0.0
+        else:
+            t = self.thresholds(zone)
+            out.linger_seconds, out.near_distance_m, out.confirm_frames = (t.linger_seconds, t.near_distance_m,
+                                                                           t.confirm_frames)
+        return out
 
-    def delete_clip(self, clip_id: str) -> None:
-        row = self._clip_row(clip_id)
-        for path in (Path(row["path"]), Path(row["snapshot_path"]) if row["snapshot_path"] else None):
-            if path is None:
-                continue
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        with self.ctx.db.transaction() as tx:
-            tx.execute("DELETE FROM sentinel_clips WHERE clip_id=?", (clip_id,))
+    def zone_tunings(self) -> list[skills_pb2.ZoneTuning]:
+        rows = self.ctx.db.connect().execute("SELECT zone FROM sentinel_zones ORDER BY zone").fetchall()
+        return [self.zone_tuning(r["zone"]) for r in rows]
+
+    def label_false_positive(self, clip_id: str, note: str = "") -> skills_pb2.ZoneTuning:
+        """The owner says this clip showed nothing to worry about: its zone gets less sensitive (once per clip)."""
+        row = self.clips.row(clip_id)
+        zone = row["zone"] or row["camera_id"]
+        if not row["false_positive"]:
+            self.clips.label(clip_id, note)
+            with self.ctx.db.transaction() as tx:
+                tx.execute("INSERT INTO sentinel_zones(zone, false_positives) VALUES(?, 1) ON CONFLICT(zone) "
+                           "DO UPDATE SET false_positives=false_positives+1", (zone,))
+        tuning = self.zone_tuning(zone)
+        self.emit("false_positive", common_pb2.SEVERITY_INFO,
+                  f"Clip {clip_id} labelled a false positive; zone {zone} now less sensitive",
+                  {"clip_id": clip_id, "note": note, "event_cursor": row["event_cursor"], "zone": zone,
+                   "false_positives": tuning.false_positives}, camera_id=row["camera_id"])
+        return tuning
 
     # ------------------------------------------------------------------ clip queries
-    def _clip_row(self, clip_id: str):
-        row = self.ctx.db.connect().execute("SELECT * FROM sentinel_clips WHERE clip_id=?", (clip_id,)).fetchone()
-        if row is None:
-            raise NotFoundError(f"no clip {clip_id!r}")
-        return row
-
     def list_clips(self, limit: int = 0) -> list[skills_pb2.Clip]:
-        rows = self.ctx.db.connect().execute("SELECT * FROM sentinel_clips ORDER BY event_time DESC LIMIT ?",
-                                             (limit or -1,)).fetchall()
-        return [_clip_message(r) for r in rows]
+        return self.clips.list(limit)
 
     def get_clip(self, clip_id: str) -> skills_pb2.Clip:
-        return _clip_message(self._clip_row(clip_id))
+        return clip_message(self.clips.row(clip_id))
 
-    def clip_files(self, clip_id: str) -> list[Path]:
-        row = self._clip_row(clip_id)
-        path = Path(row["path"])
-        files = sorted(path.iterdir()) if path.is_dir() else [path]
-        if not all(p.exists() for p in files):
-            raise NotFoundError(f"clip {clip_id!r}: files are gone from {path}")
-        return files
+    def clip_files(self, clip_id: str, camera_id: str = ""):
+        return self.clips.files(clip_id, camera_id)
 
-    def label_false_positive(self, clip_id: str, note: str = "") -> None:
-        row = self._clip_row(clip_id)
-        with self.ctx.db.transaction() as tx:
-            tx.execute("UPDATE sentinel_clips SET false_positive=1, note=? WHERE clip_id=?", (note, clip_id))
-        self.emit("false_positive", common_pb2.SEVERITY_INFO, f"Clip {clip_id} labelled a false positive",
-                  {"clip_id": clip_id, "note": note, "event_cursor": row["event_cursor"]},
-                  camera_id=row["camera_id"])
+    def enforce_retention(self) -> list[str]:
+        return self.clips.enforce_retention()
+
+    def delete_clip(self, clip_id: str) -> None:
+        self.clips.delete(clip_id)
 
 
-def _clip_message(row) -> skills_pb2.Clip:
-    clip = skills_pb2.Clip(clip_id=row["clip_id"], event_cursor=row["event_cursor"], camera_id=row["camera_id"],
-                           frame_count=row["frame_count"], size_bytes=row["size_bytes"], format=row["format"],
-                           description=row["description"], false_positive=bool(row["false_positive"]))
-    clip.start_time.FromNanoseconds(int(row["start_time"] * 1e9))
-    clip.event_time.FromNanoseconds(int(row["event_time"] * 1e9))
-    return clip
-
-
-def _write_jpeg(path: Path, image: np.ndarray, quality: int) -> None:
-    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise RuntimeError(f"JPEG encoding failed for {path.name}")
-    path.write_bytes(data.tobytes())
-
-
-def _write_mp4(path: Path, images: list[np.ndarray], fps: float) -> bool:
-    h, w = images[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-    if not writer.isOpened():
-        return False
-    try:
-        for img in images:
-            writer.write(img if img.shape[:2] == (h, w) else cv2.resize(img, (w, h)))
-    finally:
-        writer.release()
-    return path.exists() and path.stat().st_size > 0
+__all__ = ["Sentinel", "haversine_m", "NotFoundError"]

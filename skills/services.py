@@ -79,7 +79,7 @@ class SkillHost:
         state = initial_state or vehicle_pb2.VehicleState()
         for skill in self.skills:
             skill.vehicle = state
-        self.sentinel._evaluate_arming()
+        self.sentinel.restore()
         self._ticker = asyncio.create_task(self._tick_forever())
 
     async def stop(self) -> None:
@@ -179,20 +179,20 @@ class SentinelServicer(skills_pb2_grpc.SentinelServicer):
         if not request.clip_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "clip_id: required")
         try:
-            files = self.sentinel.clip_files(request.clip_id)
-        except NotFoundError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        for path in files:
-            data = await asyncio.to_thread(path.read_bytes)
-            for offset in range(0, max(len(data), 1), CLIP_CHUNK_BYTES):
-                yield skills_pb2.ClipChunk(data=data[offset:offset + CLIP_CHUNK_BYTES], name=path.name)
+            files = self.sentinel.clip_files(request.clip_id, request.camera_id)
+        except (NotFoundError, PreconditionError) as exc:
+            await _abort_for(context, exc)
+        for name, camera_id, path in files:
+            async for chunk in _file_chunks(path):
+                yield skills_pb2.ClipChunk(data=chunk, name=name, camera_id=camera_id)
 
     @maps_skill_errors
     async def LabelFalsePositive(self, request, context):
         if not request.clip_id:
             raise InvalidRequestError("clip_id: required")
-        self.sentinel.label_false_positive(request.clip_id, request.note)
-        return skills_pb2.LabelFalsePositiveResponse()
+        async with self.host._order:
+            zone = self.sentinel.label_false_positive(request.clip_id, request.note)
+        return skills_pb2.LabelFalsePositiveResponse(zone=zone)
 
 
 class GreeterServicer(skills_pb2_grpc.GreeterServicer):
@@ -260,6 +260,12 @@ class SafetyServicer(skills_pb2_grpc.SafetyServicer):
         async with self.host._order:
             self.safety.acknowledge(request.event_cursor)
         return skills_pb2.AcknowledgeResponse()
+
+
+async def _file_chunks(path: Path):
+    data = await asyncio.to_thread(path.read_bytes)
+    for offset in range(0, max(len(data), 1), CLIP_CHUNK_BYTES):
+        yield data[offset:offset + CLIP_CHUNK_BYTES]
 
 
 def skills_data_dir(config: SkillsConfig, server_data_dir: str | Path) -> Path:

@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from incar.v1 import skills_pb2_grpc, vehicle_pb2
+from service.actions import ActionQueue
 from service.store.db import Database
 from service.store.events import EventLog
 from skills.base import SkillContext, TemplateNarrator
@@ -55,6 +56,7 @@ class Running:
     channel: grpc.aio.Channel
     frames: RingFrames
     state: vehicle_pb2.VehicleState
+    actions: ActionQueue | None = None
 
     def stub(self, name: str):
         return getattr(skills_pb2_grpc, f"{name}Stub")(self.channel)
@@ -86,30 +88,35 @@ class SkillsHarness:
         self.narrator = TemplateNarrator()
         self.face_embedder = None
         self.read_signs = None
+        self.frames = None          # a frame source other than the scripted RingFrames (e.g. a real CameraHub)
+        self.restore_vehicle = False    # restart with the last vehicle state, as the service reloads it
+        self._last_state: vehicle_pb2.VehicleState | None = None
         self.running: Running | None = None
 
     async def start(self) -> Running:
         db = Database(self.tmp_path / "incar.db")
         events = EventLog(db, clock=self.clock)
-        frames = RingFrames()
+        frames = self.frames if self.frames is not None else RingFrames()
+        actions = ActionQueue(db, clock=self.clock)
         ctx = SkillContext(db=db, events=events, narrator=self.narrator, data_dir=self.tmp_path / "skills",
-                           clock=self.clock, frames=frames)
+                           clock=self.clock, frames=frames, actions=actions)
         host = SkillHost(ctx, self.config, face_embedder=self.face_embedder, read_signs=self.read_signs)
         db.migrate()
-        state = vehicle()
+        state = self._last_state if (self.restore_vehicle and self._last_state is not None) else vehicle()
         await host.start(state)
         server = grpc.aio.server()
         host.register(server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        self.running = Running(host, events, db, server, channel, frames, state)
+        self.running = Running(host, events, db, server, channel, frames, state, actions)
         return self.running
 
     async def stop(self) -> None:
         r, self.running = self.running, None
         if r is None:
             return
+        self._last_state = r.state
         await r.host.stop()
         await r.channel.close()
         await r.server.stop(0)
