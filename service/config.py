@@ -1,12 +1,22 @@
-"""One configuration: embedded defaults (the dataclasses below and each area's own), a YAML file,
-environment variables `INCAR_<SECTION>__<KEY>` and CLI `--set section.key=value`, in that order.
+"""One configuration: embedded defaults (each area's dataclasses), a YAML file, environment variables
+`INCAR_<SECTION>__<KEY>` and CLI `--set section.key=value`, in that order.
 
-An invalid value stops the start with a message naming the key.
+The sources are merged into one mapping (later sources win, key by key), then each section is validated by
+pydantic against its area's dataclass (types checked and coerced: "3" -> 3, "yes" -> True; unknown keys and
+non-finite numbers refused), then each dataclass's own `validate()` runs for the rules types cannot say.
+Values in the environment and in `--set` are YAML (`[a, b]` is a list, `{k: v}` a mapping). A mapping
+setting (e.g. `power.budgets.power_watts`) given in part keeps its other default entries.
+
+An invalid value stops the start with a message that starts with the dotted key, e.g.
+`runtime.backend: expected one of cpu, qnn-htp, qnn-emulator, got 'gpu'`.
+
+Adding a section: import its dataclass here and add it to `SECTIONS`.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import functools
+import inspect
 import os
 import types
 import typing
@@ -14,7 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import yaml
+
+from service.actions.config import ActionsConfig
+from service.cameras.config import CamerasConfig
+from service.perception.cascade import PerceptionConfig
+from service.power.config import PowerConfig
+from service.runtime.config import RuntimeConfig
+from service.security.config import SecurityConfig
+from skills.config import SkillsConfig
 
 ENV_PREFIX = "INCAR_"
 
@@ -46,73 +65,71 @@ class ServerConfig:
             raise ValueError(f"log_format: expected json|console, got {self.log_format!r}")
 
 
-# Sections owned by other packages, imported when the config is built ("module:Class").
-SECTIONS: dict[str, Any] = {
+SECTIONS: dict[str, type] = {
     "server": ServerConfig,
-}
-OPTIONAL_SECTIONS: dict[str, str] = {
-    "runtime": "service.runtime.config:RuntimeConfig",
-    "cameras": "service.cameras.config:CamerasConfig",
-    "perception": "service.perception.cascade:PerceptionConfig",
-    "skills": "skills.config:SkillsConfig",
-    "power": "service.power.config:PowerConfig",
-    "security": "service.security.config:SecurityConfig",
-    "actions": "service.actions.config:ActionsConfig",
+    "runtime": RuntimeConfig,
+    "cameras": CamerasConfig,
+    "perception": PerceptionConfig,
+    "skills": SkillsConfig,
+    "power": PowerConfig,
+    "security": SecurityConfig,
+    "actions": ActionsConfig,
 }
 
-
-def section_types() -> dict[str, type]:
-    out = dict(SECTIONS)
-    for name, ref in OPTIONAL_SECTIONS.items():
-        module_name, _, cls_name = ref.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                continue  # that area is not part of this build
-            raise
-        out[name] = getattr(module, cls_name)
-    return out
+# Lax coercion from YAML / environment strings, but no unknown keys, no NaN/inf, numbers accepted as strings.
+_PYDANTIC = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True)
 
 
 class Config(types.SimpleNamespace):
     """Sections as attributes: `config.server.listen`, `config.cameras`, ..."""
 
-    def as_dict(self) -> dict:
-        return {k: dataclasses.asdict(v) for k, v in vars(self).items()}
-
 
 def load_config(path: str | Path | None = None, *, env: dict[str, str] | None = None,
                 overrides: list[str] = ()) -> Config:
     env = os.environ if env is None else env
-    raw: dict[str, Any] = {}
-    if path:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path}: not found") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path}: expected a mapping of sections")
+    raw = _read_yaml(path) if path else {}
     for key, value in env.items():
         if key.startswith(ENV_PREFIX) and "__" in key:
-            dotted = key[len(ENV_PREFIX):].lower().replace("__", ".")
-            _set_dotted(raw, dotted, yaml.safe_load(value) if value else value)
+            _set_dotted(raw, key[len(ENV_PREFIX):].lower().replace("__", "."), _parse(value))
     for item in overrides:
         dotted, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
-        _set_dotted(raw, dotted.strip(), yaml.safe_load(value) if value else value)
-
-    sections = section_types()
-    unknown = set(raw) - set(sections)
+        _set_dotted(raw, dotted.strip(), _parse(value))
+    unknown = set(raw) - set(SECTIONS)
     if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]}: unknown section (known: {', '.join(sorted(sections))})")
-    config = Config()
-    for name, cls in sections.items():
-        setattr(config, name, build(cls, raw.get(name) or {}, name))
-    return config
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown section (known: {', '.join(sorted(SECTIONS))})")
+    return Config(**{name: build(cls, raw.get(name) or {}, name) for name, cls in SECTIONS.items()})
+
+
+def build(cls: type, values: Any, where: str):
+    """One section's dataclass from a mapping: merged over the defaults, validated, then its validate()s."""
+    if isinstance(values, cls):
+        return values
+    if isinstance(values, dict):
+        values = _over_defaults(cls(), values)
+    try:
+        obj = _validator(cls).model_validate({"value": values}).value
+    except pydantic.ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0], cls, where)) from None
+    _run_validate(obj, where)
+    return obj
+
+
+def _read_yaml(path: str | Path) -> dict:
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections")
+    return raw
+
+
+def _parse(value: str) -> Any:
+    return yaml.safe_load(value) if value else value
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
@@ -125,94 +142,74 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def build(cls: type, values: Any, where: str):
-    """A dataclass from a mapping, with types checked and coerced; then its validate()."""
-    if isinstance(values, cls):
-        return values
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in names:
-            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(names))})")
-    defaults = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
+@functools.lru_cache(maxsize=None)
+def _validator(cls: type) -> type[pydantic.BaseModel]:
+    return pydantic.create_model(f"{cls.__name__}Settings", __config__=_PYDANTIC, value=(cls, ...))
+
+
+def _over_defaults(default: Any, values: dict) -> dict:
+    """Mapping settings given in part keep their other default entries (nested sections fill their own)."""
+    out = dict(values)
     for key, value in values.items():
-        default = defaults[key]
-        if isinstance(value, dict) and default.default_factory is not dataclasses.MISSING:
-            base = default.default_factory()
-            if isinstance(base, dict):  # a mapping setting: override some entries, keep the other defaults
-                value = {**base, **value}
-        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
-    try:
-        obj = cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    validate = getattr(obj, "validate", None)
-    if validate:
-        try:
-            validate()
-        except ValueError as exc:
-            raise ConfigError(f"{where}.{exc}") from None
-    return obj
+        current = getattr(default, key, None)
+        if isinstance(value, dict) and isinstance(current, dict):
+            out[key] = {**_plain(current), **value}
+        elif isinstance(value, dict) and dataclasses.is_dataclass(current):
+            out[key] = _over_defaults(current, value)
+    return out
 
 
-def _coerce(hint: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+def _plain(mapping: dict) -> dict:
+    return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in mapping.items()}
+
+
+def _run_validate(obj: Any, where: str) -> None:
+    """Each dataclass's validate(), innermost first, its message prefixed with where it sits."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            _run_validate(getattr(obj, f.name), f"{where}.{f.name}")
+        validate = getattr(obj, "validate", None)
+        if validate and _takes_no_arguments(validate):   # one that takes arguments is its parent's to call
             try:
-                return _coerce(arg, value, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if dataclasses.is_dataclass(hint):
-        return build(hint, value, where)
-    if origin in (list, tuple) or hint in (list, tuple):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        item = args[0] if args else Any
-        items = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if (origin or hint) is tuple else items
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        vt = args[1] if len(args) == 2 else Any
-        return {str(k): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
-        try:
-            return int(value)
-        except ValueError:
-            raise ConfigError(f"{where}: expected a whole number, got {value!r}") from None
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            number = float(value)
-        except ValueError:
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-        if number != number or number in (float("inf"), float("-inf")):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-        return number
-    if hint is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    return value
+                validate()
+            except ValueError as exc:
+                raise ConfigError(f"{where}.{exc}") from None
+    elif isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            _run_validate(item, f"{where}[{i}]")
+    elif isinstance(obj, dict):
+        for key, item in obj.items():
+            _run_validate(item, f"{where}.{key}")
+
+
+def _takes_no_arguments(fn) -> bool:
+    params = inspect.signature(fn).parameters.values()
+    return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+
+
+def _describe(error: dict, cls: type, where: str) -> str:
+    loc = error["loc"][1:]   # past the wrapper model's "value"
+    # A union or a dataclass's own constructor adds a step naming the type: not a key.
+    keys = [part for part in loc if isinstance(part, int) or not part[:1].isupper() and "[" not in part]
+    dotted = where + "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys)
+    if error["type"] == "unexpected_keyword_argument":
+        known = _known_keys(cls, keys[:-1])
+        return f"{dotted}: unknown key" + (f" (known: {', '.join(known)})" if known else "")
+    if error["type"] == "missing_keyword_argument":
+        return f"{dotted}: required"
+    return f"{dotted}: {error['msg'][0].lower()}{error['msg'][1:]}, got {error['input']!r}"
+
+
+def _known_keys(cls: Any, keys: list) -> list[str]:
+    """The field names of the dataclass found at `keys` inside `cls` (for 'unknown key' messages)."""
+    inside_container = False
+    for key in keys:
+        if inside_container:             # a list index or a mapping key: the element type is already `cls`
+            inside_container = False
+            continue
+        cls = typing.get_type_hints(cls).get(key) if dataclasses.is_dataclass(cls) else None
+        if typing.get_origin(cls) in (typing.Union, types.UnionType):
+            cls = next((a for a in typing.get_args(cls) if a is not type(None)), None)
+        if typing.get_origin(cls) in (list, tuple, dict):
+            cls, inside_container = (typing.get_args(cls) or (None,))[-1], True
+    return sorted(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else []
