@@ -28,11 +28,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
-from prometheus_client import Counter, Gauge, Histogram
 
 from incar.v1 import cameras_pb2, common_pb2
 from service.cameras.config import CAMERA_ID, CamerasConfig
-from service.cameras.frames import FrameError, ImageSpec, check_image, decode_and_resize, resize_for_model
+from service.cameras.admission import (POSITION_NAMES, POSITION_VALUES, ROLE_NAMES, ROLE_VALUES, LatestFrames,
+                                       capture_seconds)
+from service.cameras.frames import FrameError, ImageSpec, check_image
+from service.cameras.lane import DecodeLane, PendingFrame
+from service.cameras.metrics import (CAMERA_FPS, CAMERA_UP, DECODE_SECONDS, FRAME_AGE, FRAMES_ACCEPTED, FRAMES_DROPPED,
+                                     FRAMES_INVALID, QUEUE_DEPTH, REASON_LABELS, RING_BYTES, forget_camera)
 from service.cameras.ring import CameraFrame, FrameRing
 from service.cameras.recorder import FrameRecorder, RecordedFrame
 
@@ -40,28 +44,6 @@ log = structlog.get_logger(__name__)
 
 __all__ = ["CameraHub", "CameraFrame", "FrameError", "UnknownCameraError", "CameraLimitError"]
 
-FRAMES_ACCEPTED = Counter("incar_camera_frames_accepted_total", "Frames decoded and stored", ["camera"])
-FRAMES_DROPPED = Counter("incar_camera_frames_dropped_total", "Valid frames not processed, by reason",
-                         ["camera", "reason"])
-FRAMES_INVALID = Counter("incar_camera_frames_invalid_total", "Frames refused as bad input, by offending field",
-                         ["field"])
-FRAME_AGE = Histogram("incar_camera_frame_age_seconds", "Capture to stored-and-decoded time", ["camera"],
-                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0))
-DECODE_SECONDS = Histogram("incar_camera_decode_seconds", "Decode plus resize time per frame", ["camera"],
-                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5))
-CAMERA_UP = Gauge("incar_camera_up", "1 while the camera delivers frames (watchdog)", ["camera"])
-CAMERA_FPS = Gauge("incar_camera_frames_per_second", "Accepted frames per second, recent window", ["camera"])
-QUEUE_DEPTH = Gauge("incar_camera_queue_depth", "Frames waiting for decode", ["camera"])
-RING_BYTES = Gauge("incar_camera_ring_bytes", "Bytes held in the camera's ring buffer", ["camera"])
-
-ROLE_NAMES = {common_pb2.CAMERA_ROLE_CABIN: "cabin", common_pb2.CAMERA_ROLE_EXTERIOR: "exterior"}
-ROLE_VALUES = {name: value for value, name in ROLE_NAMES.items()}
-POSITION_NAMES = {value: name[len("MOUNT_POSITION_"):].lower()
-                  for name, value in common_pb2.MountPosition.items()}
-POSITION_VALUES = {name: value for value, name in POSITION_NAMES.items()}
-REASON_LABELS = {cameras_pb2.DROP_REASON_OVERLOAD: "overload", cameras_pb2.DROP_REASON_STALE: "stale",
-                 cameras_pb2.DROP_REASON_OUT_OF_ORDER: "out_of_order",
-                 cameras_pb2.DROP_REASON_RATE_LIMITED: "rate_limited"}
 FPS_WINDOW = 30
 
 StateCallback = Callable[[str, bool, str], object]
@@ -79,28 +61,15 @@ class CameraLimitError(RuntimeError):
 
 
 @dataclass
-class _Pending:
-    capture_time: float
-    received_time: float
-    sequence: int
-    future: asyncio.Future
-    spec: ImageSpec | None = None
-    data: bytes = b""
-    decoded: np.ndarray | None = None   # from OpenCV sources: already BGR
-
-
-@dataclass
 class _Camera:
     id: str
     role: str
     position: str
     source: str
     ring: FrameRing
+    lane: DecodeLane
     pulled: bool = False
     declared: bool = False
-    pending: deque = field(default_factory=deque)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    worker: asyncio.Task | None = None
     last_admitted_capture: float = -math.inf
     last_rate_capture: float = -math.inf
     last_alive: float | None = None          # monotonic
@@ -119,49 +88,12 @@ class _Camera:
         return (len(self.accepted_at) - 1) / span if span > 0 else 0.0
 
 
-class _Consumer:
-    """The newest undelivered frame per camera; a newer frame replaces an undelivered one (latest-wins)."""
-
-    def __init__(self):
-        self.latest: dict[str, CameraFrame] = {}
-        self.ready = asyncio.Event()
-
-    def offer(self, frame: CameraFrame) -> None:
-        self.latest.pop(frame.camera_id, None)   # re-insert at the end: cameras waiting longer go first
-        self.latest[frame.camera_id] = frame
-        self.ready.set()
-
-    async def get(self) -> CameraFrame:
-        while not self.latest:
-            self.ready.clear()
-            await self.ready.wait()
-        return self.latest.pop(next(iter(self.latest)))
-
-
-def _capture_seconds(frame: cameras_pb2.Frame, received: float, ahead: float, behind: float) -> float:
-    """The frame's capture time, refused (FrameError) outside [received - behind, received + ahead]: a clock
-    80 years ahead would make every later real frame OUT_OF_ORDER, and 2^40 s is not a representable time."""
-    if not frame.HasField("capture_time"):
-        return received   # a camera without a clock: its frame is as old as its arrival
-    stamp = frame.capture_time
-    if not 0 <= stamp.nanos < 1_000_000_000:
-        raise FrameError("capture_time.nanos", f"expected 0..999999999, got {stamp.nanos}")
-    seconds = stamp.seconds + stamp.nanos / 1e9
-    if seconds > received + ahead:
-        raise FrameError("capture_time", f"{seconds - received:.3f} s ahead of the server clock "
-                                         f"(max_clock_ahead_seconds is {ahead:g})")
-    if seconds < received - behind:
-        raise FrameError("capture_time", f"{received - seconds:.0f} s behind the server clock "
-                                         f"(max_clock_behind_seconds is {behind:g})")
-    return seconds
-
-
 class CameraHub:
     def __init__(self, config: CamerasConfig | None = None):
         self.config = config or CamerasConfig()
         self.config.validate()
         self._cameras: dict[str, _Camera] = {}
-        self._consumers: set[_Consumer] = set()
+        self._consumers: set[LatestFrames] = set()
         self._callbacks: list[StateCallback] = []
         self._rates: dict[str, float | None] = {}
         self._pool: ThreadPoolExecutor | None = None
@@ -194,14 +126,11 @@ class CameraHub:
             source.stop()
         await asyncio.gather(*(asyncio.to_thread(source.join, 5.0) for source in self._sources))
         self._sources.clear()
-        tasks = [t for t in [self._watchdog, *(c.worker for c in self._cameras.values())] if t]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
         for camera in self._cameras.values():
-            camera.worker = None
-            while camera.pending:
-                item = camera.pending.popleft()
+            for item in camera.lane.drain():
                 if not item.future.done():
                     item.future.cancel()
         if self._pool is not None:
@@ -226,7 +155,7 @@ class CameraHub:
                 raise FrameError("camera_id", f"camera {camera_id!r} is fed by its configured source "
                                               f"{camera.source!r}, not over gRPC")
             spec = check_image(frame.image, self.config.max_pixels)
-            capture = _capture_seconds(frame, received, self.config.max_clock_ahead_seconds,
+            capture = capture_seconds(frame, received, self.config.max_clock_ahead_seconds,
                                        self.config.max_clock_behind_seconds)
         except FrameError as exc:
             FRAMES_INVALID.labels(exc.field).inc()
@@ -279,7 +208,8 @@ class CameraHub:
     def _add_camera(self, camera_id: str, role: str, position: str, source: str, pulled: bool = False,
                     declared: bool = False) -> _Camera:
         camera = _Camera(camera_id, role, position, source,
-                         FrameRing(self.config.ring_seconds, self.config.ring_max_bytes), pulled=pulled,
+                         FrameRing(self.config.ring_seconds, self.config.ring_max_bytes),
+                         DecodeLane(self.config.max_pending_frames, self.config.model_size), pulled=pulled,
                          declared=declared)
         self._cameras[camera_id] = camera
         CAMERA_UP.labels(camera_id).set(0)
@@ -294,20 +224,12 @@ class CameraHub:
         del self._cameras[camera.id]
         self._rates.pop(camera.id, None)
         camera.ring.clear()
+        self.recorder.drop(camera.id)
+        for item in camera.lane.drain():
+            self._resolve(item, FrameError("camera_id", f"camera {camera.id!r} was unregistered ({reason})"))
         for consumer in self._consumers:
             consumer.latest.pop(camera.id, None)
-        if camera.worker is not None and camera.worker is not asyncio.current_task():
-            camera.worker.cancel()
-        for metric in (CAMERA_UP, CAMERA_FPS, QUEUE_DEPTH, RING_BYTES, FRAMES_ACCEPTED, FRAME_AGE, DECODE_SECONDS):
-            try:
-                metric.remove(camera.id)
-            except KeyError:
-                pass
-        for label in REASON_LABELS.values():
-            try:
-                FRAMES_DROPPED.remove(camera.id, label)
-            except KeyError:
-                pass
+        forget_camera(camera.id)
         log.info("camera_forgotten", camera=camera.id, reason=reason)
 
     async def _admit(self, camera: _Camera, capture_time: float, received: float, sequence: int, *,
@@ -333,18 +255,14 @@ class CameraHub:
             return self._dropped(camera, sequence, cameras_pb2.DROP_REASON_RATE_LIMITED,
                                  f"analysis rate for this camera is {rate:g} fps")
         camera.last_rate_capture = capture_time
-        item = _Pending(capture_time, received, sequence, self._loop.create_future(), spec, data, decoded)
-        replaced = []
-        while len(camera.pending) >= self.config.max_pending_frames:
-            replaced.append(camera.pending.popleft())
-        camera.pending.append(item)
+        item = PendingFrame(capture_time, received, sequence, self._loop.create_future(), spec, data, decoded)
+        replaced = camera.lane.offer(item, self._pool, self._loop,
+                                     lambda done, result, error, seconds: self._decoded(camera, done, result, error,
+                                                                                      seconds))
         for old in replaced:
             self._resolve(old, self._dropped(camera, old.sequence, cameras_pb2.DROP_REASON_OVERLOAD,
                                              f"sequence {item.sequence} replaced it before decoding"))
-        QUEUE_DEPTH.labels(camera.id).set(len(camera.pending))
-        camera.wake.set()
-        if camera.worker is None or camera.worker.done():
-            camera.worker = asyncio.create_task(self._work(camera), name=f"camera-decode-{camera.id}")
+        QUEUE_DEPTH.labels(camera.id).set(len(camera.lane))
         # The caller may go away (stream cancelled); the frame is still processed for everyone else.
         return await asyncio.shield(item.future)
 
@@ -352,10 +270,10 @@ class CameraHub:
         camera.dropped += 1
         FRAMES_DROPPED.labels(camera.id, REASON_LABELS[reason]).inc()
         return cameras_pb2.FrameAck(camera_id=camera.id, sequence=sequence, accepted=False, drop_reason=reason,
-                                    detail=detail, queue_depth=len(camera.pending))
+                                    detail=detail, queue_depth=len(camera.lane))
 
     @staticmethod
-    def _resolve(item: _Pending, result: cameras_pb2.FrameAck | BaseException) -> None:
+    def _resolve(item: PendingFrame, result: cameras_pb2.FrameAck | BaseException) -> None:
         if item.future.done():
             return
         if isinstance(result, BaseException):
@@ -363,47 +281,30 @@ class CameraHub:
         else:
             item.future.set_result(result)
 
-    async def _work(self, camera: _Camera) -> None:
-        loop = asyncio.get_running_loop()
-        size = self.config.model_size
-        while True:
-            while not camera.pending:
-                camera.wake.clear()
-                await camera.wake.wait()
-            item = camera.pending.popleft()
-            QUEUE_DEPTH.labels(camera.id).set(len(camera.pending))
-            started = time.perf_counter()
-            try:
-                if item.decoded is not None:
-                    original = item.decoded
-                    image = await loop.run_in_executor(self._pool, resize_for_model, original, size)
-                else:
-                    original, image = await loop.run_in_executor(self._pool, decode_and_resize, item.spec,
-                                                                 item.data, size)
-            except FrameError as exc:
-                FRAMES_INVALID.labels(exc.field).inc()
-                log.info("camera_frame_invalid", camera=camera.id, field=exc.field, error=str(exc))
-                self._resolve(item, exc)
-                if self._never_valid(camera):
-                    return
-                continue
-            except Exception as exc:   # an OpenCV failure on hostile data is bad input, not a server fault
-                log.warning("camera_decode_failed", camera=camera.id, error=repr(exc))
-                self._resolve(item, FrameError("image.data", f"could not be decoded ({exc.__class__.__name__})"))
-                if self._never_valid(camera):
-                    return
-                continue
-            DECODE_SECONDS.labels(camera.id).observe(time.perf_counter() - started)
-            self._store(camera, item, original, image)
+    def _decoded(self, camera: _Camera, item: PendingFrame, result, error: FrameError | None,
+                 seconds: float) -> None:
+        """A lane's result, on the event loop."""
+        QUEUE_DEPTH.labels(camera.id).set(len(camera.lane))
+        if error is not None:
+            FRAMES_INVALID.labels(error.field).inc()
+            log.info("camera_frame_invalid", camera=camera.id, field=error.field, error=str(error))
+            self._resolve(item, error)
+            self._never_valid(camera)
+            return
+        if self._cameras.get(camera.id) is not camera:   # forgotten meanwhile
+            self._resolve(item, FrameError("camera_id", f"camera {camera.id!r} was unregistered"))
+            return
+        DECODE_SECONDS.labels(camera.id).observe(seconds)
+        self._store(camera, item, *result)
 
     def _never_valid(self, camera: _Camera) -> bool:
         """A self-registered camera whose frames have all failed to decode does not keep its registry slot."""
-        if camera.declared or camera.accepted or camera.pending:
+        if camera.declared or camera.accepted or not camera.lane.idle:
             return False
         self._forget(camera, "no frame of it could be decoded")
         return True
 
-    def _store(self, camera: _Camera, item: _Pending, original: np.ndarray, image: np.ndarray) -> None:
+    def _store(self, camera: _Camera, item: PendingFrame, original: np.ndarray, image: np.ndarray) -> None:
         original.flags.writeable = False
         image.flags.writeable = False
         frame = CameraFrame(camera.id, camera.role, camera.position, item.capture_time, item.received_time,
@@ -421,7 +322,7 @@ class CameraHub:
         for consumer in self._consumers:
             consumer.offer(frame)
         self._resolve(item, cameras_pb2.FrameAck(camera_id=camera.id, sequence=item.sequence, accepted=True,
-                                                 queue_depth=len(camera.pending)))
+                                                 queue_depth=len(camera.lane)))
 
     # watchdog ------------------------------------------------------------------------------------------------
     def _alive(self, camera: _Camera) -> None:
@@ -443,7 +344,7 @@ class CameraHub:
                 if not camera.up and len(camera.ring) > 1:
                     camera.ring.keep_latest()        # a gone camera holds one frame (snapshots), not its history
                     RING_BYTES.labels(camera.id).set(camera.ring.nbytes)
-                if (not camera.declared and not camera.up and not camera.pending and camera.last_alive is not None
+                if (not camera.declared and not camera.up and camera.lane.idle and camera.last_alive is not None
                         and now - camera.last_alive > self.config.forget_after_seconds):
                     self._forget(camera, f"no frame for {self.config.forget_after_seconds:g} s")
                 elif camera.last_alive is None and camera.state_reason == "no frame yet" and now - started > timeout:
@@ -485,7 +386,7 @@ class CameraHub:
 
     async def frames(self) -> AsyncIterator[CameraFrame]:
         """New decoded frames from every camera; a slow consumer gets the newest frame per camera."""
-        consumer = _Consumer()
+        consumer = LatestFrames()
         self._consumers.add(consumer)
         try:
             while True:
@@ -522,4 +423,4 @@ class CameraHub:
 
     def queue_depth(self, camera_id: str) -> int:
         camera = self._cameras.get(camera_id)
-        return len(camera.pending) if camera else 0
+        return len(camera.lane) if camera else 0

@@ -10,9 +10,7 @@ import grpc
 from prometheus_client import REGISTRY
 
 from incar.v1 import cameras_pb2, cameras_pb2_grpc, common_pb2
-from service.cameras.config import CamerasConfig
 from service.cameras.hub import CameraHub
-from service.cameras.servicer import add_to_server
 
 DATA = Path(__file__).parent / "data"
 IMAGES = sorted(DATA.glob("*.jpg"))

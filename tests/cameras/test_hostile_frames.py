@@ -10,7 +10,7 @@ import cv2
 import grpc
 import numpy as np
 
-from incar.v1 import cameras_pb2, common_pb2
+from incar.v1 import cameras_pb2
 from tests.cameras.camera_helpers import lockstep, make_frame, unique, wait_for
 from tests.security.bombs import progressive_scan_bomb
 
