@@ -27,11 +27,13 @@ from service.config import Config, ConfigError, load_config
 from service.perception.cascade import Cascade
 from service.pipeline import AnalysisPipeline
 from service.power.manager import PowerManager
+from service.caller_role import role_resolver
 from service.runtime.assistant import AssistantService
 from service.runtime.host import ModelHost
 from service.security import integration as security
 from skills.base import SkillContext, SwitchableNarrator
 from skills.services import SkillHost, skills_data_dir
+from skills.tools import SkillTools
 from service.events_service import EventsServicer
 from service.store.db import Database
 from service.store.events import EventLog
@@ -122,7 +124,7 @@ class Application:
             config.skills, face_embedder=self.pipeline.embed_faces, read_signs=self.pipeline.read_signs)
         self.vehicle.sentry_armed = lambda: self.skills.sentinel.armed
         self.assistant = AssistantService(None, frames_for=self._frames_for, config=config.runtime.assistant,
-                                          router=self.skills.router)
+                                          tools=SkillTools(self.skills), role_of=role_resolver(config))
 
     def _frames_for(self, camera_ids):
         frames = []

@@ -12,29 +12,25 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import grpc
 import numpy as np
 import structlog
 
 from incar.v1 import assistant_pb2, assistant_pb2_grpc, common_pb2
-from service.cameras.frames import FrameError, decode_checked
+from service.cameras.decoding import DecodeOverloadError, decode_off_loop
+from service.cameras.frames import FrameError
 from service.runtime.engine import (Done, GenerationEngine, GenerationRequest, InvalidRequestError, ModelFailure,
                                     TextDelta)
 from service.runtime.scheduler import QueueFullError
+from service.runtime.tool_answer import ToolAnswerer
+from service.runtime.tooling import ToolRegistry
 
 log = structlog.get_logger(__name__)
 
 # frames_for(camera_ids) -> one BGR frame per id, in order. Raises KeyError(camera_id) for an unknown camera
 # and LookupError (not KeyError) when a known camera has no frame yet.
 FramesFor = Callable[[Sequence[str]], Sequence[np.ndarray]]
-
-
-class Router(Protocol):
-    """Hands a question to the skill that owns it (`skills.router.SkillRouter`); None: not a skill question."""
-
-    async def answer(self, question: str): ...
 
 
 @dataclass
@@ -44,6 +40,8 @@ class AssistantConfig:
     max_image_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096   # checked from the header, before decoding (decompression bombs)
     max_question_chars: int = 4000
+    tool_choice: str = "nearest"    # how the model picks a tool: "nearest", "greedy" or "likelihood" (tool_choice.py)
+    word_tool_results: bool = True  # the model words a tool's result (kept only when it holds every fact)
 
     def validate(self) -> None:
         from service.runtime.scheduler import PRIORITIES
@@ -57,39 +55,50 @@ class AssistantConfig:
             raise ValueError(f"max_image_pixels: must be >= 1, got {self.max_image_pixels}")
         if self.max_question_chars < 1:
             raise ValueError(f"max_question_chars: must be >= 1, got {self.max_question_chars}")
+        from service.runtime.tool_choice import MODES
+        if self.tool_choice not in MODES:
+            raise ValueError(f"tool_choice: expected one of {', '.join(MODES)}, got {self.tool_choice!r}")
 
 
 class ImageError(ValueError):
     pass
 
 
-def decode_image(index: int, image: common_pb2.Image, max_pixels: int) -> np.ndarray:
-    """An inline `Image` to BGR uint8; ImageError names the index and what is wrong."""
+async def decode_image(index: int, image: common_pb2.Image, max_pixels: int, context) -> np.ndarray:
+    """An inline `Image` to BGR uint8, decoded off the event loop within the call's deadline; ImageError names the
+    index and what is wrong."""
+    remaining = context.time_remaining()
     try:
-        return decode_checked(image, max_pixels)
+        return await decode_off_loop(image, max_pixels, None if remaining is None else time.monotonic() + remaining)
     except FrameError as exc:
         raise ImageError(f"images[{index}].{exc}") from None
 
 
 class AssistantService(assistant_pb2_grpc.AssistantServicer):
     def __init__(self, engine: GenerationEngine | None = None, frames_for: FramesFor | None = None,
-                 config: AssistantConfig | None = None, router: Router | None = None):
+                 config: AssistantConfig | None = None, tools: ToolRegistry | None = None,
+                 role_of: Callable[[object], str] | None = None):
         self.config = config or AssistantConfig()
-        self._router = router
         self.config.validate()
         self._engine = engine
         self._frames_for = frames_for
         self._loading_reason = "the language model is loading"
+        # The caller's role decides which state-changing tools it may use (server.py reads it from the auth
+        # check); without one, the least privileged role.
+        self._role_of = role_of or (lambda context: "hmi")
+        self.tools = ToolAnswerer(tools, self.config) if tools is not None else None
+        if engine is not None and self.tools is not None:
+            self.tools.use(engine)
 
     def set_engine(self, engine: GenerationEngine | None, reason: str = "the language model is loading") -> None:
         """Called by the server once the model is loaded (or with None and a reason when it failed)."""
         self._engine = engine
         self._loading_reason = reason
+        if self.tools is not None:
+            self.tools.use(engine)
 
     async def Ask(self, request: assistant_pb2.AskRequest, context: grpc.aio.ServicerContext):
         engine = self._engine
-        if engine is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, self._loading_reason)
         question = request.question.strip()
         if not question:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "question: empty")
@@ -100,17 +109,25 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{len(request.images)} images and {len(request.camera_ids)} cameras: at most "
                                 f"{self.config.max_images} in total")
-        if request.route_to_skill and self._router is not None:
+        if request.route_to_skill and self.tools is not None:
             started = time.monotonic()
-            routed = await self._router.answer(question)
-            if routed is not None:
-                # The skill answers from its own records (worded by the model where it chose to).
-                yield assistant_pb2.AskResponse(text=routed.answer)
+            try:
+                answered = await self.tools.answer(question, self._role_of(context))
+            except QueueFullError as exc:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            if answered is not None and answered.refused is not None:
+                await context.abort(getattr(grpc.StatusCode, answered.refused.code), str(answered.refused))
+            if answered is not None:
+                # The skill's facts, worded by the model only where its words kept them all.
+                yield assistant_pb2.AskResponse(text=answered.text)
                 yield assistant_pb2.AskResponse(done=assistant_pb2.AskDone(
-                    answer=routed.answer, finish_reason="stop", handled_by=routed.skill,
-                    model=engine.name, backend=engine.backend,
+                    answer=answered.text, finish_reason="stop", handled_by=answered.skill,
+                    model=engine.name if engine else "", backend=engine.backend if engine else "",
+                    tool=answered.call.name, tool_result=answered.result.text, chosen_by=answered.call.chosen_by,
                     timings=common_pb2.Timings(end_to_end_s=time.monotonic() - started)))
                 return
+        if engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self._loading_reason)
         images = await self._gather_images(request, context)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
@@ -156,9 +173,13 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"images[{i}]: {len(image.data)} bytes, the limit is {self.config.max_image_bytes}")
             try:
-                images.append(decode_image(i, image, self.config.max_image_pixels))
+                images.append(await decode_image(i, image, self.config.max_image_pixels, context))
             except ImageError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except TimeoutError:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"images[{i}]: deadline passed while decoding")
+            except DecodeOverloadError as exc:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"images[{i}]: {exc}")
         if request.camera_ids:
             if self._frames_for is None:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,

@@ -221,7 +221,7 @@ async def test_deadline_exceeded_mid_answer():
 
         async def hold_the_npu():
             # A safety job occupies the executor past the client's deadline, mid-answer.
-            async with h.scheduler.admit("safety") as ticket:
+            async with h.scheduler.admit("critical") as ticket:
                 await ticket.step(time.sleep, 2.5)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             async for _ in h.stub.Ask(assistant_pb2.AskRequest(question="Tell me a long story.", max_tokens=400),
