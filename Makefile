@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard proto/incar/v1/*.proto)
 GEN    := incar/v1/.generated
 
-.PHONY: run test setup proto models clean bench
+.PHONY: run test setup debian proto models clean bench
 
 run: setup models
 	$(BIN)/incar sim --with-server
@@ -16,7 +16,11 @@ run: setup models
 test: setup models
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-setup: $(STAMP) $(GEN)
+setup: $(STAMP) $(GEN) debian
+
+# Debian packages the service and tests use (the MQTT broker, the browser for the web HMI test), when missing.
+debian:
+	sh deploy/install-debian-packages.sh
 
 $(STAMP): pyproject.toml requirements-weights.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

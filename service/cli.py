@@ -20,6 +20,11 @@ LOCAL = {
     "sim": ("service.sim", "camera simulator + HMI demo against a server (or start one with --with-server)"),
     "events": ("service.clients", "tail the event stream"),
     "health": ("service.clients", "query gRPC health"),
+    "greeter": ("service.cli_skills", "enrol, list and forget drivers"),
+    "carfinder": ("service.cli_skills", "where the car is parked, parking history"),
+    "sentinel": ("service.cli_skills", "arm, disarm, status, clips (list and download)"),
+    "safety": ("service.cli_skills", "active safety alerts, acknowledge"),
+    "hmi": ("service.hmi_web.gateway", "serve the web HMI: camera tiles, timeline, alerts, Ask (loopback)"),
 }
 
 

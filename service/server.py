@@ -25,6 +25,8 @@ from service.cameras.hub import CameraHub
 from service.cameras.servicer import add_to_server as add_cameras_service
 from service.config import Config, ConfigError, load_config
 from service.perception.cascade import Cascade
+from service.liveview import LiveView
+from service.liveview import add_to_server as add_liveview_service
 from service.pipeline import AnalysisPipeline
 from service.power.manager import PowerManager
 from service.caller_role import role_resolver
@@ -111,6 +113,7 @@ class Application:
         # frames -> perception -> skills; the model words what skills decide and answers the HMI
         self.cascade = Cascade(config.perception)
         self.pipeline = AnalysisPipeline(self.cameras, self.cascade)
+        self.liveview = LiveView(self.cameras, config.cameras.watchdog_timeout_seconds)
         self.models = ModelHost(config.runtime, describe_images=self.pipeline.describe_images)
         self.power = PowerManager(config.power, config.runtime.backend, mode_provider=self.vehicle.mode,
                                   set_analysis_rate=self.cameras.set_analysis_rate,
@@ -178,7 +181,8 @@ class Application:
         await self.cameras.start()
         self.metrics_port = start_metrics_server(cfg.metrics_listen)
         await self._became_ready()
-        self._tasks += [asyncio.create_task(self.skills.consume(self.pipeline.analyses()), name="analysis"),
+        self._tasks += [asyncio.create_task(self.skills.consume(self.liveview.tap(self.pipeline.analyses())),
+                                            name="analysis"),
                         asyncio.create_task(self.power.run(), name="power"),
                         asyncio.create_task(self.escalator.run(), name="actions-escalator"),
                         asyncio.create_task(self._load_model(), name="model-load")]
@@ -194,6 +198,7 @@ class Application:
                 vehicle_pb2.DESCRIPTOR.services_by_name["Vehicle"].full_name,
                 SYSTEM,
                 add_cameras_service(self.cameras, server),
+                add_liveview_service(self.liveview, server),
                 add_assistant_service(self.assistant, server),
                 add_actions_service(self.actions, server),
                 *self.skills.register(server)]

@@ -43,6 +43,7 @@ ROLE_METHODS: dict[str, tuple[str, ...]] = {
         "/incar.v1.Vehicle/GetState",         # the HMI shows the car's state; only the gateway writes it
         "/incar.v1.Cameras/ListCameras",      # camera status for the HMI; frames come from cameras only
         "/incar.v1.Cameras/GetCameraStatus",
+        "/incar.v1.LiveView/*",               # latest frames and what perception found: the HMI's camera tiles
     ),
     "camera": ("/incar.v1.Cameras/StreamFrames",),
     "vehicle": ("/incar.v1.Vehicle/UpdateState", "/incar.v1.Vehicle/GetState", "/incar.v1.VehicleActions/*"),

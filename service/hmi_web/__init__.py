@@ -1,0 +1,1 @@
+"""The web HMI: a page and the gateway it talks to (a gRPC client of the service)."""
