@@ -6,8 +6,11 @@ JSON), so a small model cannot wander into endless blank lines.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import llguidance
@@ -16,6 +19,13 @@ import numpy as np
 # The tokenizer wrapper costs ~1 s to build (it indexes the whole vocabulary): one per tokenizer file.
 _TOKENIZERS: dict[tuple[str, int, tuple[int, ...]], llguidance.LLTokenizer] = {}
 _LOCK = threading.Lock()
+
+# A schema is a request field: bounded before it is parsed (a 100k-deep one overflows the parser's recursion, a
+# 7 MB one took seconds and hundreds of MiB to compile). Real output schemas are a few KiB and a few levels deep.
+MAX_SCHEMA_BYTES = 64 * 1024
+MAX_SCHEMA_DEPTH = 32
+COMPILED_CACHE = 64    # recently compiled grammars, by schema text (skills ask with the same few schemas)
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 class SchemaError(ValueError):
@@ -72,7 +82,29 @@ class JsonConstraintFactory:
         self._tokenizer = tok
         self._eos = list(eos_token_ids)
 
+        self._compiled: OrderedDict[str, str] = OrderedDict()
+        self._compiled_lock = threading.Lock()
+
+    async def for_schema_async(self, schema: str) -> JsonConstraint:
+        """As for_schema, compiled in a worker thread so the event loop keeps serving."""
+        check_schema_bounds(schema)       # cheap: refuse the oversized before taking a thread
+        return await asyncio.to_thread(self.for_schema, schema)
+
     def for_schema(self, schema: str) -> JsonConstraint:
+        check_schema_bounds(schema)
+        with self._compiled_lock:
+            grammar = self._compiled.get(schema)
+            if grammar is not None:
+                self._compiled.move_to_end(schema)
+        if grammar is None:
+            grammar = self._compile(schema)
+            with self._compiled_lock:
+                self._compiled[schema] = grammar
+                while len(self._compiled) > COMPILED_CACHE:
+                    self._compiled.popitem(last=False)
+        return JsonConstraint(self._tokenizer, grammar, self._eos)
+
+    def _compile(self, schema: str) -> str:
         try:
             parsed = json.loads(schema)
         except json.JSONDecodeError as exc:
@@ -87,4 +119,22 @@ class JsonConstraintFactory:
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self._tokenizer)
         if is_error:
             raise SchemaError(f"json_schema: {messages[0] if messages else 'unsupported schema'}")
-        return JsonConstraint(self._tokenizer, grammar, self._eos)
+        return grammar
+
+
+def check_schema_bounds(schema: str) -> None:
+    """SchemaError when the schema text is over MAX_SCHEMA_BYTES or nests deeper than MAX_SCHEMA_DEPTH (counted
+    on the text, outside strings, so nothing recursive ever sees it)."""
+    size = len(schema.encode("utf-8")) if len(schema) <= MAX_SCHEMA_BYTES else len(schema)
+    if size > MAX_SCHEMA_BYTES:
+        raise SchemaError(f"json_schema: {size} bytes, the limit is {MAX_SCHEMA_BYTES}")
+    depth = deepest = 0
+    for ch in _STRINGS.sub("", schema):
+        if ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_SCHEMA_DEPTH:
+                    raise SchemaError(f"json_schema: nested deeper than {MAX_SCHEMA_DEPTH} levels")
+        elif ch in "]}":
+            depth -= 1

@@ -1,11 +1,16 @@
 """Token sampling: greedy, temperature, top-k, top-p, seeded."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
 class Sampler:
     def __init__(self, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0):
+        for name, value in (("temperature", temperature), ("top_p", top_p)):
+            if not math.isfinite(value):   # NaN passes every comparison below; inf flattens the distribution
+                raise ValueError(f"{name}: {value} is not a finite number")
         if temperature < 0:
             raise ValueError(f"temperature: {temperature} must be >= 0")
         if not 0 < top_p <= 1:
