@@ -33,6 +33,7 @@ from service.perception.cascade import PerceptionConfig
 from service.power.config import PowerConfig
 from service.runtime.config import RuntimeConfig
 from service.security.config import SecurityConfig
+from service.transport import TransportConfig
 from skills.config import SkillsConfig
 
 ENV_PREFIX = "INCAR_"
@@ -74,6 +75,7 @@ SECTIONS: dict[str, type] = {
     "power": PowerConfig,
     "security": SecurityConfig,
     "actions": ActionsConfig,
+    "transport": TransportConfig,
 }
 
 # Lax coercion from YAML / environment strings, but no unknown keys, no NaN/inf, numbers accepted as strings.

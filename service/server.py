@@ -40,6 +40,7 @@ from service.events_service import EventsServicer
 from service.store.db import Database
 from service.store.events import EventLog
 from service.telemetry.interceptors import TelemetryInterceptor
+from service.transport import server_options as transport_options
 from service.telemetry.logging import configure_logging
 from service.telemetry.metrics import BUILD_INFO, SERVICE_UP, start_metrics_server
 from service.vehicle import VehicleServicer, VehicleStateStore
@@ -168,7 +169,7 @@ class Application:
             interceptors=self._interceptors(),
             options=[("grpc.max_receive_message_length", cfg.max_receive_message_bytes),
                      ("grpc.max_send_message_length", cfg.max_receive_message_bytes),
-                     ("grpc.so_reuseport", 0)])
+                     ("grpc.so_reuseport", 0), *transport_options(self.config.transport)])
         services = self._register(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         reflection.enable_server_reflection(services + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)

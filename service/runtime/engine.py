@@ -249,7 +249,7 @@ class GenerationEngine:
         priority = request.priority
         if priority not in PRIORITIES:
             raise InvalidRequestError(f"priority: {priority!r} is not one of {', '.join(PRIORITIES)}")
-        sampler, constraint = self._sampling(request)
+        sampler, constraint = await self._sampling(request)
         outcome: str | None = "error"
         try:
             # Preprocessing runs before admission: queue time is pure waiting for the NPU.
@@ -293,7 +293,7 @@ class GenerationEngine:
                 metrics.REQUEST_DURATION.labels(priority).observe(time.monotonic() - started)
 
     # ---- internals -------------------------------------------------------------------------------
-    def _sampling(self, request: GenerationRequest) -> tuple[Sampler, JsonConstraint | None]:
+    async def _sampling(self, request: GenerationRequest) -> tuple[Sampler, JsonConstraint | None]:
         try:
             sampler = Sampler(temperature=request.temperature, top_p=request.top_p or 1.0,
                               top_k=request.top_k, seed=request.seed)
@@ -304,7 +304,7 @@ class GenerationEngine:
         constraint = None
         if request.json_schema:
             try:
-                constraint = self._json.for_schema(request.json_schema)
+                constraint = await self._json.for_schema_async(request.json_schema)   # compiled off the loop
             except SchemaError as exc:
                 raise InvalidRequestError(str(exc)) from exc
         return sampler, constraint
