@@ -1,5 +1,12 @@
 """The one-way analysis path: camera frames in, through the perception cascade, to the skills.
 
+Two lanes, each with its own worker thread: the safety lane analyses the frames Safety needs now (exterior
+cameras while someone may get out, cabin cameras while an occupant may be left behind) and leaves out the slow
+stages (dlib identity, OCR), so a safe-exit frame never waits behind them or behind the general lane's work;
+the general lane analyses every other camera with all its stages. Which lane a camera is in is asked per frame
+(`lane_of`, wired by the server to Safety), so it follows the vehicle state. In each lane the newest frame per
+camera wins while the worker is busy, and the camera that has waited longest goes next.
+
 Also the perception services other parts use on single images (enrolment, sign reading, the description a
 text-only model gets of an image), so every part shares one set of loaded perception models.
 """
@@ -8,35 +15,114 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import structlog
+from prometheus_client import Histogram
 
 from service.cameras.hub import CameraHub
-from service.perception.cascade import Cascade
+from service.cameras.ring import CameraFrame
+from service.perception.cascade import SLOW_STAGES, Cascade
 from service.perception.types import Face, FrameAnalysis, TextLine
 from service.power.sources import record_busy
 
 log = structlog.get_logger(__name__)
 
+LANES = ("safety", "general")
+LaneOf = Callable[[CameraFrame], str]
+LANE_WAIT = Histogram("incar_pipeline_lane_wait_seconds", "Frame arrival to the start of its analysis, per lane",
+                      ["lane"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+LANE_ANALYSIS = Histogram("incar_pipeline_lane_analysis_seconds", "Cascade time per frame, per lane", ["lane"],
+                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+
+
+class _Mailbox:
+    """The newest waiting frame per camera of one lane (latest wins), oldest-waiting camera first."""
+
+    def __init__(self):
+        self.frames: dict[str, tuple[CameraFrame, float]] = {}
+        self.ready = asyncio.Event()
+
+    def offer(self, frame: CameraFrame) -> None:
+        since = self.frames.pop(frame.camera_id, (None, time.perf_counter()))[1]
+        self.frames[frame.camera_id] = (frame, since)
+        self.ready.set()
+
+    def discard(self, camera_id: str) -> None:
+        self.frames.pop(camera_id, None)
+
+    async def get(self) -> tuple[CameraFrame, float]:
+        while not self.frames:
+            self.ready.clear()
+            await self.ready.wait()
+        oldest = min(self.frames, key=lambda cam: self.frames[cam][1])
+        return self.frames.pop(oldest)
+
 
 class AnalysisPipeline:
-    def __init__(self, hub: CameraHub, cascade: Cascade):
+    def __init__(self, hub: CameraHub, cascade: Cascade, lane_of: LaneOf | None = None):
         self.hub = hub
         self.cascade = cascade
+        self.lane_of: LaneOf = lane_of or (lambda frame: "general")
+        self._executors = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"analysis-{lane}") for lane in LANES}
+
+    def _lane(self, frame: CameraFrame) -> str:
+        try:
+            lane = self.lane_of(frame)
+        except Exception:   # a broken policy must not stop analysis: treat the frame as Safety's
+            log.exception("pipeline.lane_policy_failed", camera_id=frame.camera_id)
+            return "safety"
+        return lane if lane in LANES else "general"
 
     async def analyses(self) -> AsyncIterator[FrameAnalysis]:
-        """Newest frame per camera (latest wins while the cascade is busy), analysed off the event loop."""
-        async for frame in self.hub.frames():
-            started = time.perf_counter()
-            try:
-                analysis = await asyncio.to_thread(self.cascade.analyze, frame.original, frame)
-            except Exception:
-                log.exception("pipeline.analysis_failed", camera_id=frame.camera_id)
-                continue
-            record_busy("cpu", time.perf_counter() - started)
-            yield analysis
+        """Analysed frames from both lanes, as each is ready."""
+        boxes = {lane: _Mailbox() for lane in LANES}
+        out: asyncio.Queue[FrameAnalysis] = asyncio.Queue(maxsize=16)
+
+        async def feed() -> None:
+            async for frame in self.hub.frames():
+                lane = self._lane(frame)
+                for other in LANES:
+                    if other != lane:
+                        boxes[other].discard(frame.camera_id)   # a camera that changed lanes
+                boxes[lane].offer(frame)
+
+        async def work(lane: str) -> None:
+            loop = asyncio.get_running_loop()
+            skip = SLOW_STAGES if lane == "safety" else ()
+            while True:
+                frame, since = await boxes[lane].get()
+                started = time.perf_counter()
+                LANE_WAIT.labels(lane).observe(started - since)
+                try:
+                    analysis = await loop.run_in_executor(self._executors[lane], self.cascade.analyze,
+                                                          frame.original, frame, skip)
+                except Exception:
+                    log.exception("pipeline.analysis_failed", camera_id=frame.camera_id, lane=lane)
+                    continue
+                spent = time.perf_counter() - started
+                LANE_ANALYSIS.labels(lane).observe(spent)
+                record_busy("cpu", spent)
+                await out.put(analysis)
+
+        tasks = [asyncio.create_task(feed(), name="analysis-feed"),
+                 *(asyncio.create_task(work(lane), name=f"analysis-{lane}") for lane in LANES)]
+        try:
+            while True:
+                getter = asyncio.ensure_future(out.get())
+                done, _ = await asyncio.wait([getter, tasks[0]], return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                while not out.empty():       # the camera stream ended: hand over what was analysed
+                    yield out.get_nowait()
+                return
+        finally:
+            for task in tasks:
+                task.cancel()
 
     # --- single images --------------------------------------------------------------------------------------
     def embed_faces(self, bgr: np.ndarray) -> list[Face]:

@@ -127,6 +127,8 @@ class Application:
                          latency_observer=self.power.observe_latency, actions=self.actions),
             config.skills, face_embedder=self.pipeline.embed_faces, read_signs=self.pipeline.read_signs)
         self.vehicle.sentry_armed = lambda: self.skills.sentinel.armed
+        # The safety lane: frames Safety needs now are analysed first, without the slow stages.
+        self.pipeline.lane_of = lambda f: "safety" if self.skills.safety.needs_camera(f.role, f.position) else "general"
         self.assistant = AssistantService(None, frames_for=self._frames_for, config=config.runtime.assistant,
                                           tools=SkillTools(self.skills), role_of=role_resolver(config))
 
