@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import signal
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -140,6 +141,10 @@ class Application:
             frame = self.cameras.latest(camera_id)
             if frame is None:
                 raise LookupError(f"camera {camera_id!r} has no frame yet")
+            age = time.time() - frame.capture_time
+            if age > self.config.cameras.watchdog_timeout_seconds:    # never shown as the current view
+                raise LookupError(f"camera {camera_id!r} is down: its latest frame is {age:.0f} s old (watchdog "
+                                  f"{self.config.cameras.watchdog_timeout_seconds:g} s)")
             frames.append(frame.original)
         return frames
 
