@@ -152,7 +152,8 @@ class Application:
         if up and camera_id not in self.power.governor.cameras:
             status = self.cameras.camera_status(camera_id)
             # Exterior cameras watch for Sentinel and safe-exit; the cabin camera for Safety (child presence).
-            purposes = ("sentinel", "safety") if status.role == common_pb2.CAMERA_ROLE_EXTERIOR else ("safety",)
+            purposes = (("sentinel", "safety") if status.role == common_pb2.CAMERA_ROLE_EXTERIOR
+                        else ("safety", "child_presence"))
             self.power.governor.add_camera(camera_id, nominal_fps=NOMINAL_ANALYSIS_FPS, purposes=purposes)
         if up:
             self.events.append("camera.up", "system", common_pb2.SEVERITY_INFO, f"Camera {camera_id} is up",

@@ -150,8 +150,10 @@ class GovernorConfig:
     levels: list[GovernorLevel] = field(default_factory=_level_defaults)
     # Floors per purpose while that skill is active: the sentry person detector (motion + detector = 2 stages)
     # and Safety's exterior cameras never drop below these, whatever the level.
-    floor_fps: dict[str, float] = field(default_factory=lambda: {"safety": 10.0, "sentinel": 2.0})
-    floor_stages: dict[str, int] = field(default_factory=lambda: {"safety": 2, "sentinel": 2})
+    # child_presence: the cabin camera while parked (motion, faces, the person detector with pose: 3 stages).
+    floor_fps: dict[str, float] = field(default_factory=lambda: {"safety": 10.0, "sentinel": 2.0,
+                                                                 "child_presence": 2.0})
+    floor_stages: dict[str, int] = field(default_factory=lambda: {"safety": 2, "sentinel": 2, "child_presence": 3})
     # Latency guard: when a guarded skill's worst recent latency passes budget * ratio, step up (faster NPU).
     latency_guard_skills: list[str] = field(default_factory=lambda: ["safety"])
     latency_guard_ratio: float = 0.6

@@ -24,12 +24,13 @@ from service.power.sources import create_power_source
 log = structlog.get_logger(__name__)
 
 # Which floors matter in which mode: Safety guards occupants getting out (someone may be inside while awake),
-# Sentinel watches the parked, locked car.
+# Sentinel watches the parked, locked car, and Safety's child presence watches the cabin of a parked car (the
+# locked modes are when a child left behind matters most: its cabin stages never drop below their floor).
 ACTIVE_SKILLS = {
     "driving": {"safety"},
-    "parked_awake": {"safety", "sentinel"},
-    "sentry": {"sentinel"},
-    "off": set(),
+    "parked_awake": {"safety", "sentinel", "child_presence"},
+    "sentry": {"sentinel", "child_presence"},
+    "off": {"child_presence"},
 }
 
 
@@ -50,7 +51,7 @@ class PowerManager:
 
     def _apply_mode(self, mode: str) -> None:
         self.budgets.set_mode(mode)
-        for skill in ("safety", "sentinel"):
+        for skill in ("safety", "sentinel", "child_presence"):
             self.governor.set_skill_active(skill, skill in ACTIVE_SKILLS[mode])
 
     def observe_latency(self, skill: str, seconds: float) -> bool:
