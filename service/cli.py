@@ -20,6 +20,8 @@ LOCAL = {
     "sim": ("service.sim", "camera simulator + HMI demo against a server (or start one with --with-server)"),
     "events": ("service.clients", "tail the event stream"),
     "health": ("service.clients", "query gRPC health"),
+    "ask": ("service.cli_ask", "ask the Assistant a question; the answer streams, then its timings"),
+    "chat": ("service.cli_ask", "an interactive session with the Assistant"),
     "greeter": ("service.cli_skills", "enrol, list and forget drivers"),
     "carfinder": ("service.cli_skills", "where the car is parked, parking history"),
     "sentinel": ("service.cli_skills", "arm, disarm, status, clips (list and download)"),

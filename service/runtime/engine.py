@@ -44,11 +44,17 @@ class ModelFailure(RuntimeError):
 
 @dataclass
 class EngineConfig:
-    default_max_tokens: int = 256
+    # An answer on a cockpit screen is a few sentences: 160 tokens (~120 words) ends a runaway answer early.
+    default_max_tokens: int = 160
     max_tokens_limit: int = 2048
     # A JSON answer may run past max_tokens by this much to close its value: a skill must get parseable JSON.
     json_extra_tokens: int = 128
     system_prompt: str = "You are the in-car assistant. Answer briefly and factually."
+    # Against degenerate loops of greedy small models ("cars, cars, cars"): the generated tokens' logits are
+    # divided by this (multiplied when negative), as in CTRL / HF `repetition_penalty`; 1 turns it off.
+    repetition_penalty: float = 1.15
+    # No n-gram of generated tokens is produced twice (HF `no_repeat_ngram_size`); 0 turns it off.
+    no_repeat_ngram: int = 4
 
     def validate(self) -> None:
         if self.default_max_tokens < 1:
@@ -56,6 +62,10 @@ class EngineConfig:
         if self.max_tokens_limit < self.default_max_tokens:
             raise ValueError(f"max_tokens_limit: {self.max_tokens_limit} is below default_max_tokens "
                              f"{self.default_max_tokens}")
+        if self.repetition_penalty < 1.0:
+            raise ValueError(f"repetition_penalty: must be >= 1 (1 is off), got {self.repetition_penalty}")
+        if self.no_repeat_ngram < 0 or self.no_repeat_ngram == 1:
+            raise ValueError(f"no_repeat_ngram: must be 0 (off) or >= 2, got {self.no_repeat_ngram}")
         if self.json_extra_tokens < 0:
             raise ValueError(f"json_extra_tokens: must be >= 0, got {self.json_extra_tokens}")
 
@@ -171,8 +181,13 @@ class StopStringFilter:
 class _Decoder:
     """The per-request state the executor thread touches (sequence, sampler, constraint)."""
 
-    def __init__(self, seq, sampler: Sampler, constraint: JsonConstraint | None, eos: set[int], ban_eos: bool):
+    def __init__(self, seq, sampler: Sampler, constraint: JsonConstraint | None, eos: set[int], ban_eos: bool,
+                 repetition_penalty: float = 1.0, no_repeat_ngram: int = 0):
         self.seq = seq
+        self.generated: list[int] = []
+        # A JSON answer repeats its punctuation and keys by design: repetition control is for free text only.
+        self.penalty = repetition_penalty if constraint is None else 1.0
+        self.ngram = no_repeat_ngram if constraint is None else 0
         self.ban = np.fromiter(sorted(eos), np.int64) if ban_eos else None
         self.sampler = sampler
         self.constraint = constraint
@@ -186,10 +201,28 @@ class _Decoder:
         elif self.ban is not None:
             logits = logits.copy()
             logits[self.ban] = -np.inf
+        if self.generated and (self.penalty != 1.0 or self.ngram):
+            logits = self._discourage_repeats(logits)
         token = int(np.argmax(logits)) if self.force_greedy else self.sampler.sample(logits)
         if self.constraint is not None:
             self.constraint.advance(token)
+        self.generated.append(token)
         return token
+
+    def _discourage_repeats(self, logits: np.ndarray) -> np.ndarray:
+        logits = np.array(logits, np.float32)   # a copy: the input may be an ORT-bound buffer
+        seen = np.fromiter(set(self.generated), np.int64)
+        if self.penalty != 1.0:
+            values = logits[seen]
+            logits[seen] = np.where(values > 0, values / self.penalty, values * self.penalty)
+        n = self.ngram
+        if n and len(self.generated) >= n:
+            tail = self.generated[-(n - 1):]
+            g = self.generated
+            banned = [g[i + n - 1] for i in range(len(g) - n + 1) if g[i:i + n - 1] == tail]
+            if banned:
+                logits[np.asarray(banned, np.int64)] = -np.inf
+        return logits
 
     def prefill(self) -> int | None:
         """One prefill chunk; on the last one, also the first token (saves a scheduler hop on TTFT)."""
@@ -249,7 +282,7 @@ class GenerationEngine:
         priority = request.priority
         if priority not in PRIORITIES:
             raise InvalidRequestError(f"priority: {priority!r} is not one of {', '.join(PRIORITIES)}")
-        sampler, constraint = await self._sampling(request)
+        sampler, constraint = self._sampling(request)
         outcome: str | None = "error"
         try:
             # Preprocessing runs before admission: queue time is pure waiting for the NPU.
@@ -293,7 +326,7 @@ class GenerationEngine:
                 metrics.REQUEST_DURATION.labels(priority).observe(time.monotonic() - started)
 
     # ---- internals -------------------------------------------------------------------------------
-    async def _sampling(self, request: GenerationRequest) -> tuple[Sampler, JsonConstraint | None]:
+    def _sampling(self, request: GenerationRequest) -> tuple[Sampler, JsonConstraint | None]:
         try:
             sampler = Sampler(temperature=request.temperature, top_p=request.top_p or 1.0,
                               top_k=request.top_k, seed=request.seed)
@@ -304,7 +337,7 @@ class GenerationEngine:
         constraint = None
         if request.json_schema:
             try:
-                constraint = await self._json.for_schema_async(request.json_schema)   # compiled off the loop
+                constraint = self._json.for_schema(request.json_schema)
             except SchemaError as exc:
                 raise InvalidRequestError(str(exc)) from exc
         return sampler, constraint
@@ -381,7 +414,8 @@ class GenerationEngine:
             metrics.VISION_ENCODE.observe(self.vision.encode_seconds)
 
         seq = self.model.new_sequence(prompt_ids, image_embeds)
-        decoder = _Decoder(seq, sampler, constraint, self._eos, request.ignore_eos and constraint is None)
+        decoder = _Decoder(seq, sampler, constraint, self._eos, request.ignore_eos and constraint is None,
+                           self.config.repetition_penalty, self.config.no_repeat_ngram)
         token = None
         while token is None:
             if (reason := self._stop_reason(request)):

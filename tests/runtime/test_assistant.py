@@ -47,6 +47,7 @@ class Harness:
         assistant_pb2_grpc.add_AssistantServicer_to_server(self.service, self.server)
         port = free_port()
         self.server.add_insecure_port(f"127.0.0.1:{port}")
+        self.target = f"127.0.0.1:{port}"
         await self.server.start()
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         self.stub = assistant_pb2_grpc.AssistantStub(self.channel)
