@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 from service.perception.identity import DEFAULT_THRESHOLD as IDENTITY_THRESHOLD
+from service.perception.identity import MAX_ENROL_YAW as IDENTITY_MAX_ENROL_YAW
 from skills.base import validate_norm_boxes
 from skills.safety_config import SafetyConfig
 
@@ -135,6 +136,19 @@ class GreeterConfig:
     profile_key: str = ""                  # urlsafe base64 of 32 bytes (AES-256-GCM); else env INCAR_PROFILE_KEY
     budget_seconds: float = 0.2
     max_image_pixels: int = 4096 * 4096    # uploaded enrolment images, checked before decoding
+    min_enrol_face_px: int = 80            # enrolment: the face's smaller side, in pixels
+    max_enrol_yaw: float = IDENTITY_MAX_ENROL_YAW   # enrolment: how far the head may be turned (0 frontal)
+    # Approach (Genesis Face Connect): the side cameras run the face stages while the car is parked and locked and
+    # a person approaches there or the key fob is in range, for this long after the last such sign.
+    approach_positions: list[str] = field(default_factory=lambda: ["left", "right"])
+    approach_face_seconds: float = 30.0
+    fusion_window_seconds: float = 60.0    # a face and the same profile's fob this close in time: both present
+    face_only_applies_profile: bool = False   # policy: a recognised face without its fob greets; applies if true
+    fob_only_applies_profile: bool = True     # a fob linked to a profile applies it (classic key memory)
+    require_liveness: bool = True          # a face must pass the anti-spoof/liveness check to count
+    # With passengers, only the face in the driver's seat may apply a profile: per cabin camera position, the
+    # driver seat's region of the image (a rear-facing cabin camera sees a left-hand-drive driver on the right).
+    driver_seat_zones: dict[str, list[float]] = field(default_factory=lambda: {"cabin_front": [0.5, 0.0, 1.0, 1.0]})
 
     def resolved_key(self) -> bytes | None:
         text = self.profile_key or os.environ.get(PROFILE_KEY_ENV, "")
@@ -151,6 +165,11 @@ class GreeterConfig:
             decode_key(self.profile_key, "profile_key")
         if self.max_image_pixels < 1:
             raise ValueError("max_image_pixels: must be >= 1")
+        if self.min_enrol_face_px < 1 or self.max_enrol_yaw <= 0:
+            raise ValueError("min_enrol_face_px: must be >= 1; max_enrol_yaw > 0")
+        if self.approach_face_seconds <= 0 or self.fusion_window_seconds <= 0:
+            raise ValueError("approach_face_seconds, fusion_window_seconds: must be > 0")
+        validate_norm_boxes("driver_seat_zones", list(self.driver_seat_zones.values()))
 
 
 def decode_key(text: str, where: str = PROFILE_KEY_ENV) -> bytes:

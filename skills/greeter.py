@@ -1,185 +1,148 @@
-"""Greeter: recognise an enrolled driver on approach, greet them by name, apply their presets.
+"""Greeter, after Genesis Face Connect: recognise the driver walking up to the parked, locked car, greet them by
+name and apply their seat and mirror profile (a vehicle action).
 
-Privacy: enrolment needs explicit consent; only the face template (a 128-d embedding) is stored, encrypted with
-AES-256-GCM (key from config or INCAR_PROFILE_KEY, never stored with the data), with the profile id as associated
-data so a template cannot be moved to another profile. The image is never stored. Deleting a profile removes
-its row, its greeting events, and (secure_delete) the freed database pages.
+- Approach: while parked and locked, the side cameras (`approach_positions`) run the face stages when a person
+  approaches there or a key fob comes into range, until `approach_face_seconds` after the last such sign.
+- Fusion: a recognised face and the same profile's key fob within `fusion_window_seconds`: greet and apply.
+  A face alone greets, and applies only when `face_only_applies_profile`; a fob alone applies when
+  `fob_only_applies_profile` (classic key memory).
+- Liveness: a face must pass the anti-spoof / liveness check (`service.perception.liveness`); a photo held to the
+  camera is refused, and that profile is refused for the rest of the approach (`attempt_window_seconds`).
+- Passengers: in the cabin only the face in the driver seat's zone may apply a profile; a recognised passenger
+  is greeted (`seat: passenger`), their profile is not applied.
+Profiles, enrolment and its quality check: `skills/greeter_profiles.py`.
 """
 from __future__ import annotations
 
 import json
-import os
-import uuid
+from collections.abc import Callable
 
 import numpy as np
 import structlog
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from incar.v1 import common_pb2, skills_pb2
 from service.cameras.frames import FrameError, decode_checked
-from service.perception.types import FrameAnalysis
+from service.perception.types import Face, FrameAnalysis
 from service.runtime.scheduler import JobClass
-from skills.base import (FaceEmbedder, InvalidRequestError, NotFoundError, PreconditionError, Skill,
-                         SkillContext, area, is_moving, narrate)
+from skills.base import (FaceEmbedder, InvalidRequestError, Skill, SkillContext, area, centre, inside, is_moving,
+                         narrate, to_pixels)
 from skills.config import GreeterConfig
+from skills.greeter_profiles import ProfileStore, TemplateCipher  # noqa: F401  (TemplateCipher: public name)
 
 log = structlog.get_logger(__name__)
 
-MIGRATIONS = [
-    """
-    CREATE TABLE greeter_profiles (
-        profile_id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        enrolled_time REAL NOT NULL,
-        key_fob_id TEXT NOT NULL DEFAULT '',
-        preferences_json TEXT NOT NULL DEFAULT '',
-        template BLOB                        -- nonce || AES-GCM(embedding float32), NULL: fob-only profile
-    );
-    """,
-]
-
-EMBEDDING_DIM = 128
-NONCE_BYTES = 12
-
-
-class TemplateCipher:
-    def __init__(self, key: bytes):
-        self._aead = AESGCM(key)
-
-    def seal(self, profile_id: str, embedding: np.ndarray) -> bytes:
-        nonce = os.urandom(NONCE_BYTES)
-        plain = np.asarray(embedding, dtype="<f4").tobytes()
-        return nonce + self._aead.encrypt(nonce, plain, profile_id.encode())
-
-    def open(self, profile_id: str, blob: bytes) -> np.ndarray:
-        try:
-            plain = self._aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], profile_id.encode())
-        except InvalidTag:
-            raise PreconditionError(f"profile {profile_id}: template does not decrypt with the configured key") \
-                from None
-        return np.frombuffer(plain, dtype="<f4").astype(np.float32)
+LivenessCheck = Callable[[np.ndarray, tuple], object]   # (bgr, face box) -> .live, .reason, .antispoof, .liveness
+FaceStages = Callable[[str, bool], None]                 # (camera_id, on) -> run the face stages there or not
+APPROACH_LOOMING = 0.1    # relative box growth per second that counts as walking up
 
 
 class Greeter(Skill):
     name = "greeter"
 
     def __init__(self, ctx: SkillContext, config: GreeterConfig | None = None,
-                 face_embedder: FaceEmbedder | None = None):
+                 face_embedder: FaceEmbedder | None = None, liveness: LivenessCheck | None = None,
+                 face_stages: FaceStages | None = None):
         super().__init__(ctx)
         self.config = config or GreeterConfig()
         self.budget_s = self.config.budget_seconds
-        self.face_embedder = face_embedder
-        key = self.config.resolved_key()
-        self.cipher = TemplateCipher(key) if key else None
-        ctx.db.register_migrations("greeter", MIGRATIONS)
-        self._templates: dict[str, tuple[str, np.ndarray]] | None = None   # profile_id -> (name, embedding)
+        self.profiles = ProfileStore(ctx.db, self.config, ctx.clock, face_embedder)
+        self.liveness, self.face_stages = liveness, face_stages
         self._last_greeted: dict[str, float] = {}
+        self._applied: dict[str, float] = {}
+        self._faces_seen: dict[str, float] = {}     # profile_id -> when its (live) face was last recognised
+        self._refused: dict[str, float] = {}        # profile_id -> refused until (a spoof was shown)
+        self._fob: tuple[str, float] | None = None  # the fob in range and since when
+        self._side_cameras: set[str] = set()
+        self._faces_until = 0.0
+        self._faces_on: set[str] = set()
         self._attempts = 0
         self._window_start = 0.0
         self._gave_up = False
 
-    # ------------------------------------------------------------------ profiles
-    def _require_cipher(self) -> TemplateCipher:
-        if self.cipher is None:
-            raise PreconditionError("no profile key: set skills.greeter.profile_key or INCAR_PROFILE_KEY")
-        return self.cipher
+    def connect_perception(self, *, liveness: LivenessCheck | None = None, face_stages: FaceStages | None = None):
+        """The service's perception: the liveness check, and the switch for the side cameras' face stages."""
+        self.liveness, self.face_stages = liveness, face_stages
 
+    @property
+    def face_embedder(self) -> FaceEmbedder | None:
+        return self.profiles.face_embedder
+
+    # ------------------------------------------------------------------ profiles (public, for the service/tools)
     async def enroll(self, name: str, consent: bool, *, image: np.ndarray | None = None, key_fob_id: str = "",
                      preferences_json: str = "") -> skills_pb2.Profile:
-        name = name.strip()
-        if not consent:
-            raise InvalidRequestError("consent: enrolment stores a face template and needs explicit consent")
-        if not name or len(name) > 64:
-            raise InvalidRequestError("name: expected 1..64 characters")
-        if preferences_json:
-            try:
-                json.loads(preferences_json)
-            except ValueError as exc:
-                raise InvalidRequestError(f"preferences_json: not JSON ({exc})") from None
-        if len(key_fob_id) > 128:
-            raise InvalidRequestError("key_fob_id: longer than 128 characters")
-        if image is None and not key_fob_id:
-            raise InvalidRequestError("face_source: give a camera_id or an image (or a key_fob_id for a "
-                                      "fob-only profile)")
-        embedding = None
-        if image is not None:
-            cipher = self._require_cipher()
-            embedding = self._embed_one(image)
-        profile_id = f"prof-{uuid.uuid4().hex[:16]}"
-        template = cipher.seal(profile_id, embedding) if embedding is not None else None
-        now = self.now
-        with self.ctx.db.transaction() as tx:
-            tx.execute("INSERT INTO greeter_profiles(profile_id, name, enrolled_time, key_fob_id, preferences_json,"
-                       " template) VALUES(?,?,?,?,?,?)",
-                       (profile_id, name, now, key_fob_id, preferences_json, template))
-        self._templates = None
-        self.emit("enrolled", common_pb2.SEVERITY_INFO, f"Profile enrolled for {name}",
-                  {"profile_id": profile_id, "face": embedding is not None, "key_fob": bool(key_fob_id)})
-        return self._profile(profile_id)
-
-    def _embed_one(self, image: np.ndarray) -> np.ndarray:
-        if self.face_embedder is None:
-            raise PreconditionError("face enrolment is unavailable: the face identity model is not loaded")
-        faces = [f for f in self.face_embedder(image) if f.embedding is not None]
-        if not faces:
-            raise InvalidRequestError("image: no face found")
-        faces.sort(key=lambda f: area(f.box), reverse=True)
-        # Several faces of similar size: we cannot know whose consent this is.
-        if len(faces) > 1 and area(faces[1].box) > 0.5 * area(faces[0].box):
-            raise InvalidRequestError(f"image: {len(faces)} faces of similar size; use an image of one person")
-        embedding = np.asarray(faces[0].embedding, dtype=np.float32).reshape(-1)
-        if embedding.shape != (EMBEDDING_DIM,) or not np.all(np.isfinite(embedding)):
-            raise InvalidRequestError(f"image: face template has shape {embedding.shape}, expected (128,)")
-        return embedding
-
-    def _profile(self, profile_id: str) -> skills_pb2.Profile:
-        row = self.ctx.db.connect().execute("SELECT * FROM greeter_profiles WHERE profile_id=?",
-                                            (profile_id,)).fetchone()
-        if row is None:
-            raise NotFoundError(f"no profile {profile_id!r}")
-        return _profile_message(row)
+        profile = self.profiles.enroll(name, consent, image=image, key_fob_id=key_fob_id,
+                                       preferences_json=preferences_json)
+        self.emit("enrolled", common_pb2.SEVERITY_INFO, f"Profile enrolled for {profile.name}",
+                  {"profile_id": profile.profile_id, "face": profile.face, "key_fob": bool(key_fob_id),
+                   "enrol_yaw": round(profile.enrol_yaw, 3)})
+        return profile
 
     def list_profiles(self) -> list[skills_pb2.Profile]:
-        rows = self.ctx.db.connect().execute("SELECT * FROM greeter_profiles ORDER BY enrolled_time").fetchall()
-        return [_profile_message(r) for r in rows]
+        return self.profiles.list()
 
     def delete_profile(self, profile_id: str) -> None:
-        self._profile(profile_id)
-        conn = self.ctx.db.connect()
-        conn.execute("PRAGMA secure_delete=ON")   # overwrite freed pages: the template must not linger on disk
-        with self.ctx.db.transaction() as tx:
-            tx.execute("DELETE FROM greeter_profiles WHERE profile_id=?", (profile_id,))
-            # Greetings name the person: they go too (the events table is shared; we delete only ours).
-            tx.execute("DELETE FROM events WHERE skill='greeter' AND payload_json LIKE ?",
-                       (f'%"profile_id": "{profile_id}"%',))
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self._templates = None
-        self._last_greeted.pop(profile_id, None)
-        log.info("greeter.profile_deleted", profile_id=profile_id)
-
-    def _load_templates(self) -> dict[str, tuple[str, np.ndarray]]:
-        if self._templates is None:
-            rows = self.ctx.db.connect().execute(
-                "SELECT profile_id, name, template FROM greeter_profiles WHERE template IS NOT NULL").fetchall()
-            cipher = self.cipher
-            self._templates = {} if cipher is None else {
-                r["profile_id"]: (r["name"], cipher.open(r["profile_id"], r["template"])) for r in rows}
-        return self._templates
+        self.profiles.delete(profile_id)
+        for table in (self._last_greeted, self._applied, self._faces_seen, self._refused):
+            table.pop(profile_id, None)
 
     def match(self, embedding: np.ndarray) -> tuple[str, str, float] | None:
-        """(profile_id, name, distance) of the nearest template under the threshold, else None."""
-        best = None
-        for profile_id, (name, template) in self._load_templates().items():
-            distance = float(np.linalg.norm(template - np.asarray(embedding, dtype=np.float32)))
-            if distance < self.config.match_threshold and (best is None or distance < best[2]):
-                best = (profile_id, name, distance)
-        return best
+        return self.profiles.match(embedding)
 
-    # ------------------------------------------------------------------ approach
+    # ------------------------------------------------------------------ approach: when the side cameras look
+    def _parked_locked(self) -> bool:
+        return self.vehicle.locked and not is_moving(self.vehicle)
+
+    def _want_faces(self) -> None:
+        """Keep the face stages on the side cameras for `approach_face_seconds` from now."""
+        self._faces_until = self.now + self.config.approach_face_seconds
+        self._update_stages()
+
+    def _update_stages(self) -> None:
+        want = self._side_cameras if self.now < self._faces_until and not is_moving(self.vehicle) else set()
+        if self.face_stages is None:
+            return
+        for camera_id in sorted(want - self._faces_on):
+            self.face_stages(camera_id, True)
+            log.info("greeter.face_stages", camera_id=camera_id, on=True)
+        for camera_id in sorted(self._faces_on - want):
+            self.face_stages(camera_id, False)
+            log.info("greeter.face_stages", camera_id=camera_id, on=False)
+        self._faces_on = set(want)
+
+    async def tick(self) -> None:
+        if self._faces_on:
+            self._update_stages()
+
+    async def on_vehicle(self, previous, current) -> None:
+        fob = current.key_fob_id
+        if not fob:
+            self._fob = None
+        if is_moving(current):
+            self._update_stages()
+            return
+        if fob and fob != previous.key_fob_id:
+            self._fob = (fob, self.now)
+            if current.locked:
+                self._want_faces()      # the owner is near: look for their face on the side cameras
+            row = self.profiles.by_fob(fob)
+            if row is not None:
+                face_recent = self.now - self._faces_seen.get(row["profile_id"], -1e18) \
+                    <= self.config.fusion_window_seconds
+                method = "face+key_fob" if face_recent else "key_fob"
+                self._greet(row["profile_id"], row["name"], method, "", {},
+                            apply=face_recent or self.config.fob_only_applies_profile)
+
+    # ------------------------------------------------------------------ faces
     async def on_frame(self, analysis: FrameAnalysis) -> None:
         if is_moving(self.vehicle):
             return
+        if analysis.role == "exterior" and analysis.position in self.config.approach_positions:
+            self._side_cameras.add(analysis.camera_id)
+            if self._parked_locked() and any(d.label == "person" and d.looming >= APPROACH_LOOMING
+                                             for d in analysis.detections):
+                self._want_faces()
+            elif self._faces_on != (self._side_cameras if self.now < self._faces_until else set()):
+                self._update_stages()
         faces = [f for f in analysis.faces if f.embedding is not None]
         if not faces:
             return
@@ -189,7 +152,8 @@ class Greeter(Skill):
         if self._gave_up:
             return
         with self.measure():
-            found = [m for m in (self.match(f.embedding) for f in faces) if m is not None]
+            driver = self._driver_face(analysis, faces)
+            found = [(f, m) for f, m in ((f, self.profiles.match(f.embedding)) for f in faces) if m is not None]
         if not found:
             self._attempts += 1
             if self._attempts >= self.config.max_attempts:
@@ -198,39 +162,82 @@ class Greeter(Skill):
                           f"No enrolled face recognised after {self._attempts} attempts; key fob fallback remains",
                           {"attempts": self._attempts}, camera_id=analysis.camera_id)
             return
-        profile_id, name, distance = min(found, key=lambda m: m[2])
-        self._greet(profile_id, name, "face", analysis.camera_id, {"distance": round(distance, 4)})
+        for face, (profile_id, name, distance) in sorted(found, key=lambda fm: fm[1][2]):
+            self._recognised(analysis, face, profile_id, name, distance, is_driver=driver is None or face is driver)
 
-    async def on_vehicle(self, previous, current) -> None:
-        fob = current.key_fob_id
-        if not fob or fob == previous.key_fob_id or is_moving(current):
+    def _driver_face(self, analysis: FrameAnalysis, faces: list[Face]) -> Face | None:
+        """In a cabin frame, the face in the driver seat's zone (largest if several); None outside the cabin."""
+        zone = self.config.driver_seat_zones.get(analysis.position)
+        if analysis.role != "cabin" or zone is None:
+            return None
+        region = to_pixels(tuple(zone), analysis.frame)
+        seated = [f for f in faces if inside(centre(f.box), region)]
+        return max(seated, key=lambda f: area(f.box)) if seated else Face(box=(0, 0, 0, 0), score=0.0)
+
+    def _recognised(self, analysis: FrameAnalysis, face: Face, profile_id: str, name: str, distance: float,
+                    is_driver: bool) -> None:
+        now = self.now
+        if now < self._refused.get(profile_id, -1e18):
             return
-        row = self.ctx.db.connect().execute(
-            "SELECT profile_id, name FROM greeter_profiles WHERE key_fob_id=? ORDER BY enrolled_time LIMIT 1",
-            (fob,)).fetchone()
-        if row is not None:
-            self._greet(row["profile_id"], row["name"], "key_fob", "", {})
+        extra = {"distance": round(distance, 4), "camera_role": analysis.role}
+        live = None
+        if self.liveness is not None:
+            result = self.liveness(analysis.frame, face.box)
+            extra.update(antispoof=round(float(result.antispoof), 3), liveness=round(float(result.liveness), 3))
+            if not result.live:
+                self._refused[profile_id] = now + self.config.attempt_window_seconds
+                self.emit("spoof_refused", common_pb2.SEVERITY_WARNING,
+                          f"A face shown to the {analysis.position} camera was refused: {result.reason}",
+                          {"profile_id": profile_id, "reason": result.reason, **extra}, camera_id=analysis.camera_id)
+                return
+            live = True
+        elif self.config.require_liveness:
+            extra["liveness"] = "unchecked"     # no liveness model loaded: greet, never apply on a face
+        if not is_driver:   # greeted by name, but the seat and mirrors stay the driver's
+            self._greet(profile_id, name, "face", analysis.camera_id, {**extra, "seat": "passenger"}, apply=False)
+            return
+        if live or not self.config.require_liveness:
+            self._faces_seen[profile_id] = now
+        fob_row = self.profiles.by_fob(self._fob[0]) if self._fob else None
+        with_fob = fob_row is not None and fob_row["profile_id"] == profile_id
+        verified = live or not self.config.require_liveness
+        apply = verified and (with_fob or self.config.face_only_applies_profile)
+        self._greet(profile_id, name, "face+key_fob" if with_fob else "face", analysis.camera_id, extra, apply=apply)
 
-    def _greet(self, profile_id: str, name: str, method: str, camera_id: str, extra: dict) -> None:
-        """Decide now (cool-down, attempts); word the greeting in the background."""
+    def _greet(self, profile_id: str, name: str, method: str, camera_id: str, extra: dict, *, apply: bool) -> None:
+        """Decide now (cool-down, attempts); word the greeting in the background. A later sign that allows the
+        profile (the fob after the face) applies it without a second greeting."""
         now = self.now
         last = self._last_greeted.get(profile_id)
-        if last is not None and now - last < self.config.greet_cooldown_seconds:
+        greeted = last is not None and now - last < self.config.greet_cooldown_seconds
+        applied = now - self._applied.get(profile_id, -1e18) < self.config.greet_cooldown_seconds
+        if greeted and (applied or not apply):
             return
-        self._last_greeted[profile_id] = now
+        if not greeted:
+            self._last_greeted[profile_id] = now
+        if apply:
+            self._applied[profile_id] = now
         self._attempts, self._gave_up = 0, False
-        self.spawn(self._say_welcome(profile_id, name, method, camera_id, extra))
+        self.spawn(self._say_welcome(profile_id, name, method, camera_id, extra, greet=not greeted, apply=apply))
 
-    async def _say_welcome(self, profile_id: str, name: str, method: str, camera_id: str, extra: dict) -> None:
-        words = await narrate(self.ctx.narrator, task="You are the car, greeting its driver who walks up.",
-                              draft=f"Welcome back, {name}!", priority=JobClass.INTERACTIVE, must_keep=(name,), max_tokens=32)
-        self.emit("greeting", common_pb2.SEVERITY_INFO, words,
-                  {"profile_id": profile_id, "method": method, **extra}, camera_id=camera_id)
-        row = self.ctx.db.connect().execute("SELECT preferences_json FROM greeter_profiles WHERE profile_id=?",
-                                            (profile_id,)).fetchone()
-        preferences = json.loads(row["preferences_json"]) if row and row["preferences_json"] else {}
-        self.emit("profile_apply", common_pb2.SEVERITY_INFO, f"Applying {name}'s presets",
-                  {"profile_id": profile_id, "preferences": preferences, "method": method}, camera_id=camera_id)
+    async def _say_welcome(self, profile_id: str, name: str, method: str, camera_id: str, extra: dict, *,
+                           greet: bool, apply: bool) -> None:
+        if greet:
+            words = await narrate(self.ctx.narrator, task="You are the car, greeting its driver who walks up.",
+                                  draft=f"Welcome back, {name}!", priority=JobClass.INTERACTIVE, must_keep=(name,),
+                                  max_tokens=32)
+            self.emit("greeting", common_pb2.SEVERITY_INFO, words,
+                      {"profile_id": profile_id, "method": method, "applies_profile": apply, **extra},
+                      camera_id=camera_id)
+        if not apply:
+            return
+        preferences = self.profiles.preferences(profile_id)
+        event = self.emit("profile_apply", common_pb2.SEVERITY_INFO, f"Applying {name}'s presets",
+                          {"profile_id": profile_id, "preferences": preferences, "method": method},
+                          camera_id=camera_id)
+        self.act("seat_mirror_profile", reason=f"{name} recognised ({method})", cause_event=event, target="driver",
+                 parameters={"profile_id": profile_id, "preferences_json": json.dumps(preferences)},
+                 key=f"greeter:{profile_id}:{event.cursor}")
 
 
 def decode_image(image: common_pb2.Image, max_pixels: int) -> np.ndarray:
@@ -241,11 +248,14 @@ def decode_image(image: common_pb2.Image, max_pixels: int) -> np.ndarray:
         raise InvalidRequestError(str(exc)) from None
 
 
-def _profile_message(row) -> skills_pb2.Profile:
-    profile = skills_pb2.Profile(profile_id=row["profile_id"], name=row["name"], key_fob_id=row["key_fob_id"],
-                                 preferences_json=row["preferences_json"])
-    profile.enrolled_time.FromNanoseconds(int(row["enrolled_time"] * 1e9))
-    return profile
+def cascade_face_stages(cascade) -> FaceStages:
+    """A `FaceStages` switch for `service.perception.cascade.Cascade`: the camera's default exterior stages plus
+    faces and identity while on, its configured stages again when off."""
+    from service.perception.cascade import DEFAULT_STAGES
+
+    def switch(camera_id: str, on: bool) -> None:
+        cascade.set_stages(camera_id, tuple(DEFAULT_STAGES["exterior"]) + ("faces", "identity") if on else None)
+    return switch
 
 
-__all__ = ["Greeter", "TemplateCipher", "decode_image"]
+__all__ = ["Greeter", "TemplateCipher", "cascade_face_stages", "decode_image"]

@@ -1,6 +1,7 @@
-"""Greeter over gRPC with real dlib face templates: enrol from faces1.jpg with consent, greet that face by name
-and no other, limited attempts with the key-fob fallback, encrypted templates, delete removes every trace,
-profiles survive a restart."""
+"""Greeter over gRPC with the real face pipeline (BlazeFace landmarks, dlib templates, the anti-spoof and liveness
+models): enrolment's consent and quality checks, encrypted templates, the driver recognised walking up to a side
+camera (face stages switched on by the approach), face + fob fusion applying the profile as a vehicle action, a
+printed-photo replay refused, the passenger's profile never applied, delete removes every trace."""
 from __future__ import annotations
 
 import json
@@ -12,139 +13,180 @@ import numpy as np
 import pytest
 
 from incar.v1 import common_pb2, skills_pb2
+from service.perception.identity import yaw_proxy
+from service.perception.types import Detection
 from tests.skills.conftest import vehicle
-from tests.skills.faces import dlib_face_embedder
+from tests.skills.greeter_scenes import (embed_faces, head_and_shoulders, largest, live_scene, liveness,
+                                         printed_photo_scene)
 from tests.skills.scenes import analysis, photo
 
 NAME = "Alice Example"
+PRESETS = {"seat": {"position": 4, "recline": 2}, "mirror": "left-2", "climate_c": 21.5}
+
+
+def jpeg(image: np.ndarray) -> common_pb2.Image:
+    ok, data = cv2.imencode(".jpg", image)
+    assert ok
+    return common_pb2.Image(encoding=common_pb2.IMAGE_ENCODING_JPEG, data=data.tobytes())
 
 
 @cache
-def faces_of(name: str):
-    """(half-size image, faces sorted by size, largest first) — computed once per session."""
-    image = cv2.resize(photo(name), None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
-    faces = sorted(dlib_face_embedder(image), key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]),
-                   reverse=True)
-    return image, faces
+def cabin_photo():
+    """faces1.jpg at half size, as a cabin camera frame: three people, the enrolled one on the image's left."""
+    image = cv2.resize(photo("faces1.jpg"), None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+    return image, embed_faces(image)
 
 
-def enrolment_image() -> bytes:
-    """The largest face of faces1.jpg cut out with a margin, as the driver would upload it."""
-    image, faces = faces_of("faces1.jpg")
-    x1, y1, x2, y2 = faces[0].box
-    m = (x2 - x1) * 0.6
-    crop = image[max(0, int(y1 - m)):int(y2 + m), max(0, int(x1 - m)):int(x2 + m)]
-    ok, data = cv2.imencode(".jpg", crop)
-    assert ok
-    return data.tobytes()
-
-
-def cabin(clock, faces, image):
+def cabin(clock, image, faces):
     return analysis("cab-front", "cabin", "cabin_front", clock.advance(0.2), image, faces=faces,
                     stages=("faces", "identity"))
 
 
-async def test_enrol_greet_only_that_face_fallback_delete_and_restart(harness, clock):
-    harness.face_embedder = dlib_face_embedder
+def side(clock, frame, faces=(), detections=()):
+    return analysis("ext-left", "exterior", "left", clock.advance(0.2), frame, detections, faces=faces,
+                    stages=("motion", "objects", "faces", "identity"))
+
+
+async def enrol(r, **kw):
+    return await r.stub("Greeter").Enroll(skills_pb2.EnrollRequest(
+        name=NAME, consent=True, image=jpeg(head_and_shoulders()), key_fob_id="fob-1234",
+        preferences_json=json.dumps(PRESETS), **kw))
+
+
+def seat_actions(r):
+    return [dict(row) for row in r.db.connect().execute("SELECT kind, seat, parameters_json FROM actions")]
+
+
+async def test_enrolment_consent_quality_encryption_delete_and_restart(harness, clock):
+    harness.face_embedder = embed_faces
     r = await harness.start()
     greeter = r.stub("Greeter")
-    image1, faces1 = faces_of("faces1.jpg")
-    image2, faces2 = faces_of("faces2.jpg")
-    assert len(faces1) >= 3 and len(faces2) >= 1
-
-    jpeg = enrolment_image()
-    upload = common_pb2.Image(encoding=common_pb2.IMAGE_ENCODING_JPEG, data=jpeg)
+    upload = jpeg(head_and_shoulders())
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await greeter.Enroll(skills_pb2.EnrollRequest(name=NAME, consent=False, image=upload))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "consent" in err.value.details()
     with pytest.raises(grpc.aio.AioRpcError) as err:   # several people of similar size: whose consent?
-        ok, group = cv2.imencode(".jpg", image1)
-        await greeter.Enroll(skills_pb2.EnrollRequest(
-            name=NAME, consent=True, image=common_pb2.Image(encoding=common_pb2.IMAGE_ENCODING_JPEG,
-                                                            data=group.tobytes())))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    presets = {"seat": {"position": 4, "recline": 2}, "mirror": "left-2", "climate_c": 21.5}
-    profile = await greeter.Enroll(skills_pb2.EnrollRequest(name=NAME, consent=True, image=upload,
-                                                            key_fob_id="fob-1234",
-                                                            preferences_json=json.dumps(presets)))
-    assert profile.name == NAME and profile.profile_id
+        await greeter.Enroll(skills_pb2.EnrollRequest(name=NAME, consent=True, image=jpeg(photo("faces1.jpg"))))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "similar size" in err.value.details()
+    # The quality check: a head turned to the side (faces2's sofa face, yaw proxy ~0.5) is refused ...
+    sofa = photo("faces2.jpg")
+    turned = max(embed_faces(sofa), key=yaw_proxy)
+    x1, y1, x2, y2 = (int(v) for v in turned.box)
+    m = 2 * (x2 - x1)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await greeter.Enroll(skills_pb2.EnrollRequest(name=NAME, consent=True,
+                                                      image=jpeg(sofa[max(0, y1 - m):y2 + m, max(0, x1 - m):x2 + m])))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "turned too far" in err.value.details()
+    # ... and so is a face too small to make a good template.
+    small = cv2.resize(head_and_shoulders(), None, fx=0.2, fy=0.2, interpolation=cv2.INTER_AREA)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await greeter.Enroll(skills_pb2.EnrollRequest(name=NAME, consent=True, image=jpeg(small)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "px" in err.value.details()
 
+    profile = await enrol(r)
+    assert profile.name == NAME and profile.face and 0 <= profile.enrol_yaw <= 0.35
     # Only the encrypted template is stored: no image file, and the blob is not the plain embedding.
-    data_dir = harness.tmp_path
-    assert not [p for p in data_dir.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+    assert not [p for p in harness.tmp_path.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
     blob = r.db.connect().execute("SELECT template FROM greeter_profiles").fetchone()["template"]
     assert len(blob) == 12 + 128 * 4 + 16
-    enrolled = r.host.greeter._load_templates()[profile.profile_id][1]
+    enrolled = r.host.greeter.profiles.templates()[profile.profile_id][1]
     assert enrolled.astype("<f4").tobytes() not in blob
-    assert float(np.linalg.norm(enrolled - faces1[0].embedding)) < 0.3   # the same face as in the full photo
 
-    # Other faces (the two others in faces1, the people in faces2): no greeting.
-    for face in faces1[1:3]:
-        await r.frame(cabin(clock, (face,), image1))
-    await r.frame(cabin(clock, tuple(faces2), image2))
-    assert not r.events_of("greeter.greeting")
-    # The enrolled face, among the others: greeted by name, presets applied.
-    await r.frame(cabin(clock, tuple(faces1), image1))
-    greeting, = r.events_of("greeter.greeting")
-    assert NAME in greeting.message
-    assert json.loads(greeting.payload_json)["method"] == "face"
-    apply, = r.events_of("greeter.profile_apply")
-    assert json.loads(apply.payload_json)["preferences"] == presets
-
-    # Limited attempts: after max_attempts unknown faces the biometric path gives up for this approach ...
-    clock.advance(harness.config.greeter.greet_cooldown_seconds + 1)
-    for _ in range(harness.config.greeter.max_attempts):
-        await r.frame(cabin(clock, (faces1[1],), image1))
-    assert r.events_of("greeter.not_recognised")
-    await r.frame(cabin(clock, (faces1[0],), image1))
-    assert len(r.events_of("greeter.greeting")) == 1
-    # ... and the key fob still works.
-    await r.set_vehicle(vehicle(key_fob_id="fob-1234"))
-    fob_greeting = r.events_of("greeter.greeting")[-1]
-    assert json.loads(fob_greeting.payload_json)["method"] == "key_fob" and NAME in fob_greeting.message
-
-    # Restart: the profile and its template are still there and still decrypt.
     r = await harness.restart()
     greeter = r.stub("Greeter")
     listed = (await greeter.ListProfiles(skills_pb2.ListProfilesRequest())).profiles
-    assert [(p.profile_id, p.name, p.key_fob_id) for p in listed] == [(profile.profile_id, NAME, "fob-1234")]
-    await r.frame(cabin(clock, (faces1[0],), image1))
-    assert len(r.events_of("greeter.greeting")) == 3
-
-    # Delete removes every trace: the row, the greetings naming the person, and the bytes on disk.
+    assert [(p.profile_id, p.name, p.key_fob_id, p.face) for p in listed] == [(profile.profile_id, NAME, "fob-1234",
+                                                                             True)]
     await greeter.DeleteProfile(skills_pb2.DeleteProfileRequest(profile_id=profile.profile_id))
     assert not (await greeter.ListProfiles(skills_pb2.ListProfilesRequest())).profiles
-    assert not [e for e in r.events.after(0, 10_000) if profile.profile_id in e.payload_json]
     r.db.close()
-    raw = b"".join(p.read_bytes() for p in data_dir.glob("incar.db*"))
+    raw = b"".join(p.read_bytes() for p in harness.tmp_path.glob("incar.db*"))
     assert NAME.encode() not in raw and profile.profile_id.encode() not in raw
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await greeter.DeleteProfile(skills_pb2.DeleteProfileRequest(profile_id=profile.profile_id))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_enrol_from_camera_and_without_key(harness, clock):
-    harness.face_embedder = dlib_face_embedder
-    harness.config.greeter.profile_key = ""
+async def test_driver_walks_up_recognised_face_and_fob_apply_the_profile(harness, clock):
+    harness.face_embedder = embed_faces
+    switched = []
     r = await harness.start()
-    greeter = r.stub("Greeter")
-    crop = cv2.imdecode(np.frombuffer(enrolment_image(), np.uint8), cv2.IMREAD_COLOR)
-    r.frames.add(analysis("cab-front", "cabin", "cabin_front", clock(), crop))
-    with pytest.raises(grpc.aio.AioRpcError) as err:     # no key configured: nothing biometric is stored
-        await greeter.Enroll(skills_pb2.EnrollRequest(name=NAME, consent=True, camera_id="cab-front"))
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "INCAR_PROFILE_KEY" in err.value.details()
+    r.host.greeter.connect_perception(liveness=liveness().check, face_stages=lambda cam, on: switched.append((cam, on)))
+    profile = await enrol(r)
+    await r.set_vehicle(vehicle(locked=True))
+    subject = head_and_shoulders()
+    # Someone walks up to the left camera: the person box grows -> the face stages switch on there.
+    await r.frame(side(clock, live_scene(subject, 200), detections=[Detection("person", 0.9, (200, 60, 440, 480),
+                                                                              looming=0.6)]))
+    assert switched == [("ext-left", True)]
+    for height in (260, 330, 420):   # closer with every frame; the face stage now runs on this camera
+        frame = live_scene(subject, height)
+        await r.frame(side(clock, frame, faces=embed_faces(frame)))
+    greeting, = r.events_of("greeter.greeting")
+    payload = json.loads(greeting.payload_json)
+    assert NAME in greeting.message and payload["method"] == "face" and payload["camera_role"] == "exterior"
+    assert not payload["applies_profile"] and not r.events_of("greeter.profile_apply")   # face alone: greet only
+    assert payload["antispoof"] > 0.3 and payload["liveness"] > 0.15
+    # The key fob comes into range: face + fob of the same profile -> the seat and mirror profile is applied.
+    await r.set_vehicle(vehicle(locked=True, key_fob_id="fob-1234"))
+    apply, = r.events_of("greeter.profile_apply")
+    assert json.loads(apply.payload_json) == {"profile_id": profile.profile_id, "preferences": PRESETS,
+                                              "method": "face+key_fob"}
+    assert len(r.events_of("greeter.greeting")) == 1                        # no second greeting
+    action, = seat_actions(r)
+    assert action["kind"] == "seat_mirror_profile" and action["seat"] == 1   # SEAT_ID_DRIVER
+    assert json.loads(json.loads(action["parameters_json"])["preferences_json"]) == PRESETS
+    # Nobody for the approach time: the side camera goes back to its frugal stages.
+    clock.advance(harness.config.greeter.approach_face_seconds + 1)
+    await r.host.tick()
+    assert switched[-1] == ("ext-left", False)
 
-    from tests.skills.conftest import PROFILE_KEY
-    harness.config.greeter.profile_key = PROFILE_KEY
+
+async def test_printed_photo_replay_is_refused(harness, clock):
+    harness.face_embedder = embed_faces
+    r = await harness.start()
+    r.host.greeter.connect_perception(liveness=liveness().check)
+    await enrol(r)
+    harness.config.greeter.face_only_applies_profile = True     # even where a face alone would open the profile
+    await r.set_vehicle(vehicle(locked=True))
+    subject = head_and_shoulders()
+    for i, (height, tilt) in enumerate(((300, 5.0), (340, -4.0), (380, 8.0))):   # held up, moved, turned
+        frame = printed_photo_scene(subject, height, tilt_deg=tilt, seed=i)
+        faces = embed_faces(frame)
+        assert faces and r.host.greeter.match(largest(faces).embedding)     # it is the enrolled face ...
+        await r.frame(side(clock, frame, faces=faces))
+    refused = r.events_of("greeter.spoof_refused")                          # ... and it is refused
+    assert refused and "photo or screen frame" in json.loads(refused[0].payload_json)["reason"]
+    assert not r.events_of("greeter.greeting") and not r.events_of("greeter.profile_apply") and not seat_actions(r)
+    # The refusal holds for the approach: a frame without the print's edge right after does not get through.
+    live = live_scene(subject, 380)
+    await r.frame(side(clock, live, faces=embed_faces(live)))
+    assert not r.events_of("greeter.greeting")
+
+
+async def test_passengers_profile_is_not_applied_the_drivers_seat_face_wins(harness, clock):
+    harness.face_embedder = embed_faces
+    r = await harness.start()
+    r.host.greeter.connect_perception(liveness=liveness().check)
+    profile = await enrol(r)
+    image, faces = cabin_photo()
+    enrolled = largest(faces)
+    assert (enrolled.box[0] + enrolled.box[2]) / 2 < image.shape[1] / 2      # she sits on the image's left
+    # Default zone: a rear-facing cabin camera sees the (left-hand-drive) driver on the image's right.
+    await r.frame(cabin(clock, image, tuple(faces)))
+    passenger = [json.loads(e.payload_json) for e in r.events_of("greeter.greeting")
+                 if json.loads(e.payload_json).get("seat") == "passenger"]
+    assert passenger and passenger[0]["profile_id"] == profile.profile_id and not passenger[0]["applies_profile"]
+    assert not r.events_of("greeter.profile_apply") and not seat_actions(r)   # her face applied nothing
+    n_applied = 0
+
+    # Her in the driver's seat (the zone now the image's left): her face + her fob apply her profile.
+    harness.config.greeter.driver_seat_zones = {"cabin_front": [0.0, 0.0, 0.5, 1.0]}
+    harness.config.greeter.fob_only_applies_profile = False
     r = await harness.restart()
-    greeter = r.stub("Greeter")
-    r.frames.add(analysis("cab-front", "cabin", "cabin_front", clock(), crop))
-    profile = await greeter.Enroll(skills_pb2.EnrollRequest(name=NAME, consent=True, camera_id="cab-front"))
-    assert profile.name == NAME
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await greeter.Enroll(skills_pb2.EnrollRequest(name=NAME, consent=True, camera_id="no-such-camera"))
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await greeter.Enroll(skills_pb2.EnrollRequest(name=NAME, consent=True, image=common_pb2.Image(
-            encoding=common_pb2.IMAGE_ENCODING_JPEG, data=b"not a jpeg")))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    r.host.greeter.connect_perception(liveness=liveness().check)
+    await r.set_vehicle(vehicle(key_fob_id="fob-1234"))
+    assert not r.events_of("greeter.profile_apply")[n_applied:]             # fob alone: policy says no
+    await r.frame(cabin(clock, image, tuple(faces)))
+    applied = r.events_of("greeter.profile_apply")[n_applied:]
+    assert len(applied) == 1 and json.loads(applied[0].payload_json)["method"] == "face+key_fob"
