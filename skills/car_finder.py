@@ -1,9 +1,11 @@
 """Car Finder: remember where the car was parked and say it back in words.
 
-On parking (gear P and ignition off) it reads the level, row and bay signs the exterior cameras see (OCR), and
-stores them with GPS (when valid: garages have none), the time and a snapshot. "Where is my car?" is answered
-by the model from the stored record; the answer always carries the level and bay, appended if the model's
-wording dropped them.
+While driving it keeps the trail of level and row signs the exterior cameras read (skills/car_finder_trail.py).
+On parking (gear P and ignition off) it reads the signs the cameras see at the bay (OCR) and stores level, row
+and bay (the trail fills a level or row the bay does not show), GPS (when valid: garages have none), the time,
+the trail and a snapshot; both download over the API. "Where is my car?" is answered by the model from the
+stored record: level, row/bay, how long ago, and GPS when valid; the answer always carries the level and bay,
+appended if the model's wording dropped them.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from service.perception.types import FrameAnalysis, TextLine
 from service.runtime.scheduler import JobClass
 from skills.base import (NotFoundError, PreconditionError, SignReader, Skill, SkillContext, is_moving,
                          is_parked_off, narrate)
+from skills.car_finder_trail import MIGRATION as TRAIL_MIGRATION
+from skills.car_finder_trail import SignTrail, load as load_trail, resolve, store as store_trail
 from skills.config import CarFinderConfig
 
 log = structlog.get_logger(__name__)
@@ -41,6 +45,7 @@ MIGRATIONS = [
     );
     CREATE INDEX car_finder_parking_time ON car_finder_parking(time);
     """,
+    TRAIL_MIGRATION,
 ]
 
 _ID = r"([A-Z]{0,2}-?\d{1,4}[A-Z]?|[A-Z]{1,2})\b"
@@ -91,10 +96,16 @@ class CarFinder(Skill):
         ctx.db.register_migrations("car_finder", MIGRATIONS)
         self.snapshot_dir = Path(ctx.data_dir) / "car_finder" / "snapshots"
         self._exterior: dict[str, FrameAnalysis] = {}   # latest analysis per exterior camera
+        self.trail = SignTrail(self.config.trail_seconds, self.config.trail_max_readings, self.config.min_text_score)
 
     async def on_frame(self, analysis: FrameAnalysis) -> None:
         if analysis.role == "exterior":
             self._exterior[analysis.camera_id] = analysis
+            if analysis.texts and not is_parked_off(self.vehicle):   # on the way in: keep the signs passed
+                reading = self.trail.observe(analysis, parse_signs)
+                if reading is not None:
+                    log.info("car_finder.sign", camera_id=reading.camera_id, text=reading.text, level=reading.level,
+                             row=reading.row, bay=reading.bay)
 
     async def on_vehicle(self, previous, current) -> None:
         if is_parked_off(current) and not is_parked_off(previous):
@@ -117,7 +128,8 @@ class CarFinder(Skill):
                                     "not PARK")
         with self.measure():
             lines, snapshot = await asyncio.to_thread(self._read_all)
-        fields = parse_signs([line.text for line in lines])
+        trail = self.trail.recent(self.now)
+        fields, sources = resolve(parse_signs([line.text for line in lines]), trail)
         record_id = f"park-{uuid.uuid4().hex[:16]}"
         snapshot_id, snapshot_path = "", ""
         if snapshot is not None:
@@ -142,17 +154,24 @@ class CarFinder(Skill):
                           if state.gps_valid else (None, None, None, None)),
                         fields["level"], fields["row"], fields["bay"], json.dumps(texts), snapshot_id,
                         snapshot_path))
+            tx.execute("UPDATE car_finder_parking SET level_source=?, row_source=? WHERE record_id=?",
+                       (sources["level"], sources["row"], record_id))
+            store_trail(tx, record_id, trail)
             old = tx.execute("SELECT record_id, snapshot_path FROM car_finder_parking ORDER BY time DESC "
                              "LIMIT -1 OFFSET ?", (self.config.history_limit,)).fetchall()
             for row in old:
                 tx.execute("DELETE FROM car_finder_parking WHERE record_id=?", (row["record_id"],))
+                tx.execute("DELETE FROM car_finder_trail WHERE record_id=?", (row["record_id"],))
         for row in old:
             if row["snapshot_path"]:
                 Path(row["snapshot_path"]).unlink(missing_ok=True)
+        self.trail.clear()
         record = self._record(record_id)
         self.emit("parked", common_pb2.SEVERITY_INFO, _spot_words(record) or "Parking position recorded",
                   {"record_id": record_id, "level": record.level, "row": record.row, "bay": record.bay,
-                   "gps_valid": record.gps_valid}, attachment_ids=(snapshot_id,) if snapshot_id else ())
+                   "level_source": record.level_source, "row_source": record.row_source,
+                   "trail_readings": len(record.trail), "gps_valid": record.gps_valid},
+                  attachment_ids=(snapshot_id,) if snapshot_id else ())
         return record
 
     def _read_all(self) -> tuple[list[TextLine], object]:
@@ -169,15 +188,32 @@ class CarFinder(Skill):
                 snapshot, best = analysis.frame, len(found)
         return lines, snapshot
 
-    def _record(self, record_id: str) -> skills_pb2.ParkingRecord:
-        row = self.ctx.db.connect().execute("SELECT * FROM car_finder_parking WHERE record_id=?",
-                                            (record_id,)).fetchone()
-        return _record_message(row)
+    def _row(self, record_id: str = ""):
+        conn = self.ctx.db.connect()
+        row = conn.execute("SELECT * FROM car_finder_parking WHERE record_id=?", (record_id,)).fetchone() \
+            if record_id else conn.execute("SELECT * FROM car_finder_parking ORDER BY time DESC LIMIT 1").fetchone()
+        if row is None:
+            raise NotFoundError(f"no parking record {record_id!r}" if record_id else "no parking position recorded yet")
+        return row
+
+    def _record(self, record_id: str = "") -> skills_pb2.ParkingRecord:
+        return _record_message(self._row(record_id), self.ctx.db.connect())
+
+    def get_record(self, record_id: str = "") -> skills_pb2.ParkingRecord:
+        """One record with its sign trail ("" for the latest); NotFoundError when there is none."""
+        return self._record(record_id)
+
+    def snapshot_path(self, record_id: str = "") -> Path:
+        row = self._row(record_id)
+        path = Path(row["snapshot_path"]) if row["snapshot_path"] else None
+        if path is None or not path.is_file():
+            raise NotFoundError(f"parking record {row['record_id']!r} has no snapshot")
+        return path
 
     def history(self, limit: int = 0) -> list[skills_pb2.ParkingRecord]:
-        rows = self.ctx.db.connect().execute("SELECT * FROM car_finder_parking ORDER BY time DESC LIMIT ?",
-                                             (limit or -1,)).fetchall()
-        return [_record_message(r) for r in rows]
+        conn = self.ctx.db.connect()
+        rows = conn.execute("SELECT * FROM car_finder_parking ORDER BY time DESC LIMIT ?", (limit or -1,)).fetchall()
+        return [_record_message(r, conn) for r in rows]
 
     async def where_is_my_car(self, question: str = "") -> tuple[str, skills_pb2.ParkingRecord]:
         records = self.history(1)
@@ -185,12 +221,15 @@ class CarFinder(Skill):
             raise NotFoundError("no parking position recorded yet")
         record = records[0]
         with self.measure(budget_s=max(self.budget_s, 10.0)):
+            age = max(0.0, self.now - record.time.ToNanoseconds() / 1e9)
             draft = _spot_words(record) or "I have no sign reading for where the car is parked"
-            if not record.gps_valid:
-                draft += " (no GPS fix there, likely a covered garage)"
-            elif not record.level and not record.bay:
+            if record.level_source == "trail":
+                draft += " (the level from the signs on the way in)"
+            if record.gps_valid:
                 draft += f"; GPS {record.gps.latitude_deg:.5f}, {record.gps.longitude_deg:.5f}"
-            draft += f", since {_local_time(record.time.ToSeconds())}."
+            else:
+                draft += " (no GPS fix there, likely a covered garage)"
+            draft += f"; parked {ago(age)}, at {_local_time(record.time.ToSeconds())}."
             answer = await narrate(self.ctx.narrator, priority=JobClass.LOOKUP, max_tokens=64, draft=draft,
                                    task=f"The driver asks: {question.strip() or 'Where is my car?'}")
             answer = ensure_facts(answer, record)
@@ -215,15 +254,31 @@ def _spot_words(record: skills_pb2.ParkingRecord) -> str:
     return ("Your car is parked on " + ", ".join(parts)) if parts else ""
 
 
+def ago(seconds: float) -> str:
+    """'just now', '12 min ago', '2 h 5 min ago', '3 days ago'."""
+    minutes = int(seconds // 60)
+    if minutes < 1:
+        return "just now"
+    if minutes < 60:
+        return f"{minutes} min ago"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min ago" if minutes else f"{hours} h ago"
+    return f"{hours // 24} days ago"
+
+
 def _local_time(epoch: float) -> str:
     import time as _time
     return _time.strftime("%Y-%m-%d %H:%M", _time.localtime(epoch))
 
 
-def _record_message(row) -> skills_pb2.ParkingRecord:
+def _record_message(row, conn=None) -> skills_pb2.ParkingRecord:
     record = skills_pb2.ParkingRecord(record_id=row["record_id"], gps_valid=bool(row["gps_valid"]),
                                       level=row["level"], row=row["row_name"], bay=row["bay"],
-                                      sign_text=json.loads(row["sign_text"]), snapshot_id=row["snapshot_id"])
+                                      sign_text=json.loads(row["sign_text"]), snapshot_id=row["snapshot_id"],
+                                      level_source=row["level_source"], row_source=row["row_source"])
+    if conn is not None:
+        record.trail.extend(load_trail(conn, row["record_id"]))
     record.time.FromNanoseconds(int(row["time"] * 1e9))
     if row["gps_valid"]:
         record.gps.latitude_deg, record.gps.longitude_deg = row["latitude_deg"], row["longitude_deg"]

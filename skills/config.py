@@ -187,6 +187,8 @@ class CarFinderConfig:
     min_text_score: float = 0.5
     snapshot_quality: int = 85
     history_limit: int = 100               # parking records kept
+    trail_seconds: float = 900.0           # signs read this long before parking make the trail
+    trail_max_readings: int = 200
     budget_seconds: float = 5.0            # OCR on every exterior camera at parking time
 
     def validate(self) -> None:
@@ -196,6 +198,8 @@ class CarFinderConfig:
             raise ValueError("snapshot_quality: expected 1..100")
         if self.history_limit < 1 or self.budget_seconds <= 0:
             raise ValueError("history_limit: must be >= 1; budget_seconds > 0")
+        if self.trail_seconds <= 0 or self.trail_max_readings < 1:
+            raise ValueError("trail_seconds: must be > 0; trail_max_readings >= 1")
 
 
 @dataclass

@@ -240,11 +240,24 @@ class CarFinderServicer(skills_pb2_grpc.CarFinderServicer):
     @maps_skill_errors
     async def WhereIsMyCar(self, request, context):
         answer, record = await self.car_finder.where_is_my_car(request.question)
-        return skills_pb2.WhereIsMyCarResponse(answer=answer, record=record)
+        age = max(0.0, self.car_finder.now - record.time.ToNanoseconds() / 1e9)
+        return skills_pb2.WhereIsMyCarResponse(answer=answer, record=record, age_seconds=age)
 
     @maps_skill_errors
     async def ListParkingHistory(self, request, context):
         return skills_pb2.ListParkingHistoryResponse(records=self.car_finder.history(request.limit))
+
+    @maps_skill_errors
+    async def GetParkingRecord(self, request, context):
+        return self.car_finder.get_record(request.record_id)
+
+    async def GetParkingSnapshot(self, request, context):
+        try:
+            path = self.car_finder.snapshot_path(request.record_id)
+        except NotFoundError as exc:
+            await _abort_for(context, exc)
+        async for chunk in _file_chunks(path):
+            yield skills_pb2.SnapshotChunk(data=chunk, name=path.name)
 
 
 class SafetyServicer(skills_pb2_grpc.SafetyServicer):

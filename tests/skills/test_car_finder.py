@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import cv2
 import grpc
+import numpy as np
 import pytest
 
 from incar.v1 import skills_pb2, vehicle_pb2
@@ -108,3 +109,60 @@ def test_sign_parsing_and_fact_check():
     record = skills_pb2.ParkingRecord(level="P2", bay="17")
     assert ensure_facts("Level P2, bay 17.", record) == "Level P2, bay 17."
     assert ensure_facts("On P2, spot 170.", record) == "On P2, spot 170. (bay 17)"
+
+
+def sign_frame(*lines, seed=0):
+    """A garage sign on a plain backdrop, as a side camera passes it."""
+    frame = background(seed=seed)
+    cv2.rectangle(frame, (300, 40), (630, 110 + 70 * len(lines)), (150, 80, 20), -1)
+    for i, line in enumerate(lines):
+        cv2.putText(frame, line, (320, 105 + 70 * i), cv2.FONT_HERSHEY_DUPLEX, 1.5, (255, 255, 255), 3)
+    return frame
+
+
+async def test_trail_of_signs_on_the_way_in_gives_the_level_when_the_bay_is_unreadable(harness, clock, read_signs):
+    harness.read_signs = read_signs
+    r = await harness.start()
+    finder = r.stub("CarFinder")
+    # Driving into the garage: the ramp's level sign, then a row sign, pass the side camera (the text stage ran).
+    await r.set_vehicle(vehicle(gear=vehicle_pb2.GEAR_DRIVE, ignition=vehicle_pb2.IGNITION_ON, speed=9.0))
+    for lines in (("LEVEL P1",), ("EXIT",), ("LEVEL P3",), ("ROW D",)):
+        frame = sign_frame(*lines)
+        await r.frame(analysis("ext-right", "exterior", "right", clock.advance(4.0), frame, texts=read_signs(frame),
+                               stages=("motion", "text")))
+    # At the bay nothing readable (a pillar without a sign); park in P, ignition off.
+    await r.frame(analysis("ext-right", "exterior", "right", clock.advance(3.0), background(seed=5),
+                           stages=("motion", "text")))
+    await r.set_vehicle(vehicle(gear=vehicle_pb2.GEAR_PARK, ignition=vehicle_pb2.IGNITION_ON))
+    await r.set_vehicle(vehicle(gear=vehicle_pb2.GEAR_PARK, ignition=vehicle_pb2.IGNITION_OFF))
+    parked, = r.events_of("car_finder.parked")
+    record = await finder.GetParkingRecord(skills_pb2.GetParkingRecordRequest())
+    assert (record.level, record.row, record.bay) == ("P3", "D", "")
+    assert (record.level_source, record.row_source) == ("trail", "trail")
+    assert [t.text for t in record.trail] == ["LEVEL P1", "LEVEL P3", "ROW D"]
+    assert [t.level for t in record.trail] == ["P1", "P3", ""] and record.trail[-1].row == "D"
+    assert record.trail[0].time.ToSeconds() < record.trail[-1].time.ToSeconds() <= record.time.ToSeconds()
+
+    clock.advance(25 * 60)
+    reply = await finder.WhereIsMyCar(skills_pb2.WhereIsMyCarRequest(question="Where did I park?"))
+    assert "level P3" in reply.answer and "row D" in reply.answer and "25 min ago" in reply.answer
+    assert "no GPS" in reply.answer and abs(reply.age_seconds - 25 * 60) < 5
+
+    chunks = [c async for c in finder.GetParkingSnapshot(skills_pb2.GetParkingSnapshotRequest(
+        record_id=record.record_id))]
+    snapshot = cv2.imdecode(np.frombuffer(b"".join(c.data for c in chunks), np.uint8), cv2.IMREAD_COLOR)
+    assert snapshot is not None and snapshot.shape == (480, 640, 3)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await finder.GetParkingRecord(skills_pb2.GetParkingRecordRequest(record_id="park-nope"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    # The trail belongs to one parking: outdoors next time with GPS, the old garage signs are not used.
+    await r.set_vehicle(vehicle(gear=vehicle_pb2.GEAR_DRIVE, ignition=vehicle_pb2.IGNITION_ON, speed=40.0))
+    await r.set_vehicle(vehicle(ignition=vehicle_pb2.IGNITION_OFF, gps=(52.52, 13.405)))
+    outdoor = await finder.GetParkingRecord(skills_pb2.GetParkingRecordRequest())
+    assert outdoor.record_id != record.record_id and not outdoor.level and not outdoor.trail
+    reply = await finder.WhereIsMyCar(skills_pb2.WhereIsMyCarRequest())
+    assert "GPS 52.52000, 13.40500" in reply.answer and "just now" in reply.answer
+    r = await harness.restart()                      # stored with the record
+    again = await r.stub("CarFinder").GetParkingRecord(skills_pb2.GetParkingRecordRequest(record_id=record.record_id))
+    assert [t.text for t in again.trail] == ["LEVEL P1", "LEVEL P3", "ROW D"]
