@@ -96,7 +96,7 @@ def main() -> int:
             print("   ", w)
         out.update({f"model_{mode}_accuracy": round(acc, 4), f"model_{mode}_p50_ms": round(p50, 1),
                     f"model_{mode}_p95_ms": round(p95, 1), f"model_{mode}_prepare_s": round(prepare_s, 2),
-                    "prefix_tokens": prefix})
+                    f"model_{mode}_prefix_tokens": prefix})
     accs = [v for k, v in out.items() if k.startswith("model_") and k.endswith("_accuracy")]
     if accs:
         out["model_vs_keyword_accuracy"] = round(max(accs) - out["keyword_accuracy"], 4)
