@@ -57,7 +57,7 @@ async def serve(port_file: Path) -> None:
     from service.cameras.config import CamerasConfig
     from service.cameras.hub import CameraHub
     from service.cameras.servicer import add_to_server
-    hub = CameraHub(CamerasConfig())
+    hub = CameraHub(CamerasConfig(max_stream_fps=10_000))   # the pipeline's capacity, not the per-stream pace
     await hub.start()
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE)])
     add_to_server(hub, server)

@@ -5,32 +5,28 @@ Reports the server's resident memory (RssAnon + swap, from /proc) at start (afte
 client-side latency per RPC, error counts, frame drops, and whether the safety latency budget held (from the
 metrics endpoint: `incar_skill_budget_violations_total{skill="safety"}` and the safe-exit warning histogram;
 "n/a" when the running build exports neither). Services this build does not mount are skipped and listed.
-Last line: JSON.
+A plain client (GetState every 50 ms on its own connection) is measured throughout; with --hostile it is measured
+first alone, then beside the hostile clients of bench/soak_hostile.py (unread acks, slow streams, a subscriber
+flood) and the vehicle gateway toggles the lock every second, so every event fans out. Last line: JSON, flat keys.
 
     .venv/bin/python bench/soak.py                       # the issue's run: 4 cameras x 10 fps, 4 HMI, 30 min
     .venv/bin/python bench/soak.py --minutes 2           # a short run
     .venv/bin/python bench/soak.py --mtls                # same, over mutual TLS with dev-CA certificates
+    .venv/bin/python bench/soak.py --minutes 3 --hostile # issue 13: RSS and the plain client's p99 under attack
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import os
-import re
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-import cv2
 import grpc
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,10 +34,12 @@ sys.path.insert(0, str(ROOT))
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc  # noqa: E402
 
+from bench.soak_hostile import HostileLoad, plain_client  # noqa: E402
+from bench.soak_support import (Server, Stats, flat_key, jpegs, metric_sum, over_budget,  # noqa: E402
+                                percentile, rss_anon_plus_swap)
 from incar.v1 import (assistant_pb2, assistant_pb2_grpc, cameras_pb2, cameras_pb2_grpc, common_pb2,  # noqa: E402
                       events_pb2, events_pb2_grpc, system_pb2, system_pb2_grpc, vehicle_pb2, vehicle_pb2_grpc)
 
-IMAGES = [ROOT / "tests" / "perception" / "data"]
 CAMERAS = [("front", common_pb2.MOUNT_POSITION_FRONT, common_pb2.CAMERA_ROLE_EXTERIOR),
            ("rear", common_pb2.MOUNT_POSITION_REAR, common_pb2.CAMERA_ROLE_EXTERIOR),
            ("left", common_pb2.MOUNT_POSITION_LEFT, common_pb2.CAMERA_ROLE_EXTERIOR),
@@ -51,102 +49,10 @@ CAMERAS = [("front", common_pb2.MOUNT_POSITION_FRONT, common_pb2.CAMERA_ROLE_EXT
 QUESTIONS = ["Is anyone in the back seat?", "What is in front of the car?", "Summarise the last events."]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_anon_plus_swap(pid: int) -> int:
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return (int(fields["RssAnon"].split()[0]) + int(fields.get("VmSwap", "0 kB").split()[0])) * 1024
-
-
-def jpegs() -> list[bytes]:
-    paths = [p for folder in IMAGES if folder.is_dir() for p in sorted(folder.glob("*.jpg"))][:6]
-    if not paths:
-        raise SystemExit(f"no JPEGs in {' or '.join(map(str, IMAGES))}")
-    out = []
-    for path in paths:
-        image = cv2.resize(cv2.imread(str(path)), (768, 768), interpolation=cv2.INTER_AREA)
-        out.append(cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes())
-    return out
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
-class Stats:
-    def __init__(self):
-        self.latency: dict[str, list[float]] = defaultdict(list)
-        self.errors: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        self.counts: dict[str, int] = defaultdict(int)
-        self.error_samples: list[str] = []
-
-    def ok(self, rpc: str, seconds: float) -> None:
-        self.latency[rpc].append(seconds)
-
-    def error(self, rpc: str, err: BaseException) -> None:
-        code = err.code().name if isinstance(err, grpc.aio.AioRpcError) else type(err).__name__
-        self.errors[rpc][code] += 1
-        if len(self.error_samples) < 10:
-            detail = err.details() if isinstance(err, grpc.aio.AioRpcError) else str(err)
-            self.error_samples.append(f"{rpc}: {code}: {detail}")
-
-
-class Server:
-    def __init__(self, data_dir: Path, extra: list[str]):
-        self.port, self.metrics_port = free_port(), free_port()
-        self.log = data_dir.parent / "server.log"
-        args = [sys.executable, "-m", "service.cli", "serve", "--listen", f"127.0.0.1:{self.port}",
-                "--data-dir", str(data_dir), "--set", f"server.metrics_listen=127.0.0.1:{self.metrics_port}",
-                "--set", "server.log_level=warning", *extra]
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
-            return r.read().decode()
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            return self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
-
-
-def metric_sum(text: str, name: str, labels: str = "") -> float | None:
-    """Sum of the samples of `name` whose label set contains `labels` (None when the metric is absent)."""
-    total, found = 0.0, False
-    for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? ([^\s]+)$", text, re.M):
-        if labels and labels not in (m.group(1) or ""):
-            continue
-        total += float(m.group(2))
-        found = True
-    return total if found else None
-
-
-def over_budget(text: str, name: str, budget: float) -> tuple[float, float] | None:
-    """(observations, observations above `budget`) of a histogram, from its cumulative buckets."""
-    count = metric_sum(text, f"{name}_count")
-    if count is None:
-        return None
-    within = 0.0
-    for m in re.finditer(rf'^{re.escape(name)}_bucket\{{[^}}]*le="([^"]+)"[^}}]*\}} ([^\s]+)$', text, re.M):
-        le = float(m.group(1))
-        if le <= budget + 1e-12:
-            within = max(within, float(m.group(2)))
-    return count, count - within
-
-
 async def camera_client(channel, stop: asyncio.Event, stats: Stats, name, position, role, fps: float,
                         frames: list[bytes]) -> None:
     stub = cameras_pb2_grpc.CamerasStub(channel)
     sent_at: dict[int, float] = {}
-    queue: asyncio.Queue = asyncio.Queue()
 
     async def produce():
         seq, period, next_t = 0, 1.0 / fps, time.perf_counter()
@@ -239,13 +145,13 @@ async def hmi_client(channel, stop: asyncio.Event, stats: Stats, index: int, mou
         sub.cancel()
 
 
-async def vehicle_gateway(channel, stop: asyncio.Event, stats: Stats) -> None:
-    """1 Hz state updates; the car is parked and locks/unlocks every 30 s (events for the subscribers)."""
+async def vehicle_gateway(channel, stop: asyncio.Event, stats: Stats, toggle_every: int = 30) -> None:
+    """1 Hz state updates; the car is parked and locks/unlocks every `toggle_every` s (events to fan out)."""
     stub = vehicle_pb2_grpc.VehicleStub(channel)
     tick = 0
     while not stop.is_set():
         state = vehicle_pb2.VehicleState(gear=vehicle_pb2.GEAR_PARK, ignition=vehicle_pb2.IGNITION_ON,
-                                         battery_percent=80, locked=(tick // 30) % 2 == 1)
+                                         battery_percent=80, locked=(tick // toggle_every) % 2 == 1)
         await timed(stats, "Vehicle/UpdateState", stub.UpdateState(state))
         tick += 1
         try:
@@ -257,7 +163,9 @@ async def vehicle_gateway(channel, stop: asyncio.Event, stats: Stats) -> None:
 async def run(args) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="incar-soak-"))
     extra = list(args.set)
-    make_channel = lambda target, role: grpc.aio.insecure_channel(target)  # noqa: E731
+    # Each client its own connection, as separate processes in the car would be (grpc shares one otherwise).
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    make_channel = lambda target, role: grpc.aio.insecure_channel(target, options=own)  # noqa: E731
     if args.mtls:
         from service.security.credentials import channel_credentials
         from service.security.devca import make_dev_pki
@@ -268,7 +176,7 @@ async def run(args) -> dict:
 
         def make_channel(target, role):
             creds = channel_credentials(pki / "ca.pem", pki / f"{role}.pem", pki / f"{role}.key")
-            return grpc.aio.secure_channel(target.replace("127.0.0.1", "localhost"), creds)
+            return grpc.aio.secure_channel(target.replace("127.0.0.1", "localhost"), creds, options=own)
     server = Server(workdir / "data", extra)
     target = f"127.0.0.1:{server.port}"
     stats = Stats()
@@ -305,11 +213,21 @@ async def run(args) -> dict:
                 args.fps, frames)))
     tasks += [asyncio.create_task(hmi_client(hmi_channels[i], stop, stats, i, mounted, args.ask_interval))
               for i in range(args.clients)]
-    tasks.append(asyncio.create_task(vehicle_gateway(vehicle_channel, stop, stats)))
+    tasks.append(asyncio.create_task(vehicle_gateway(vehicle_channel, stop, stats, 1 if args.hostile else 30)))
+    plain_latency: dict[str, list[float]] = defaultdict(list)
+    phase = ["quiet"]
+    plain_channel = make_channel(target, "hmi")
+    tasks.append(asyncio.create_task(plain_client(plain_channel, stop, plain_latency, phase)))
+    hostile = HostileLoad(make_channel, target, frames, unread_ack_cameras=args.unread_ack_cameras,
+                          slow_subscribers=args.slow_subscribers, idle_subscribers=args.idle_subscribers)
 
     total = args.minutes * 60
     warmup = min(args.warmup, total / 4)
     await asyncio.sleep(warmup)
+    if args.hostile:   # the plain client's quiet baseline, then the hostile clients for the rest of the run
+        await asyncio.sleep(min(args.hostile_baseline, total / 4))
+        hostile.start()
+        phase[0] = "hostile"
     rss_start = rss_anon_plus_swap(server.proc.pid)
     metrics_start = server.metrics()
     samples = [rss_start]
@@ -323,10 +241,11 @@ async def run(args) -> dict:
     rss_end = samples[-1]
     metrics_end = server.metrics() if server.proc.poll() is None else ""
     stop.set()
+    await hostile.stop()
     await asyncio.wait(tasks, timeout=15)
     for task in tasks:
         task.cancel()
-    for ch in cam_channels + hmi_channels + [vehicle_channel, admin]:
+    for ch in cam_channels + hmi_channels + [vehicle_channel, plain_channel, admin]:
         await ch.close()
     exit_code = server.stop()
 
@@ -341,23 +260,35 @@ async def run(args) -> dict:
     else:
         safety = bool((v1 or 0) - (v0 or 0) == 0 and (exit_warn is None or exit_warn[1] == 0))
 
-    latencies = {rpc: {"n": len(v), "p50_ms": round(percentile(v, 50) * 1e3, 2),
-                       "p99_ms": round(percentile(v, 99) * 1e3, 2)} for rpc, v in sorted(stats.latency.items())}
     errors = {rpc: dict(codes) for rpc, codes in stats.errors.items()}
     growth = (rss_end - rss_start) / rss_start if rss_start else None
     result = {
         "bench": "soak", "minutes": args.minutes, "cameras": args.cameras if "incar.v1.Cameras" in mounted else 0,
-        "fps": args.fps, "hmi_clients": args.clients, "mtls": args.mtls, "skipped_services": skipped,
+        "fps": args.fps, "hmi_clients": args.clients, "mtls": args.mtls, "hostile": args.hostile,
+        "skipped_services": ",".join(skipped),
         "rss_start_bytes": rss_start, "rss_end_bytes": rss_end, "rss_max_bytes": max(samples),
         "rss_growth_pct": round(growth * 100, 2) if growth is not None else None,
-        "latency": latencies, "errors": errors, "error_count": sum(sum(c.values()) for c in errors.values()),
-        "error_samples": stats.error_samples, "counts": dict(stats.counts),
+        "error_count": sum(sum(c.values()) for c in errors.values()),
         "safety_budget_s": budget_s, "safety_budget_held": safety,
         "safety_exit_warnings": int(exit_warn[0]) if exit_warn else None,
         "safety_skill_decisions": skill_lat and int(metric_sum(metrics_end, "incar_skill_latency_seconds_count",
                                                                'skill="safety"') or 0),
         "server_exit_code": exit_code,
     }
+    for rpc, values in sorted(stats.latency.items()):   # flat keys: vehicle_getstate_p99_ms, ...
+        key = flat_key(rpc)
+        result.update({f"{key}_n": len(values), f"{key}_p50_ms": round(percentile(values, 50) * 1e3, 2),
+                       f"{key}_p99_ms": round(percentile(values, 99) * 1e3, 2)})
+    for name in ("quiet", "hostile"):
+        values = plain_latency.get(name, [])
+        result.update({f"plain_{name}_n": len(values), f"plain_{name}_errors": len(plain_latency.get(f"{name}_errors", [])),
+                       f"plain_{name}_p50_ms": values and round(percentile(values, 50) * 1e3, 2) or None,
+                       f"plain_{name}_p99_ms": values and round(percentile(values, 99) * 1e3, 2) or None})
+    for rpc, codes in sorted(errors.items()):
+        result.update({f"errors_{flat_key(rpc)}_{code.lower()}": n for code, n in codes.items()})
+    result.update({flat_key(k): v for k, v in sorted({**stats.counts, **hostile.counts}.items())})
+    for sample in stats.error_samples:
+        print("error:", sample)
     if args.keep:
         result["workdir"] = str(workdir)
     else:
@@ -376,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--safety-budget", type=float, default=0.2, help="safe-exit warning budget, seconds")
     parser.add_argument("--mtls", action="store_true", help="run over mutual TLS with dev-CA certificates per role")
     parser.add_argument("--keep", action="store_true", help="keep the server's data directory and log")
+    parser.add_argument("--hostile", action="store_true", help="add the hostile clients (bench/soak_hostile.py)")
+    parser.add_argument("--hostile-baseline", type=float, default=20.0, help="seconds of plain-client baseline")
+    parser.add_argument("--unread-ack-cameras", type=int, default=2)
+    parser.add_argument("--slow-subscribers", type=int, default=4)
+    parser.add_argument("--idle-subscribers", type=int, default=200)
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="server config override, passed to incar serve")
     args = parser.parse_args(argv)
@@ -383,8 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--cameras/--clients must be >= 0, --fps and --minutes > 0")
     args.set = [x for item in args.set for x in ("--set", item)]
     result = asyncio.run(run(args))
-    for rpc, figures in result["latency"].items():
-        print(f"{rpc:32s} n={figures['n']:7d}  p50={figures['p50_ms']:8.2f} ms  p99={figures['p99_ms']:8.2f} ms")
+    for key in sorted(k for k in result if k.endswith("_p50_ms")):
+        base = key[:-len("_p50_ms")]
+        print(f"{base:32s} n={result.get(base + '_n') or 0:7d}  p50={result[key] or 0:8.2f} ms  "
+              f"p99={result[base + '_p99_ms'] or 0:8.2f} ms")
     print(f"server RssAnon+swap: start {result['rss_start_bytes'] / 2**20:.1f} MiB, end "
           f"{result['rss_end_bytes'] / 2**20:.1f} MiB ({result['rss_growth_pct']} %); errors {result['error_count']}; "
           f"safety budget held: {result['safety_budget_held']}; skipped (not mounted): {result['skipped_services']}")

@@ -54,6 +54,7 @@ class CamerasConfig:
     max_cameras: int = 16
     forget_after_seconds: float = 120.0       # a self-registered camera silent this long is unregistered
     max_unacked_frames: int = 8               # per stream: frames read but not yet acknowledged to the sender
+    max_stream_fps: float = 120.0             # per stream: frames read per second at most (flooders wait)
     cameras: list[CameraConfig] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -69,6 +70,8 @@ class CamerasConfig:
             raise ValueError("max_clock_behind_seconds: must be >= max_frame_age_seconds")
         if self.forget_after_seconds < self.watchdog_timeout_seconds:
             raise ValueError("forget_after_seconds: must be >= watchdog_timeout_seconds")
+        if not 1 <= self.max_stream_fps <= 10_000:
+            raise ValueError(f"max_stream_fps: must be in 1..10000, got {self.max_stream_fps}")
         if not 1 <= self.max_unacked_frames <= 1024:
             raise ValueError(f"max_unacked_frames: must be in 1..1024, got {self.max_unacked_frames}")
         if self.max_pending_frames < 1:

@@ -31,7 +31,8 @@ class CamerasServicer(cameras_pb2_grpc.CamerasServicer):
         # Frames are read and admitted as they come (not one ack round-trip at a time), so a fast sender meets
         # latest-wins dropping rather than TCP backpressure; acks go back in completion order. At most
         # max_unacked_frames are read ahead of the acks the sender has taken: a sender that never reads its acks
-        # stops being read (HTTP/2 flow control holds it), instead of piling up finished frames in memory.
+        # stops being read (HTTP/2 flow control holds it), instead of piling up finished frames in memory; and a
+        # stream is read at most max_stream_fps, so a flood costs the loop what a fast camera would.
         done: asyncio.Queue = asyncio.Queue()
         in_flight: set[asyncio.Task] = set()
         read_error: list[BaseException] = []
@@ -39,10 +40,15 @@ class CamerasServicer(cameras_pb2_grpc.CamerasServicer):
 
         async def read() -> None:
             frames = aiter(request_iterator)
+            loop = asyncio.get_running_loop()
+            pace, next_read = 1.0 / self.hub.config.max_stream_fps, 0.0
             try:
                 while True:
                     await window.acquire()
+                    if (wait := next_read - loop.time()) > 0:
+                        await asyncio.sleep(wait)   # a flooding sender is read at max_stream_fps, and waits
                     frame = await anext(frames)
+                    next_read = max(next_read, loop.time()) + pace
                     task = asyncio.ensure_future(self._submit(frame))
                     in_flight.add(task)
                     task.add_done_callback(done.put_nowait)
