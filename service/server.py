@@ -36,6 +36,8 @@ from service.runtime.host import ModelHost
 from service.security import integration as security
 from skills.base import SkillContext, SwitchableNarrator
 from skills.services import SkillHost, skills_data_dir
+from skills.greeter import cascade_liveness
+from skills.stages import CameraStages
 from skills.tools import SkillTools
 from service.events_service import EventsServicer
 from service.store.db import Database
@@ -130,6 +132,12 @@ class Application:
         self.vehicle.sentry_armed = lambda: self.skills.sentinel.armed
         # The safety lane: frames Safety needs now are analysed first, without the slow stages.
         self.pipeline.lane_of = lambda f: "safety" if self.skills.safety.needs_camera(f.role, f.position) else "general"
+        # Skills' extra stages (Greeter: faces on the side cameras on approach; Sentinel: pose while armed).
+        stages = CameraStages(self.cascade)
+        self.skills.greeter.connect_perception(
+            liveness=cascade_liveness(config.perception.models_dir or None, config.perception.backend),
+            face_stages=stages.switch("greeter", ("faces", "identity")))
+        self.skills.sentinel.connect_perception(pose_stages=stages.switch("sentinel", ("pose",)))
         self.assistant = AssistantService(None, frames_for=self._frames_for, config=config.runtime.assistant,
                                           tools=SkillTools(self.skills), role_of=role_resolver(config))
 

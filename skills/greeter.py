@@ -2,7 +2,8 @@
 name and apply their seat and mirror profile (a vehicle action).
 
 - Approach: while parked and locked, the side cameras (`approach_positions`) run the face stages when a person
-  approaches there or a key fob comes into range, until `approach_face_seconds` after the last such sign.
+  approaches there or a key fob comes into range, until `approach_face_seconds` after the last such sign
+  (the switch: `skills.stages.CameraStages`, wired by the service).
 - Fusion: a recognised face and the same profile's key fob within `fusion_window_seconds`: greet and apply.
   A face alone greets, and applies only when `face_only_applies_profile`; a fob alone applies when
   `fob_only_applies_profile` (classic key memory).
@@ -248,14 +249,17 @@ def decode_image(image: common_pb2.Image, max_pixels: int) -> np.ndarray:
         raise InvalidRequestError(str(exc)) from None
 
 
-def cascade_face_stages(cascade) -> FaceStages:
-    """A `FaceStages` switch for `service.perception.cascade.Cascade`: the camera's default exterior stages plus
-    faces and identity while on, its configured stages again when off."""
-    from service.perception.cascade import DEFAULT_STAGES
+def cascade_liveness(models_dir=None, backend: str = "cpu") -> LivenessCheck | None:
+    """The liveness check on the built anti-spoof and liveness models, or None when they are not built (then a
+    face greets but never applies a profile while `require_liveness` is on)."""
+    from service.perception.liveness import FaceLiveness
+    from service.perception.models import model_path
+    variant = "float" if backend == "cpu" else "qdq"
+    paths = [model_path(name, variant, models_dir) for name in ("antispoof", "liveness")]
+    if not all(p.is_file() for p in paths):
+        log.warning("greeter.liveness_unavailable", missing=[str(p) for p in paths if not p.is_file()])
+        return None
+    return FaceLiveness(*paths, backend, disable_cpu_fallback=backend != "cpu").check
 
-    def switch(camera_id: str, on: bool) -> None:
-        cascade.set_stages(camera_id, tuple(DEFAULT_STAGES["exterior"]) + ("faces", "identity") if on else None)
-    return switch
 
-
-__all__ = ["Greeter", "TemplateCipher", "cascade_face_stages", "decode_image"]
+__all__ = ["Greeter", "TemplateCipher", "cascade_liveness", "decode_image"]

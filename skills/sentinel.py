@@ -61,6 +61,23 @@ class Sentinel(Skill):
         self._last_activity = 0.0
         self._recording: dict[str, tuple[float, dict]] = {}   # clip_id -> (event time, pre-event footage)
         self._exterior: dict[str, str] = {}   # exterior camera id -> position, as analyses name them
+        self.pose_stages = None               # (camera_id, on): body pose on an exterior camera (service wiring)
+        self._pose_on: set[str] = set()
+
+    def connect_perception(self, *, pose_stages=None) -> None:
+        """The service's switch for the pose stage: on the exterior cameras while armed (hands at handles)."""
+        self.pose_stages = pose_stages
+        self._update_pose()
+
+    def _update_pose(self) -> None:
+        if self.pose_stages is None:
+            return
+        want = set(self._exterior) if self.armed else set()
+        for camera_id in sorted(want - self._pose_on):
+            self.pose_stages(camera_id, True)
+        for camera_id in sorted(self._pose_on - want):
+            self.pose_stages(camera_id, False)
+        self._pose_on = want
 
     # ------------------------------------------------------------------ arming (stored: restarts keep intent)
     def restore(self) -> None:
@@ -153,6 +170,7 @@ class Sentinel(Skill):
         elif not armed:
             self.state = skills_pb2.SENTINEL_STATE_DISARMED
         self._store()
+        self._update_pose()
 
     def _set_state(self, state: int) -> None:
         if state != self.state:
@@ -190,7 +208,9 @@ class Sentinel(Skill):
     async def on_frame(self, analysis: FrameAnalysis) -> None:
         if analysis.role != "exterior":
             return
-        self._exterior[analysis.camera_id] = analysis.position
+        if analysis.camera_id not in self._exterior:
+            self._exterior[analysis.camera_id] = analysis.position
+            self._update_pose()
         self._finish_due()
         if not self.armed:
             return

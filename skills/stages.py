@@ -1,0 +1,45 @@
+"""Extra perception stages skills ask for on a camera, merged: Greeter wants faces + identity on the side cameras
+while someone walks up; Sentinel wants body pose on the exterior cameras while armed. Each skill states its own
+wish; the camera runs its usual stages plus the union of the wishes, and its usual stages again when none is left.
+"""
+from __future__ import annotations
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+class CameraStages:
+    """Over `service.perception.cascade.Cascade.set_stages`."""
+
+    def __init__(self, cascade, base_for=None):
+        from service.perception.cascade import DEFAULT_STAGES
+        self.cascade = cascade
+        # A camera's usual stages: its configuration, else its role's default (exterior here).
+        self._base_for = base_for or (lambda camera_id: cascade.config.cameras[camera_id].stages
+                                      if camera_id in cascade.config.cameras
+                                      and cascade.config.cameras[camera_id].stages is not None
+                                      else DEFAULT_STAGES["exterior"])
+        self._wants: dict[str, dict[str, tuple[str, ...]]] = {}
+
+    def want(self, camera_id: str, skill: str, stages: tuple[str, ...] | None) -> None:
+        wants = self._wants.setdefault(camera_id, {})
+        if stages:
+            wants[skill] = tuple(stages)
+        else:
+            wants.pop(skill, None)
+        extra = {s for wanted in wants.values() for s in wanted}
+        if not extra:
+            self.cascade.set_stages(camera_id, None)
+        else:
+            base = tuple(self._base_for(camera_id))
+            if "pose" in extra and "objects" not in base:
+                extra.add("objects")      # pose rides with the object detector
+            if "identity" in extra:
+                extra.add("faces")
+            self.cascade.set_stages(camera_id, base + tuple(sorted(extra - set(base))))
+        log.info("skills.camera_stages", camera_id=camera_id, skill=skill, stages=stages, extra=sorted(extra))
+
+    def switch(self, skill: str, stages: tuple[str, ...]):
+        """A (camera_id, on) callable for one skill's wish."""
+        return lambda camera_id, on: self.want(camera_id, skill, stages if on else None)
