@@ -2,7 +2,7 @@
 mapped to a role, checked against the role's allowed methods.
 
 grpc.aio interceptors only see HandlerCallDetails (no peer, no certificate), so the check runs inside a
-wrapper around the real handler, where `context.auth_context()` is available (as in telemetry/interceptors.py).
+wrapper around the real handler (`service.rpc_wrap.wrap_handler`), where `context.auth_context()` is available.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import structlog
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID, NameOID
 
+from service.rpc_wrap import wrap_handler
 from service.security.config import SecurityConfig
 from service.telemetry.metrics import PREFIX
 
@@ -43,7 +44,6 @@ ROLE_METHODS: dict[str, tuple[str, ...]] = {
         "/incar.v1.Vehicle/GetState",         # the HMI shows the car's state; only the gateway writes it
         "/incar.v1.Cameras/ListCameras",      # camera status for the HMI; frames come from cameras only
         "/incar.v1.Cameras/GetCameraStatus",
-        "/incar.v1.LiveView/*",               # latest frames and what perception found: the HMI's camera tiles
     ),
     "camera": ("/incar.v1.Cameras/StreamFrames",),
     "vehicle": ("/incar.v1.Vehicle/UpdateState", "/incar.v1.Vehicle/GetState", "/incar.v1.VehicleActions/*"),
@@ -176,72 +176,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         # Requests arrive as bytes and are parsed only after the caller is known to be allowed: no untrusted
         # parsing for strangers, and corrupt wire bytes get INVALID_ARGUMENT (grpc's own path says UNKNOWN).
-        deserialize = handler.request_deserializer
-
-        async def parse(raw, context):
-            if deserialize is None:
-                return raw
-            try:
-                return deserialize(raw)
-            except Exception as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"{method}: request is not a valid protobuf message: {exc}")
-
-        async def parse_stream(raw_iterator, context):
-            async for raw in raw_iterator:
-                yield await parse(raw, context)
-
-        async def unimplemented(context):
-            # A generated base-class method the servicer never overrode (e.g. grpc.health.v1.Health/List in
-            # grpcio-health-checking's aio servicer) raises NotImplementedError: that is UNIMPLEMENTED, not INTERNAL.
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method}: not implemented by this server")
-
-        if handler.unary_unary:
-            inner = handler.unary_unary
-
-            async def unary_unary(raw, context):
-                await check(method, context, metadata)
-                try:
-                    return await inner(await parse(raw, context), context)
-                except NotImplementedError:
-                    await unimplemented(context)
-            return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
-        if handler.unary_stream:
-            inner = handler.unary_stream
-
-            async def unary_stream(raw, context):
-                await check(method, context, metadata)
-                try:
-                    result = inner(await parse(raw, context), context)
-                    if hasattr(result, "__aiter__"):
-                        async for item in result:
-                            yield item
-                    else:
-                        await result
-                except NotImplementedError:
-                    await unimplemented(context)
-            return grpc.unary_stream_rpc_method_handler(unary_stream, None, handler.response_serializer)
-        if handler.stream_unary:
-            inner = handler.stream_unary
-
-            async def stream_unary(raw_iterator, context):
-                await check(method, context, metadata)
-                try:
-                    return await inner(parse_stream(raw_iterator, context), context)
-                except NotImplementedError:
-                    await unimplemented(context)
-            return grpc.stream_unary_rpc_method_handler(stream_unary, None, handler.response_serializer)
-        inner = handler.stream_stream
-
-        async def stream_stream(raw_iterator, context):
+        async def around(call, context):
             await check(method, context, metadata)
             try:
-                result = inner(parse_stream(raw_iterator, context), context)
-                if hasattr(result, "__aiter__"):
-                    async for item in result:
-                        yield item
-                else:
-                    await result
+                async for item in call():
+                    yield item
             except NotImplementedError:
-                await unimplemented(context)
-        return grpc.stream_stream_rpc_method_handler(stream_stream, None, handler.response_serializer)
+                # A generated base-class method the servicer never overrode (e.g. grpc.health.v1.Health/List in
+                # grpcio-health-checking's aio servicer): that is UNIMPLEMENTED, not INTERNAL.
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method}: not implemented by this server")
+
+        return wrap_handler(handler, around, method=method, parse_after_around=True)
