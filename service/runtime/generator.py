@@ -17,6 +17,9 @@ import structlog
 from .backends import create_session
 from .bundle import Bundle, BundleError
 from .qnn_context import context_binary
+from .shared_sequence import ContextOverflowError, DecoderState, SequenceBase, SharedSequence
+from .shared_sequence import bind_input as _bind_input
+from .shared_sequence import bind_output as _bind_output
 from .tokenizer import Tokenizer
 
 MASK_VALUE = np.float32(-1.0e4)
@@ -26,8 +29,7 @@ CACHE_BUCKET = 256
 log = structlog.get_logger(__name__)
 
 
-class ContextOverflowError(ValueError):
-    """The prompt (or the generation) does not fit in the model's context."""
+__all__ = ["ContextOverflowError", "DecodeSequence", "DecoderState", "LanguageModel", "SharedSequence"]
 
 
 @dataclass
@@ -68,24 +70,28 @@ class LanguageModel:
         text = bundle.manifest["text"]
         self.context_length: int = int(text["context_length"])
         self.hidden_size: int = int(text["hidden_size"])
-        emb = text["embedding"]
-        self._embed = np.load(bundle.file(emb["file"]))
-        self._embed_scale = np.float32(emb.get("scale", 1.0))
+        self.vocab_size: int = int(text["vocab_size"])
+        self._load_embedding(bundle, text["embedding"])
         tok_cfg = dict(bundle.manifest["tokenizer"])
         self.tokenizer = Tokenizer(bundle.file(tok_cfg.pop("file")), tok_cfg)
         self.image_token_id = tok_cfg.get("image_token_id")
         self.variant = _pick_variant(bundle, backend, variant)
         self._graphs = {}
         self.model_files: dict[str, str] = {}   # component -> the file its session loaded
+        opened: dict[str, ort.InferenceSession] = {}   # a shared-mode variant's one graph serves both components
         for component in ("decoder_prefill", "decoder_decode"):
             entry = bundle.variant(component, self.variant)
             path = context_binary(bundle, entry, backend, target) or bundle.file(entry["file"])
             self.model_files[component] = str(path)
-            session = create_session(path, backend, threads=threads, disable_cpu_fallback=disable_cpu_fallback,
-                                     target=target, model_name=entry["file"].rsplit("/", 1)[-1].removesuffix(".onnx"))
+            session = opened.get(str(path)) or create_session(
+                path, backend, threads=threads, disable_cpu_fallback=disable_cpu_fallback, target=target,
+                model_name=entry["file"].rsplit("/", 1)[-1].removesuffix(".onnx"))
+            opened[str(path)] = session
             tokens = int(bundle.manifest["components"][component]["tokens"])
             self._graphs[component] = _Graph(session, entry, tokens, entry.get("state_update", "append"))
         self.prefill_chunk = self._graphs["decoder_prefill"].tokens
+        self.shared_state = self._graphs["decoder_decode"].mode == "shared"
+        self.state_key = (str(bundle.path.resolve()), self.variant)
         log.info("language_model_loaded", name=self.name, variant=self.variant, backend=backend,
                  context_length=self.context_length)
 
@@ -95,22 +101,57 @@ class LanguageModel:
 
     def sessions(self) -> list:
         """The ONNX Runtime sessions this model runs (the HTP performance-mode knob applies to each)."""
-        return [graph.session for graph in self._graphs.values()]
+        return list({id(graph.session): graph.session for graph in self._graphs.values()}.values())
+
+    def _load_embedding(self, bundle: Bundle, emb: dict) -> None:
+        self._embed_scale = np.float32(emb.get("scale", 1.0))
+        self._embed_scales = self._embed_offsets = None
+        if emb.get("dtype") == "blocks":
+            # The GGUF's own codes and block scales: rows come out exactly as the GGUF dequantizes them.
+            with np.load(bundle.file(emb["file"])) as table:
+                self._embed = table["codes"]
+                self._embed_scales = table["scales"]
+                self._embed_offsets = table["offsets"] if "offsets" in table else None
+            self._embed_block = int(emb["block_size"])
+            self._embed_zero = np.float32(1 << (int(emb["bits"]) - 1))
+        else:
+            self._embed = np.load(bundle.file(emb["file"]))
 
     def embed(self, ids: Sequence[int]) -> np.ndarray:
-        rows = self._embed[np.asarray(ids, dtype=np.int64)].astype(np.float32)
+        index = np.asarray(ids, dtype=np.int64)
+        if self._embed_scales is not None:
+            codes = self._embed[index].astype(np.float32).reshape(len(index), -1, self._embed_block)
+            rows = self._embed_scales[index][..., None] * (codes - self._embed_zero)
+            if self._embed_offsets is not None:
+                rows = rows + self._embed_offsets[index][..., None]
+            rows = rows.reshape(len(index), -1)
+        else:
+            rows = self._embed[index].astype(np.float32)
         return rows * self._embed_scale if self._embed_scale != 1 else rows
 
-    def new_sequence(self, prompt_ids: list[int], image_embeds: Sequence[np.ndarray] = ()) -> "DecodeSequence":
+    def embed_prompt(self, ids: list[int], image_embeds: Sequence[np.ndarray] = ()) -> np.ndarray:
+        """Prompt embeddings [N, hidden] with image-token rows replaced, in order, by the images' rows."""
+        embeds = self.embed(ids)
+        if image_embeds:
+            if self.image_token_id is None:
+                raise ValueError("this bundle has no image token; it cannot take images")
+            slots = np.flatnonzero(np.asarray(ids) == self.image_token_id)
+            rows = np.concatenate([np.asarray(e, np.float32).reshape(-1, self.hidden_size) for e in image_embeds])
+            if len(slots) != len(rows):
+                raise ValueError(f"prompt holds {len(slots)} image tokens but the images give {len(rows)} embeddings")
+            embeds[slots] = rows
+        return embeds
+
+    def new_sequence(self, prompt_ids: list[int], image_embeds: Sequence[np.ndarray] = (),
+                     prefix: DecoderState | None = None) -> "DecodeSequence | SharedSequence":
+        """A sequence over `prompt_ids`; with `prefix` (a snapshot whose tokens begin the prompt, shared-state
+        bundles only) only the rest of the prompt is prefilled."""
+        if self.shared_state:
+            return SharedSequence(self, list(prompt_ids), image_embeds, prefix)
+        if prefix is not None:
+            raise ValueError(f"variant {self.variant!r} ({self._graphs['decoder_decode'].mode} state) cannot "
+                             f"restore decoder state; shared-state variants can")
         return DecodeSequence(self, list(prompt_ids), image_embeds)
-
-
-def _bind_input(binding: ort.IOBinding, name: str, arr: np.ndarray) -> None:
-    binding.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
-
-
-def _bind_output(binding: ort.IOBinding, name: str, arr: np.ndarray) -> None:
-    binding.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
 
 
 class _Step:
@@ -141,19 +182,11 @@ class _Step:
             _bind_output(self.binding, name, arr)
 
 
-class DecodeSequence:
+class DecodeSequence(SequenceBase):
+    """A sequence over `append` / `replace` graphs (static prefill chunks, masks built here)."""
+
     def __init__(self, model: LanguageModel, prompt_ids: list[int], image_embeds: Sequence[np.ndarray] = ()):
-        if not prompt_ids:
-            raise ValueError("prompt_ids: empty prompt")
-        self.model = model
-        self.L = model.context_length
-        if len(prompt_ids) > self.L:
-            raise ContextOverflowError(f"prompt of {len(prompt_ids)} tokens exceeds the context length {self.L}")
-        self.prompt_ids = prompt_ids
-        self._prompt_embeds = self._embed_prompt(prompt_ids, image_embeds)
-        self.length = 0                    # tokens in the cache
-        self.tokens: list[int] = []        # every token fed so far (prompt, then appended)
-        self._logits: np.ndarray | None = None
+        super().__init__(model, prompt_ids, image_embeds)
         self._prefilled = 0
         T = model.prefill_chunk
         self._pad = (-len(prompt_ids)) % T
@@ -182,31 +215,7 @@ class DecodeSequence:
                 if s["input"] in self._back:
                     _bind_output(step.binding, s["output"], self._back[s["input"]])
 
-    def _embed_prompt(self, ids: list[int], image_embeds: Sequence[np.ndarray]) -> np.ndarray:
-        embeds = self.model.embed(ids)
-        if image_embeds:
-            tok = self.model.image_token_id
-            if tok is None:
-                raise ValueError("this bundle has no image token; it cannot take images")
-            slots = np.flatnonzero(np.asarray(ids) == tok)
-            rows = np.concatenate([np.asarray(e, np.float32).reshape(-1, self.model.hidden_size) for e in image_embeds])
-            if len(slots) != len(rows):
-                raise ValueError(f"prompt holds {len(slots)} image tokens but the images give {len(rows)} embeddings")
-            embeds[slots] = rows
-        return embeds
-
     # -- public API -----------------------------------------------------------------------------
-    @property
-    def prefill_done(self) -> bool:
-        return self._prefilled >= len(self.prompt_ids)
-
-    @property
-    def logits(self) -> np.ndarray:
-        """Next-token logits [vocab]: a view of the step's output buffer, valid until the next step (copy to keep)."""
-        if self._logits is None:
-            raise RuntimeError("no logits yet: run prefill_step() until it returns True")
-        return self._logits
-
     def prefill_step(self) -> bool:
         """Run the next prefill chunk; True when the whole prompt is in the cache."""
         if self.prefill_done:
@@ -255,11 +264,7 @@ class DecodeSequence:
 
     def append(self, token_id: int) -> None:
         """Feed one token (run one decode step); `.logits` then predicts the next one."""
-        if not self.prefill_done:
-            raise RuntimeError("append() before the prompt is prefilled")
-        pos = self.length
-        if pos >= self.L:
-            raise ContextOverflowError(f"sequence of {pos + 1} tokens exceeds the context length {self.L}")
+        pos = self._next_position()
         if self._append:
             self._ensure_capacity(pos + 1)
         step = self._decode

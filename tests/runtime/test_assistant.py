@@ -244,7 +244,7 @@ async def test_deadline_exceeded_mid_answer():
 async def test_a_session_that_throws_mid_decode_fails_that_request_and_the_next_is_served(monkeypatch):
     from service.runtime import generator
 
-    real_append = generator.DecodeSequence.append
+    real_append = generator.SharedSequence.append     # the default bundle's CPU variants keep shared state
     calls = {"n": 0}
 
     def faulty_append(self, token_id):
@@ -253,7 +253,7 @@ async def test_a_session_that_throws_mid_decode_fails_that_request_and_the_next_
             raise RuntimeError("injected NPU session fault")
         return real_append(self, token_id)
 
-    monkeypatch.setattr(generator.DecodeSequence, "append", faulty_append)
+    monkeypatch.setattr(generator.SharedSequence, "append", faulty_append)
     async with Harness() as h:
         await expect_status(h.stub, grpc.StatusCode.UNAVAILABLE, "injected NPU session fault",
                             question="What is the capital of France?", max_tokens=16)

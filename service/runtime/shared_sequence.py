@@ -1,0 +1,200 @@
+"""Decoding over a `shared` bundle graph (docs/model-bundle.md): GroupQueryAttention writes each step's K/V rows
+into the cache in place (past and present are one bound buffer), so a step copies nothing but its one embedding row.
+
+Decoder state can be snapshotted and restored (`DecoderState`): a cached system prompt or a conversation's
+history is prefilled once, and a later sequence starts from it and prefills only what follows.
+See /work/notes/lm-graph-api.md for the contract.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .generator import LanguageModel
+
+# Caches grow in buckets of this many slots (a copy at most context/BUCKET times per sequence); memory follows
+# what a sequence holds, not the whole context.
+CACHE_BUCKET = 256
+
+
+class ContextOverflowError(ValueError):
+    """The prompt (or the generation) does not fit in the model's context."""
+
+
+@dataclass(frozen=True)
+class DecoderState:
+    """An immutable copy of a sequence's decoder state after `length` tokens: restore it any number of times."""
+    model_key: tuple              # (bundle path, variant): a state only fits the graphs that made it
+    tokens: tuple[int, ...]       # the token ids the state holds, in order (cache slot = position)
+    kv: tuple[np.ndarray, ...]    # per state entry: [1, kv_heads, length, head_dim] float32, read-only
+    logits: np.ndarray | None     # next-token logits after the last token (None if not computed)
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.kv) + (0 if self.logits is None else self.logits.nbytes)
+
+
+def bind_input(binding: ort.IOBinding, name: str, arr: np.ndarray) -> None:
+    binding.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+
+
+def bind_output(binding: ort.IOBinding, name: str, arr: np.ndarray) -> None:
+    binding.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+
+
+_bind_input, _bind_output = bind_input, bind_output
+
+
+class SequenceBase:
+    """What every sequence kind shares: the prompt checks and embeddings, and the logits view."""
+
+    def __init__(self, model: "LanguageModel", prompt_ids: list[int], image_embeds: Sequence[np.ndarray]):
+        if not prompt_ids:
+            raise ValueError("prompt_ids: empty prompt")
+        self.model = model
+        self.L = model.context_length
+        if len(prompt_ids) > self.L:
+            raise ContextOverflowError(f"prompt of {len(prompt_ids)} tokens exceeds the context length {self.L}")
+        self.prompt_ids = list(prompt_ids)
+        self._prompt_embeds = model.embed_prompt(self.prompt_ids, image_embeds)
+        self.length = 0                    # tokens in the cache
+        self.tokens: list[int] = []        # every token fed so far (prompt, then appended)
+        self._logits: np.ndarray | None = None
+
+    @property
+    def prefill_done(self) -> bool:
+        return self._prefilled >= len(self.prompt_ids)
+
+    def _next_position(self) -> int:
+        """The cache slot the next appended token takes (checked: prompt prefilled, context not full)."""
+        if not self.prefill_done:
+            raise RuntimeError("append() before the prompt is prefilled")
+        if self.length >= self.L:
+            raise ContextOverflowError(f"sequence of {self.length + 1} tokens exceeds the context length {self.L}")
+        return self.length
+
+    @property
+    def logits(self) -> np.ndarray:
+        """Next-token logits [vocab]: a view of the step's output buffer, valid until the next step (copy to keep)."""
+        if self._logits is None:
+            raise RuntimeError("no logits yet: run prefill_step() until it returns True")
+        return self._logits
+
+
+class SharedSequence(SequenceBase):
+    """One sequence: prefill in chunks (`prefill_step`), then one token per `append`; same API as DecodeSequence."""
+
+    def __init__(self, model: "LanguageModel", prompt_ids: list[int], image_embeds: Sequence[np.ndarray] = (),
+                 prefix: DecoderState | None = None):
+        super().__init__(model, prompt_ids, image_embeds)
+        graph = model._graphs["decoder_decode"]
+        self._session, self._state = graph.session, graph.entry["state"]
+        self._chunk = model.prefill_chunk
+        self.capacity = self._bucket(len(prompt_ids) + 1)
+        self._cache = {s["input"]: self._zeros(s, self.capacity) for s in self._state}
+        self._seqlens = np.zeros(1, np.int32)
+        self._total = np.zeros((), np.int32)
+        self._out_logits = np.zeros((1, 1, model.vocab_size), np.float32)
+        self._one = np.zeros((1, 1, model.hidden_size), np.float32)
+        self._binding = self._session.io_binding()
+        _bind_input(self._binding, "seqlens_k", self._seqlens)
+        _bind_input(self._binding, "total_sequence_length", self._total)
+        _bind_output(self._binding, "logits", self._out_logits)
+        self._bind_cache()
+        if prefix is not None:
+            self._restore(prefix)
+
+    # -- public API (as DecodeSequence) ---------------------------------------------------------
+    @property
+    def _prefilled(self) -> int:           # every cached token is a prompt token until the prompt is done
+        return self.length
+
+    def prefill_step(self) -> bool:
+        """Run the next chunk of the prompt; True when the whole prompt is in the cache."""
+        if self.prefill_done:
+            return True
+        start = self.length
+        n = min(self._chunk, len(self.prompt_ids) - start)
+        self._ensure_capacity(start + n + 1)
+        rows = np.ascontiguousarray(self._prompt_embeds[None, start:start + n])
+        self._run(rows, start, n)
+        self.tokens.extend(self.prompt_ids[start:start + n])
+        return self.prefill_done
+
+    def append(self, token_id: int) -> None:
+        """Feed one token (one decode step); `.logits` then predicts the next one."""
+        pos = self._next_position()
+        self._ensure_capacity(pos + 1)
+        self._one[0, 0] = self.model.embed([token_id])[0]
+        self._run(self._one, pos, 1)
+        self.tokens.append(int(token_id))
+
+    # -- state ----------------------------------------------------------------------------------
+    def snapshot(self) -> DecoderState:
+        """A copy of the state after every token fed so far (the prompt must be prefilled up to here)."""
+        kv = []
+        for s in self._state:
+            rows = self._cache[s["input"]][:, :, :self.length].copy()
+            rows.flags.writeable = False
+            kv.append(rows)
+        logits = None if self._logits is None else self._logits.copy()
+        return DecoderState(self.model.state_key, tuple(self.tokens), tuple(kv), logits)
+
+    def _restore(self, state: DecoderState) -> None:
+        if state.model_key != self.model.state_key:
+            raise ValueError(f"prefix state was made by {state.model_key}, not {self.model.state_key}")
+        n = state.length
+        if n > len(self.prompt_ids) or tuple(self.prompt_ids[:n]) != state.tokens:
+            raise ValueError(f"prefix state of {n} tokens is not a prefix of the prompt")
+        if n == len(self.prompt_ids) and state.logits is None:
+            n -= 1                           # the last token must run again to give logits
+        self._ensure_capacity(max(n, 1) + 1)
+        for s, rows in zip(self._state, state.kv):
+            self._cache[s["input"]][:, :, :n] = rows[:, :, :n]
+        self.length = n
+        self.tokens = list(state.tokens[:n])
+        if n == len(self.prompt_ids):
+            self._out_logits[0, 0] = state.logits
+            self._logits = self._out_logits[0, -1]
+
+    # -- internals ------------------------------------------------------------------------------
+    def _run(self, embeds: np.ndarray, start: int, n: int) -> None:
+        self._seqlens[0] = start + n - 1
+        self._total[()] = start + n
+        _bind_input(self._binding, "inputs_embeds", embeds)
+        self._session.run_with_iobinding(self._binding)
+        self.length = start + n
+        self._logits = self._out_logits[0, -1]
+
+    def _zeros(self, entry: dict, slots: int) -> np.ndarray:
+        shape = list(entry["shape"])
+        shape[entry.get("axis", 2)] = slots
+        return np.zeros(shape, np.float32)
+
+    def _bucket(self, slots: int) -> int:
+        return min(self.L, -(-slots // CACHE_BUCKET) * CACHE_BUCKET)
+
+    def _bind_cache(self) -> None:
+        for s in self._state:
+            buf = self._cache[s["input"]]
+            _bind_input(self._binding, s["input"], buf)
+            _bind_output(self._binding, s["output"], buf)     # the same memory: the kernel appends in place
+
+    def _ensure_capacity(self, slots: int) -> None:
+        if slots <= self.capacity:
+            return
+        new = self._bucket(slots)
+        for s in self._state:
+            grown = self._zeros(s, new)
+            grown[:, :, :self.length] = self._cache[s["input"]][:, :, :self.length]
+            self._cache[s["input"]] = grown
+        self.capacity = new
+        self._bind_cache()
