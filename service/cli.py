@@ -27,6 +27,7 @@ LOCAL = {
     "sentinel": ("service.cli_skills", "arm, disarm, status, clips (list and download)"),
     "safety": ("service.cli_skills", "active safety alerts, acknowledge"),
     "hmi": ("service.hmi_web.gateway", "serve the web HMI: camera tiles, timeline, alerts, Ask (loopback)"),
+    "config": ("service.cli_config", "show the effective configuration (each key's meaning); make a profile key"),
 }
 
 

@@ -163,6 +163,8 @@ class GreeterConfig:
             raise ValueError("attempt_window_seconds, budget_seconds: must be > 0; greet_cooldown_seconds >= 0")
         if self.profile_key:
             decode_key(self.profile_key, "profile_key")
+        elif os.environ.get(PROFILE_KEY_ENV):       # checked at start, not at the first enrolment
+            decode_key(os.environ[PROFILE_KEY_ENV], f"profile_key (from {PROFILE_KEY_ENV})")
         if self.max_image_pixels < 1:
             raise ValueError("max_image_pixels: must be >= 1")
         if self.min_enrol_face_px < 1 or self.max_enrol_yaw <= 0:
@@ -176,9 +178,10 @@ def decode_key(text: str, where: str = PROFILE_KEY_ENV) -> bytes:
     try:
         key = base64.urlsafe_b64decode(text.encode() + b"=" * (-len(text) % 4))
     except (ValueError, TypeError):
-        raise ValueError(f"{where}: not base64") from None
+        raise ValueError(f"{where}: not base64 (`incar config profile-key` makes a key)") from None
     if len(key) != 32:
-        raise ValueError(f"{where}: expected 32 bytes (AES-256) in base64, got {len(key)}")
+        raise ValueError(f"{where}: expected 32 bytes (AES-256) in base64, got {len(key)} "
+                         "(`incar config profile-key` makes one)")
     return key
 
 
