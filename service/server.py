@@ -31,6 +31,7 @@ from service.liveview import add_to_server as add_liveview_service
 from service.pipeline import AnalysisPipeline
 from service.power.manager import PowerManager
 from service.caller_role import role_resolver
+from service.runtime import qnn_context
 from service.runtime.assistant import AssistantService
 from service.runtime.host import ModelHost
 from service.security import integration as security
@@ -46,7 +47,7 @@ from service.telemetry.interceptors import TelemetryInterceptor
 from service.transport import server_options as transport_options
 from service.telemetry.logging import configure_logging
 from service.telemetry.metrics import BUILD_INFO, SERVICE_UP, start_metrics_server
-from service.vehicle import VehicleServicer, VehicleStateStore
+from service.vehicle import VehicleServicer, VehicleStateStore, vehicle_mode
 
 log = structlog.get_logger(__name__)
 
@@ -89,7 +90,7 @@ class SystemServicer(system_pb2_grpc.SystemServicer):
             components=[system_pb2.ComponentStatus(name=name, serving=s, reason=r)
                         for name, (s, r) in sorted(self.app.health.status.items()) if name],
             version=__version__, model=self.app.model_name, backend=self.app.backend_name,
-            vehicle_mode=self.app.vehicle.mode())
+            vehicle_mode=self.app.vehicle_mode())
 
 
 class Application:
@@ -107,6 +108,8 @@ class Application:
         data_dir = Path(config.server.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
+        # The machine's QNN context-binary target and compile cache, before any session opens.
+        qnn_context.configure(config.runtime.qnn_target, config.runtime.qnn_cache_dir or data_dir / "qnn-cache")
         self.db = Database(data_dir / "incar.db")
         self.events = EventLog(self.db)
         self.vehicle = VehicleStateStore(self.db, events=self.events)   # state + its events: one commit
@@ -119,7 +122,7 @@ class Application:
         self.pipeline = AnalysisPipeline(self.cameras, self.cascade)
         self.liveview = LiveView(self.cameras, config.cameras.watchdog_timeout_seconds)
         self.models = ModelHost(config.runtime, describe_images=self.pipeline.describe_images)
-        self.power = PowerManager(config.power, config.runtime.backend, mode_provider=self.vehicle.mode,
+        self.power = PowerManager(config.power, config.runtime.backend, mode_provider=self.vehicle_mode,
                                   set_analysis_rate=self.cameras.set_analysis_rate,
                                   set_cascade_depth=self.cascade.set_camera_depth,
                                   set_htp_performance_mode=self.models.set_htp_performance_mode)
@@ -129,7 +132,6 @@ class Application:
                          data_dir=skills_data_dir(config.skills, config.server.data_dir),
                          latency_observer=self.power.observe_latency, actions=self.actions),
             config.skills, face_embedder=self.pipeline.embed_faces, read_signs=self.pipeline.read_signs)
-        self.vehicle.sentry_armed = lambda: self.skills.sentinel.armed
         # The safety lane: frames Safety needs now are analysed first, without the slow stages.
         self.pipeline.lane_of = lambda f: "safety" if self.skills.safety.needs_camera(f.role, f.position) else "general"
         # Skills' extra stages (Greeter: faces on the side cameras on approach; Sentinel: pose while armed).
@@ -140,6 +142,11 @@ class Application:
         self.skills.sentinel.connect_perception(pose_stages=stages.switch("sentinel", ("pose",)))
         self.assistant = AssistantService(None, frames_for=self._frames_for, config=config.runtime.assistant,
                                           tools=SkillTools(self.skills), role_of=role_resolver(config))
+
+    def vehicle_mode(self) -> str:
+        """The mode the power budgets follow: the vehicle's state and whether Sentinel is armed. Composed here,
+        where both are known, and injected into the power manager and the vehicle service: neither knows skills."""
+        return vehicle_mode(self.vehicle.current, sentry_armed=self.skills.sentinel.armed)
 
     def _frames_for(self, camera_ids):
         frames = []
@@ -209,7 +216,7 @@ class Application:
     def _register(self, server: grpc.aio.Server) -> list[str]:
         from incar.v1 import events_pb2_grpc, vehicle_pb2_grpc
         events_pb2_grpc.add_EventsServicer_to_server(EventsServicer(self.events), server)
-        vehicle_pb2_grpc.add_VehicleServicer_to_server(VehicleServicer(self.vehicle), server)
+        vehicle_pb2_grpc.add_VehicleServicer_to_server(VehicleServicer(self.vehicle, self.vehicle_mode), server)
         system_pb2_grpc.add_SystemServicer_to_server(SystemServicer(self), server)
         return [events_pb2.DESCRIPTOR.services_by_name["Events"].full_name,
                 vehicle_pb2.DESCRIPTOR.services_by_name["Vehicle"].full_name,

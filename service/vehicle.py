@@ -109,7 +109,6 @@ class VehicleStateStore:
         self._state: vehicle_pb2.VehicleState | None = None       # committed
         self._submitted: vehicle_pb2.VehicleState | None = None   # newest queued for commit
         self._listeners: list[Listener] = []
-        self.sentry_armed: Callable[[], bool] = lambda: False
 
     def load(self) -> None:
         row = self.db.connect().execute("SELECT state FROM vehicle_state WHERE id=1").fetchone()
@@ -121,9 +120,6 @@ class VehicleStateStore:
         with self._lock:
             return vehicle_pb2.VehicleState() if self._state is None else vehicle_pb2.VehicleState.FromString(
                 self._state.SerializeToString())
-
-    def mode(self) -> str:
-        return vehicle_mode(self.current, self.sentry_armed())
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -192,8 +188,9 @@ class VehicleStateStore:
 
 
 class VehicleServicer(vehicle_pb2_grpc.VehicleServicer):
-    def __init__(self, store: VehicleStateStore):
+    def __init__(self, store: VehicleStateStore, mode_provider: Callable[[], str]):
         self.store = store
+        self.mode_provider = mode_provider   # the vehicle mode as the service composes it (state + Sentinel)
 
     async def UpdateState(self, request, context):
         try:
@@ -202,7 +199,7 @@ class VehicleServicer(vehicle_pb2_grpc.VehicleServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"vehicle state: {exc}")
         except StoreUnavailableError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"vehicle state not stored: {exc}")
-        return vehicle_pb2.UpdateStateResponse(vehicle_mode=self.store.mode())
+        return vehicle_pb2.UpdateStateResponse(vehicle_mode=self.mode_provider())
 
     async def GetState(self, request, context):
         return self.store.current

@@ -11,7 +11,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from incar.v1 import events_pb2, events_pb2_grpc, system_pb2, system_pb2_grpc, vehicle_pb2, vehicle_pb2_grpc
+from incar.v1 import (events_pb2, events_pb2_grpc, skills_pb2, skills_pb2_grpc, system_pb2, system_pb2_grpc,
+                      vehicle_pb2, vehicle_pb2_grpc)
 from service.config import load_config
 from service.server import Application
 from tests.conftest import base_overrides
@@ -148,6 +149,16 @@ async def test_vehicle_mode_and_transition_events(app):
         assert reply.vehicle_mode == "driving"
         reply = await stub.UpdateState(_state(gear=vehicle_pb2.GEAR_PARK, ignition=vehicle_pb2.IGNITION_OFF, locked=True))
         assert reply.vehicle_mode == "off"
+        # Arming Sentinel makes the parked, locked car "sentry" for the vehicle service, System and the power
+        # budgets alike: one mode provider, composed by the server and injected into each.
+        await stub.UpdateState(_state(gear=vehicle_pb2.GEAR_PARK, ignition=vehicle_pb2.IGNITION_OFF, locked=True,
+                                      battery_percent=80))
+        await skills_pb2_grpc.SentinelStub(ch).Arm(skills_pb2.ArmRequest())
+        reply = await stub.UpdateState(_state(gear=vehicle_pb2.GEAR_PARK, ignition=vehicle_pb2.IGNITION_OFF, locked=True,
+                                              battery_percent=80))
+        assert reply.vehicle_mode == "sentry"
+        status = await system_pb2_grpc.SystemStub(ch).GetStatus(system_pb2.GetSystemStatusRequest())
+        assert status.vehicle_mode == "sentry" and app.power.mode_provider() == "sentry"
         listed = await events_pb2_grpc.EventsStub(ch).ListEvents(events_pb2.ListEventsRequest(kinds=["vehicle."]))
         kinds = [e.kind for e in listed.events]
         assert kinds == ["vehicle.ignition_on", "vehicle.locked", "vehicle.parked", "vehicle.ignition_off"]

@@ -8,7 +8,7 @@ from service.power.config import PowerConfig
 from service.power.manager import PowerManager
 from service.power.sources import record_busy
 from service.store.db import Database
-from service.vehicle import VehicleStateStore
+from service.vehicle import VehicleStateStore, vehicle_mode
 
 
 async def test_manager_follows_the_vehicle_and_governs_on_its_own_loop(tmp_path):
@@ -16,14 +16,13 @@ async def test_manager_follows_the_vehicle_and_governs_on_its_own_loop(tmp_path)
     vehicle = VehicleStateStore(db)
     db.migrate()
     armed = {"value": True}
-    vehicle.sentry_armed = lambda: armed["value"]
     empty = tmp_path / "no-sensors"
     empty.mkdir()
     config = PowerConfig(sysfs_root=str(empty))
     config.governor.period_seconds = 0.05
     config.governor.settle_seconds = 0.0
     rates, modes = {}, []
-    manager = PowerManager(config, "qnn-htp", mode_provider=vehicle.mode,
+    manager = PowerManager(config, "qnn-htp", mode_provider=lambda: vehicle_mode(vehicle.current, armed["value"]),
                            set_analysis_rate=lambda cam, fps: rates.__setitem__(cam, fps),
                            set_htp_performance_mode=modes.append)
     assert manager.source.name == "model"
