@@ -10,8 +10,9 @@ GEN    := incar/v1/.generated
 
 .PHONY: run test setup debian proto models clean bench
 
+# The simulation also publishes events and owner notifications to a local Mosquitto that the service starts.
 run: setup models
-	$(BIN)/incar sim --with-server
+	$(BIN)/incar sim --with-server --set mqtt.enabled=true --set mqtt.local_broker=true
 
 test: setup models
 	$(BIN)/python -m pytest -q -p no:cacheprovider

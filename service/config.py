@@ -29,6 +29,7 @@ import yaml
 
 from service.actions.config import ActionsConfig
 from service.cameras.config import CamerasConfig
+from service.mqtt.config import MqttConfig
 from service.perception.cascade import PerceptionConfig
 from service.power.config import PowerConfig
 from service.runtime.config import RuntimeConfig
@@ -76,6 +77,7 @@ SECTIONS: dict[str, type] = {
     "security": SecurityConfig,
     "actions": ActionsConfig,
     "transport": TransportConfig,
+    "mqtt": MqttConfig,
 }
 
 # Lax coercion from YAML / environment strings, but no unknown keys, no NaN/inf, numbers accepted as strings.

@@ -28,12 +28,15 @@ from service.config import Config, ConfigError, load_config
 from service.perception.cascade import Cascade
 from service.liveview import LiveView
 from service.liveview import add_to_server as add_liveview_service
+from service.mqtt.link import MqttLink
 from service.pipeline import AnalysisPipeline
 from service.power.manager import PowerManager
 from service.caller_role import role_resolver
 from service.runtime import qnn_context
 from service.runtime.assistant import AssistantService
 from service.runtime.host import ModelHost
+from service.runtime.models_service import add_to_server as add_models_service
+from service.security.signing import verifier_from
 from service.security import integration as security
 from skills.base import SkillContext, SwitchableNarrator
 from skills.services import SkillHost, skills_data_dir
@@ -121,7 +124,9 @@ class Application:
         self.cascade = Cascade(config.perception)
         self.pipeline = AnalysisPipeline(self.cameras, self.cascade)
         self.liveview = LiveView(self.cameras, config.cameras.watchdog_timeout_seconds)
-        self.models = ModelHost(config.runtime, describe_images=self.pipeline.describe_images)
+        self.models = ModelHost(config.runtime, describe_images=self.pipeline.describe_images,
+                                verifier=verifier_from(security.security_of(config)))
+        self.models.on_switch(self._engine_swapped)
         self.power = PowerManager(config.power, config.runtime.backend, mode_provider=self.vehicle_mode,
                                   set_analysis_rate=self.cameras.set_analysis_rate,
                                   set_cascade_depth=self.cascade.set_camera_depth,
@@ -142,6 +147,19 @@ class Application:
         self.skills.sentinel.connect_perception(pose_stages=stages.switch("sentinel", ("pose",)))
         self.assistant = AssistantService(None, frames_for=self._frames_for, config=config.runtime.assistant,
                                           tools=SkillTools(self.skills), role_of=role_resolver(config))
+        self.mqtt = MqttLink(config.mqtt, self.db, self.events, self.actions, data_dir=data_dir,
+                             tokens=security.security_of(config).load_tokens(), state=self._mqtt_state,
+                             set_sentinel_armed=self._set_sentinel_armed)
+
+    def _mqtt_state(self) -> dict:
+        sentinel = self.skills.sentinel
+        return {"vehicle_mode": self.vehicle_mode(), "locked": self.vehicle.current.locked,
+                "sentinel_armed": sentinel.armed, "sentinel_reason": sentinel.reason}
+
+    async def _set_sentinel_armed(self, armed: bool) -> dict:
+        async with self.skills._order:     # the order lock the Sentinel gRPC service takes too
+            status = self.skills.sentinel.arm() if armed else self.skills.sentinel.disarm()
+        return {"armed": status.armed, "reason": status.reason}
 
     def vehicle_mode(self) -> str:
         """The mode the power budgets follow: the vehicle's state and whether Sentinel is armed. Composed here,
@@ -185,6 +203,7 @@ class Application:
         cfg = self.config.server
         security.check(self.config)
         self.db.migrate()
+        self.mqtt.prepare()
         self.vehicle.load()
         await self.skills.start(self.vehicle.current)
         self.vehicle.add_listener(self.skills.vehicle_listener)
@@ -209,6 +228,7 @@ class Application:
                                             name="analysis"),
                         asyncio.create_task(self.power.run(), name="power"),
                         asyncio.create_task(self.escalator.run(), name="actions-escalator"),
+                        *self.mqtt.tasks(),
                         asyncio.create_task(self._load_model(), name="model-load")]
         log.info("serving", listen=cfg.listen, port=self.port, metrics_port=self.metrics_port, version=__version__)
         return self.port
@@ -224,6 +244,7 @@ class Application:
                 add_cameras_service(self.cameras, server),
                 add_liveview_service(self.liveview, server),
                 add_assistant_service(self.assistant, server),
+                add_models_service(self.models, server),
                 add_actions_service(self.actions, server),
                 *self.skills.register(server)]
 
@@ -248,6 +269,12 @@ class Application:
             self.narrator.use(result.engine)
             BUILD_INFO.labels(__version__, self.model_name, self.backend_name).set(1)
 
+    def _engine_swapped(self, engine) -> None:
+        self.model_name, self.backend_name = engine.name, engine.backend
+        self.assistant.set_engine(engine)
+        self.narrator.use(engine)
+        BUILD_INFO.labels(__version__, self.model_name, self.backend_name).set(1)
+
     async def ready(self) -> None:
         """Wait until model loading has finished (serving, degraded, or failed with a reason)."""
         for task in self._tasks:
@@ -259,6 +286,7 @@ class Application:
         grace = self.config.server.shutdown_grace_seconds if grace is None else grace
         log.info("shutting_down", grace_s=grace)
         await self.health.shutdown()
+        await self.mqtt.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -267,6 +295,7 @@ class Application:
         await self.skills.stop()
         await self.cameras.stop()
         self.models.close()
+        self.mqtt.stop_broker()
         self.db.close()
         self._stopping.set()
 

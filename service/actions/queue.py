@@ -244,6 +244,14 @@ class ActionQueue:
             finally:
                 self._bell.forget(bell)
 
+    def first_deliveries(self, kind: str, after: int, limit: int = PAGE) -> list[actions_pb2.VehicleAction]:
+        """First deliveries of `kind` after cursor `after`, in order, whatever happened since (the MQTT outbox
+        reads owner notifications this way: each is published once, even if it was acknowledged meanwhile)."""
+        rows = self.db.connect().execute(
+            f"{DELIVERY_SELECT} WHERE d.cursor > ? AND a.kind = ? AND d.attempt = 1 AND d.state = ? "
+            "ORDER BY d.cursor LIMIT ?", (after, kind_name(kind), PENDING, limit)).fetchall()
+        return [delivery_from_row(r) for r in rows]
+
     def latest_cursor(self) -> int:
         row = self.db.connect().execute("SELECT COALESCE(MAX(cursor), 0) AS c FROM action_deliveries").fetchone()
         return int(row["c"])

@@ -60,14 +60,18 @@ class Bundle:
         return list(self.manifest.get("components", {}).get(component, {}).get("variants", {}))
 
 
-def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
-    """Read manifest.json, check format and version, and check every listed file's sha256."""
+def load_bundle(path: str | Path, verify_hashes: bool = True, check_manifest=None) -> Bundle:
+    """Read manifest.json, check format and version, and check every listed file's sha256.
+    `check_manifest(path, raw_bytes)` sees the very bytes parsed here (the signature check) and may raise."""
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise BundleError(f"{path}: not a bundle (no manifest.json)")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        raw = manifest_path.read_bytes()
+        if check_manifest is not None:
+            check_manifest(path, raw)
+        manifest = json.loads(raw)
     except (OSError, ValueError) as exc:
         raise BundleError(f"{manifest_path}: unreadable manifest: {exc}") from exc
     if manifest.get("format") != FORMAT:

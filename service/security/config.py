@@ -34,6 +34,11 @@ class SecurityConfig:
     # Role of a plaintext loopback peer without a token (insecure-loopback mode only); "" makes tokens mandatory.
     loopback_role: str = "admin"
     metrics_listen_public: bool = False    # allow the metrics endpoint on a non-loopback address
+    # Model bundles: Ed25519 public keys (PEM) whose signature (`incar model sign`) the service accepts.
+    bundle_trusted_keys: list[str] = field(default_factory=list)
+    # true in the embedded defaults ON PURPOSE: bundles that `make models` builds locally are unsigned. A car sets
+    # false and lists its keys above; then an unsigned bundle is refused, and a tampered one always is.
+    allow_unsigned_bundles: bool = True
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -54,6 +59,12 @@ class SecurityConfig:
             if role not in ROLES:
                 raise ValueError(f"identity_roles.{pattern}: unknown role {role!r} (roles: {', '.join(ROLES)})")
         self.load_tokens()
+        from service.security.signing import load_public_key
+        for i, path in enumerate(self.bundle_trusted_keys):
+            try:
+                load_public_key(path)
+            except ValueError as exc:
+                raise ValueError(f"bundle_trusted_keys[{i}]: {exc}") from None
 
     def load_tokens(self) -> dict[str, tuple[str, str]]:
         """sha256 hex -> (identity, role), from `tokens` and `tokens_file`; ValueError naming the bad entry."""

@@ -6,7 +6,7 @@ import re
 import pytest
 from tests.deploy.deploy_files import DEPLOY, alert_rules, compose, dashboard_exprs, dashboards, load_yaml
 
-SERVICES = {"incar", "camera-sim", "hmi", "prometheus", "grafana"}
+SERVICES = {"incar", "camera-sim", "hmi", "mqtt", "prometheus", "grafana"}
 
 
 def env(service: dict) -> dict:
