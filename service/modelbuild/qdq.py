@@ -2,14 +2,19 @@
 variants, plus the per-component accuracy report (SQNR dB / RMS % against float on held-out inputs).
 
 Precisions (names as in the bundle manifest):
-- `w8a16`:    uint8 per-tensor weights, uint16 activations (vision default).
-- `w8pc-a16`: int8 symmetric per-channel weights, uint16 activations (the language fallback).
-- `w4a16`:    int4 symmetric per-channel weights set through `init_overrides`, uint16 activations. This is
-              the recipe that is right on the HTP: `get_qnn_qdq_config(weight_type=QInt4, per_channel=True)`
-              leaves MatMul weights per-tensor and asymmetric (runs, ~6 dB), and asymmetric int4 per-channel
-              is rejected (error 3110). See shared/qnn-notes.md.
+- `w8a16`:    int8 symmetric per-channel weights on every Conv/MatMul/Gemm, uint16 activations. The channel
+              axis is set for each weight through `init_overrides`: `get_qnn_qdq_config(per_channel=True)`
+              makes only Conv per-channel and leaves MatMul per-tensor without a word (shared/quant-notes.md);
+              `weight_codec.weight_encodings` checks what a written graph really holds.
+- `w8pc-a16`: the same recipe under its older manifest name.
+- `w4a16`:    LPBQ on the MatMul weights (4-bit blocks of 64 along the input axis on an 8-bit per-channel
+              grid, `weight_codec.to_lpbq`), int8 per-channel on the rest: the lm_head (`keep_8bit`), convs,
+              and any MatMul whose input size is not a multiple of the block. Plain int4 per-channel reached
+              ~20 dB; asymmetric int4 is rejected by the HTP (error 3110).
 - `int4` / `int8` (CPU EP): weight-only MatMulNBits (block 32, symmetric, accuracy_level 4) on the layer
               weights, the bundle's own recipe (`cpu_quant.py`).
+Weights can also come pre-rounded (`integers`: name -> (q, scale), e.g. from sequential rounding in
+`cnn_ptq.py`); onnxruntime places the QDQ nodes and calibrates, our integers replace its rounding.
 """
 from __future__ import annotations
 
@@ -28,7 +33,9 @@ log = structlog.get_logger(__name__)
 QDQ_PRECISIONS = ("w8a16", "w8pc-a16", "w4a16")
 CPU_PRECISIONS = ("int4", "int8")
 PRECISIONS = QDQ_PRECISIONS + CPU_PRECISIONS
-_WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "Conv": 1}
+_WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1}
+LPBQ_BLOCK = 64
+KEEP_8BIT = ("lm_head", "embed")      # W4A16 keeps the head and embeddings at 8 bits (AI Hub's recipe)
 
 
 class QuantizationError(RuntimeError):
@@ -49,11 +56,17 @@ def _reader(samples: Sequence[Mapping[str, np.ndarray]]):
 
         def rewind(self) -> None:  # the QNN tooling may read twice (e.g. for 16-bit overrides)
             self._it = iter(samples)
+
+        def __len__(self) -> int:  # strided MinMax calibration asks
+            return len(samples)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self._it = iter(samples[start_index:end_index])
     return ListReader()
 
 
 def weight_initializers(model: onnx.ModelProto) -> dict[str, int]:
-    """Name -> output-channel axis of every MatMul/Gemm/Conv weight that is an initializer."""
+    """Name -> output-channel axis of every MatMul/Gemm/Conv/ConvTranspose weight that is an initializer."""
     inits = {i.name: i for i in model.graph.initializer}
     out: dict[str, int] = {}
     for node in model.graph.node:
@@ -66,6 +79,8 @@ def weight_initializers(model: onnx.ModelProto) -> dict[str, int]:
         elif node.op_type == "Gemm":
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             axis = 0 if trans_b else 1
+        elif node.op_type == "ConvTranspose":
+            axis = 1                                        # IOHW: output channels second
         else:
             axis = 0                                        # Conv OIHW
         out[node.input[1]] = axis
@@ -79,11 +94,49 @@ def model_bytes(path: Path, model: onnx.ModelProto | None = None) -> int:
     return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files)
 
 
+def weight_overrides(model: onnx.ModelProto, quant_type, lpbq: Iterable[str] = ()) -> dict[str, list[dict]]:
+    """`init_overrides` making every weight symmetric per-channel on its output axis (`lpbq` ones int4: they
+    are re-encoded as LPBQ after quantization)."""
+    from onnxruntime.quantization import QuantType
+    lpbq = set(lpbq)
+    return {name: [{"quant_type": QuantType.QInt4 if name in lpbq else quant_type, "symmetric": True, "axis": axis}]
+            for name, axis in weight_initializers(model).items()}
+
+
+def lpbq_candidates(model: onnx.ModelProto, block: int = LPBQ_BLOCK, keep_8bit: Sequence[str] = KEEP_8BIT) -> list[str]:
+    """MatMul weights W4A16 puts on LPBQ: [K, N] with K a multiple of `block`, none matching `keep_8bit`."""
+    inits = {i.name: i for i in model.graph.initializer}
+    names = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        dims = list(inits[node.input[1]].dims)
+        if (len(dims) == 2 and dims[0] % block == 0 and node.input[1].endswith(".weight")
+                and not any(k in node.input[1] for k in keep_8bit)):
+            names.append(node.input[1])
+    return names
+
+
+def _stride(samples: int, wanted: int) -> int:
+    """The largest stride <= wanted that divides the sample count (onnxruntime's strided MinMax needs one)."""
+    return next(s for s in range(min(wanted, samples), 0, -1) if samples % s == 0)
+
+
 def quantize_qdq(float_path: str | Path, out_path: str | Path, calibration: Sequence[Mapping[str, np.ndarray]],
-                 precision: str = "w8a16") -> Path:
-    """Write a QDQ model for the HTP. `calibration`: graph-input dicts (keep held-out ones apart)."""
+                 precision: str = "w8a16", *, integers: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                 block: int = LPBQ_BLOCK, keep_8bit: Sequence[str] = KEEP_8BIT, calib_stride: int = 16,
+                 range_cache: str | Path | None = None,
+                 hessians: Mapping[str, np.ndarray] | None = None) -> Path:
+    """Write a QDQ model for the HTP. `calibration`: graph-input dicts (keep held-out ones apart); ranges
+    are MinMax over all of them, gathered `calib_stride` samples at a time (bounded memory). `range_cache`:
+    a JSON file of activation ranges, written on the first call and read by later ones on the same float
+    graph (W8A16 and W4A16 share ranges: they depend on the float activations only). `hessians`: MatMul
+    weight name -> input second moments [K, K] (`sequential.linear_hessians`); those weights are rounded
+    sequentially (GPTQ) on their int8 per-channel or LPBQ grid instead of to nearest."""
     from onnxruntime.quantization import QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    from . import weight_codec
 
     if precision not in QDQ_PRECISIONS:
         raise QuantizationError(f"precision {precision!r} is not a QDQ precision ({', '.join(QDQ_PRECISIONS)})")
@@ -91,24 +144,49 @@ def quantize_qdq(float_path: str | Path, out_path: str | Path, calibration: Sequ
         raise QuantizationError("calibration: no samples")
     float_path, out_path = Path(float_path), Path(out_path)
     model = onnx.load(str(float_path), load_external_data=False)
-    kwargs: dict = {"activation_type": QuantType.QUInt16}
-    if precision == "w8a16":
-        kwargs.update(weight_type=QuantType.QUInt8, per_channel=False)
-    elif precision == "w8pc-a16":
-        kwargs.update(weight_type=QuantType.QInt8, per_channel=True, weight_symmetric=True)
-    else:
-        overrides = {name: [{"quant_type": QuantType.QInt4, "symmetric": True, "axis": axis}]
-                     for name, axis in weight_initializers(model).items()}
-        if not overrides:
-            raise QuantizationError(f"{float_path.name}: no MatMul/Gemm/Conv weights to quantize to int4")
-        kwargs.update(weight_type=QuantType.QUInt8, per_channel=False, init_overrides=overrides)
+    lpbq = lpbq_candidates(model, block, keep_8bit) if precision == "w4a16" else []
+    overrides = weight_overrides(model, QuantType.QInt8, lpbq)
+    if not overrides:
+        raise QuantizationError(f"{float_path.name}: no MatMul/Gemm/Conv weights to quantize")
     started = time.monotonic()
-    config = get_qnn_qdq_config(str(float_path), _reader(calibration), **kwargs)
+    config = get_qnn_qdq_config(str(float_path), _reader(calibration), activation_type=QuantType.QUInt16,
+                                weight_type=QuantType.QUInt8, per_channel=False, init_overrides=overrides,
+                                stride=_stride(len(calibration), calib_stride))
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    config.use_external_data_format = model_bytes(float_path, model) > 1.9e9   # protobuf's 2 GB limit
-    quantize(str(float_path), str(out_path), config)
+    big = model_bytes(float_path, model) > 1.9e9     # protobuf's 2 GB limit
+    config.use_external_data_format = big
+    if range_cache is None:
+        quantize(str(float_path), str(out_path), config)
+    else:
+        from onnxruntime.quantization import quantize_static
+        quantize_static(str(float_path), str(out_path), config.calibration_data_reader,
+                        calibrate_method=config.calibrate_method, quant_format=config.quant_format,
+                        activation_type=config.activation_type, weight_type=config.weight_type,
+                        op_types_to_quantize=config.op_types_to_quantize, nodes_to_quantize=config.nodes_to_quantize,
+                        nodes_to_exclude=config.nodes_to_exclude, per_channel=config.per_channel,
+                        reduce_range=config.reduce_range, use_external_data_format=big,
+                        calibration_providers=config.calibration_providers, extra_options=config.extra_options,
+                        calibration_cache_path=str(range_cache))
+    if lpbq or integers or hessians:
+        from .sequential import round_weights
+        quantized = onnx.load(str(out_path))
+        floats = {}
+        if lpbq or hessians:
+            full = onnx.load(str(float_path))
+            wanted = set(lpbq) | set(hessians or {})
+            floats = {t.name: onnx.numpy_helper.to_array(t) for t in full.graph.initializer if t.name in wanted}
+            del full
+        rounded, encodings = round_weights(floats, hessians or {}, set(lpbq), block)
+        for name, (q, scale) in {**rounded, **(integers or {})}.items():
+            weight_codec.set_weight(quantized, name, q, scale)
+        for name in lpbq:
+            weight_codec.to_lpbq(quantized, name, floats[name], block, encodings.get(name))
+        for stale in out_path.parent.glob(out_path.name + ".data"):
+            stale.unlink()
+        onnx.save_model(quantized, str(out_path), save_as_external_data=big, all_tensors_to_one_file=True,
+                        location=out_path.name + ".data")
     log.info("qdq.quantized", model=float_path.name, precision=precision, samples=len(calibration),
-             seconds=round(time.monotonic() - started, 2))
+             lpbq=len(lpbq), rounded=len(integers or {}), seconds=round(time.monotonic() - started, 2))
     return out_path
 
 
@@ -135,9 +213,9 @@ def quantize_cpu(float_path: str | Path, out_path: str | Path, precision: str = 
 
 
 def quantize_variant(float_path: str | Path, out_path: str | Path, precision: str,
-                     calibration: Sequence[Mapping[str, np.ndarray]] = ()) -> Path:
+                     calibration: Sequence[Mapping[str, np.ndarray]] = (), **recipe) -> Path:
     if precision in QDQ_PRECISIONS:
-        return quantize_qdq(float_path, out_path, calibration, precision)
+        return quantize_qdq(float_path, out_path, calibration, precision, **recipe)
     return quantize_cpu(float_path, out_path, precision)
 
 

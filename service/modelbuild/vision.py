@@ -322,7 +322,12 @@ def build_vision_component(cfg: VisionConfig, weights: dict[str, np.ndarray], bu
             path = float_path
         else:
             path = bundle_dir / f"vision.{precision}.onnx"
-            qdq.quantize_variant(float_path, path, precision, [{"pixel_values": x} for x in calibration])
+            feeds = [{"pixel_values": x} for x in calibration]
+            if precision in ("w8a16", "w8pc-a16"):      # the CNN recipe: docs/quantization.md
+                from service.modelbuild.cnn_ptq import quantize_cnn
+                quantize_cnn(float_path, path, feeds)
+            else:
+                qdq.quantize_variant(float_path, path, precision, feeds)
         entry = {"file": path.name, "precision": precision,
                  "backends": ["cpu", "qnn-htp", "qnn-emulator"] if precision in qdq.QDQ_PRECISIONS else ["cpu"],
                  **io, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}

@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from service.modelbuild import qdq
+import onnx
+
+from service.modelbuild import qdq, weight_codec
 from service.runtime.backends import create_session
 
 lfm2 = pytest.importorskip("service.modelbuild.lfm2")
@@ -104,6 +106,13 @@ def test_lfm2_w4a16_and_w8a16_run_wholly_on_the_htp_emulator(tiny_lfm2, graph):
     for precision in ("w4a16", "w8a16"):
         qdq_path = qdq.quantize_qdq(float_path, tiny_lfm2["root"] / f"decoder_{graph}.{precision}.onnx",
                                     tiny_lfm2["calib"][graph], precision)
+        encodings = weight_codec.weight_encodings(onnx.load(str(qdq_path)))
+        assert encodings and all(e.per_channel for e in encodings)
+        layer_matmuls = [e for e in encodings if e.op == "MatMul" and e.weight.startswith("layers.")]
+        # W4A16: every layer MatMul on LPBQ (int4 blocks of 64 under uint8 block scales), the head int8
+        want = ("int4", qdq.LPBQ_BLOCK) if precision == "w4a16" else ("int8", None)
+        assert layer_matmuls and all((e.dtype, e.block_size) == want for e in layer_matmuls), layer_matmuls[:2]
+        assert all(e.dtype == "int8" for e in encodings if e.weight.startswith("lm_head"))
         htp = create_session(qdq_path, "qnn-emulator", disable_cpu_fallback=True,
                              context_cache=tiny_lfm2["root"] / "qnn-cache", model_name=f"lfm2_{graph}.{precision}")
         cpu = create_session(qdq_path, "cpu")
@@ -115,5 +124,5 @@ def test_lfm2_w4a16_and_w8a16_run_wholly_on_the_htp_emulator(tiny_lfm2, graph):
     for htp_report, cpu_report in (reports[0:2], reports[2:4]):
         assert htp_report.sqnr_db > SQNR_FLOOR_DB[htp_report.precision], htp_report.to_dict()
         # The emulator is bit-faithful to the HTP and lands where ORT's CPU QDQ simulation does.
-        assert abs(htp_report.sqnr_db - cpu_report.sqnr_db) < 3.0, (htp_report.to_dict(), cpu_report.to_dict())
+        assert abs(htp_report.sqnr_db - cpu_report.sqnr_db) < 1.0, (htp_report.to_dict(), cpu_report.to_dict())
     assert reports[2].sqnr_db > reports[0].sqnr_db + 6.0      # 8-bit weights clearly beat 4-bit ones

@@ -40,7 +40,8 @@ def test_w8a16_vision_runs_wholly_on_the_htp_emulator(w8a16):
     assert htp.rms_pct < 5.0
     # The emulator is bit-faithful to the HTP; it should land where ORT's CPU QDQ simulation does.
     assert abs(htp.sqnr_db - cpu.sqnr_db) < 6.0, (htp.to_dict(), cpu.to_dict())
-    # The weights handed to QNN really are 8-bit: every Conv/MatMul weight is a uint8 initializer behind a DQ.
+    # The weights handed to QNN really are 8-bit per channel: every Conv/MatMul weight is an int8 initializer
+    # behind a DQ with one scale per output channel.
     import onnx
     model = onnx.load(str(w8a16["qdq"]))
     inits = {t.name: t for t in model.graph.initializer}
@@ -50,7 +51,9 @@ def test_w8a16_vision_runs_wholly_on_the_htp_emulator(w8a16):
     float_model = onnx.load(str(w8a16["float"]))
     assert len(weighted) == sum(n.op_type in ("Conv", "MatMul") for n in float_model.graph.node)
     assert all(d.op_type == "DequantizeLinear" for d in dq)
-    assert {inits[d.input[0]].data_type for d in dq} == {onnx.TensorProto.UINT8}
+    assert {inits[d.input[0]].data_type for d in dq} == {onnx.TensorProto.INT8}
+    from service.modelbuild.weight_codec import weight_encodings
+    assert all(e.per_channel and e.scale_shape == (e.channels,) for e in weight_encodings(model))
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
