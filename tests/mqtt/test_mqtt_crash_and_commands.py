@@ -9,7 +9,7 @@ import ssl
 
 import aiomqtt
 import grpc
-
+import pytest
 from prometheus_client import REGISTRY
 
 from incar.v1 import events_pb2, events_pb2_grpc, vehicle_pb2, vehicle_pb2_grpc
@@ -51,6 +51,29 @@ async def test_events_committed_before_a_kill_9_are_published_after_the_restart(
         await sub.wait_for(lambda: "online" in sub.on("/availability"), what="online")
         server.kill()                                # a crash while connected: the broker sends the last will
         await sub.wait_for(lambda: sub.on("/availability")[-1] == "offline", what="the last will")
+    b.stop()
+
+
+async def test_a_kill_right_after_the_commit_with_the_broker_up_is_made_good_on_restart(tmp_path, broker,
+                                                                                        server_process, monkeypatch):
+    b = broker().start()
+    async with Subscriber(b.port, "incar/test-car/#") as sub:
+        # The event log SIGKILLs the process right after committing the vehicle state's group: before any publish.
+        monkeypatch.setenv("INCAR_FAULT_KILL_AFTER_COMMIT", "vehicle_state")
+        server = server_process(as_sets(mqtt_overrides(b.port))).start()
+        monkeypatch.delenv("INCAR_FAULT_KILL_AFTER_COMMIT")
+        await sub.wait_for(lambda: "online" in sub.on("/availability"), what="online")
+        async with grpc.aio.insecure_channel(server.target) as ch:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await vehicle_pb2_grpc.VehicleStub(ch).UpdateState(vehicle_pb2.VehicleState(
+                    gear=vehicle_pb2.GEAR_PARK, ignition=vehicle_pb2.IGNITION_OFF, locked=True), timeout=30)
+        server.proc.wait(30)
+        await sub.wait_for(lambda: sub.on("/availability")[-1] == "offline", what="the last will")
+        assert not any("/events/vehicle/" in t for t, _, _ in sub.messages)
+        server.start()
+        await sub.wait_for(lambda: any(t.endswith("/events/vehicle/locked") for t, _, _ in sub.messages),
+                           what="the committed vehicle.locked event, published after the restart")
+        server.kill()
     b.stop()
 
 
