@@ -16,6 +16,9 @@ def _default_expiry() -> dict[str, float]:
 class ActionsConfig:
     ack_timeout_s: float = 3.0          # a safety action unacknowledged this long after a delivery is repeated
     max_escalation_level: int = 3       # repeats keep coming at the cap until acknowledged or expired
+    # Repeats back off (ack_timeout_s, then twice that, ...) up to this: a gateway that is gone for an hour
+    # costs a delivery every half minute, not every few seconds.
+    max_repeat_interval_s: float = 30.0
     # At this escalation level an unacknowledged safety action also raises an owner notification (which travels
     # over MQTT, a path that does not depend on the gateway that is not answering); 0 disables it.
     notify_owner_at_level: int = 2
@@ -27,6 +30,8 @@ class ActionsConfig:
         for key in ("ack_timeout_s", "tick_s"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key}: must be > 0, got {getattr(self, key)!r}")
+        if self.max_repeat_interval_s < self.ack_timeout_s:
+            raise ValueError(f"max_repeat_interval_s: must be >= ack_timeout_s ({self.ack_timeout_s})")
         if self.max_escalation_level < 1:
             raise ValueError(f"max_escalation_level: must be >= 1, got {self.max_escalation_level}")
         if not 0 <= self.notify_owner_at_level <= self.max_escalation_level:

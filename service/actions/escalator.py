@@ -54,13 +54,18 @@ class Escalator:
         for row in due:
             level = min(row["escalation"] + 1, cfg.max_escalation_level)
             attempt = row["attempts"] + 1
+            wait = min(cfg.ack_timeout_s * 2 ** (attempt - 2), cfg.max_repeat_interval_s)
             with queue.db.transaction() as tx:
                 changed = tx.execute(
                     "UPDATE actions SET attempts = ?, escalation = ?, priority = ?, next_repeat = ? "
                     "WHERE id = ? AND state = ?",
-                    (attempt, level, CRITICAL, now + cfg.ack_timeout_s, row["id"], PENDING)).rowcount
+                    (attempt, level, CRITICAL, now + wait, row["id"], PENDING)).rowcount
                 if changed:
-                    queue._deliver(tx, row["id"], PENDING, attempt, CRITICAL, level, now)
+                    cursor = queue._deliver(tx, row["id"], PENDING, attempt, CRITICAL, level, now)
+                    # Only the latest delivery is ever streamed; earlier repeats go. The first stays: the MQTT
+                    # outbox publishes each owner notification from it.
+                    tx.execute("DELETE FROM action_deliveries WHERE action_id = ? AND attempt > 1 AND cursor < ?",
+                               (row["id"], cursor))
             if not changed:
                 continue     # acknowledged or cancelled between the read and the write
             delivery = queue.get(row["id"]).action

@@ -125,11 +125,24 @@ async def test_an_unacknowledged_safety_action_is_repeated_escalated_and_tells_t
     assert counter("incar_actions_escalated_total", kind="horn", level="2") >= 1
     listed = await events.ListEvents(events_pb2.ListEventsRequest(kinds=["actions.unacknowledged"]))
     assert [e.severity for e in listed.events][-2:] == [2, 3]
+    # Repeats back off: after the third delivery (t=7) the next waits 6 s, not another 3 s.
+    clock.now += 3.5                      # t=10.5: only the notification (raised at t=7) is due
+    assert (await next_delivery(stream)).id == notice.id
+    clock.now += 2.4                      # t=12.9: nothing is due, whichever tick runs
+    app.escalator.tick()
+    assert (await stub.GetAction(actions_pb2.GetActionRequest(id=horn.id))).attempts == 3
+    clock.now += 0.3                      # t=13.2: the horn again
+    fourth = await next_delivery(stream)
+    assert (fourth.id, fourth.attempt, fourth.escalation_level) == (horn.id, 4, 3)
+    # Superseded repeats are dropped; the first delivery and the latest stay.
+    rows = app.db.connect().execute("SELECT attempt FROM action_deliveries WHERE action_id = ? ORDER BY cursor",
+                                    (horn.id,)).fetchall()
+    assert [r["attempt"] for r in rows] == [1, 4]
     await stub.Acknowledge(actions_pb2.AcknowledgeActionRequest(id=horn.id, result=actions_pb2.ACTION_RESULT_DONE))
     await stub.Acknowledge(actions_pb2.AcknowledgeActionRequest(id=notice.id, result=actions_pb2.ACTION_RESULT_DONE))
     clock.now += 10                       # acknowledged: no more repeats
     assert app.escalator.tick() == []
-    assert (await stub.GetAction(actions_pb2.GetActionRequest(id=horn.id))).attempts == 3
+    assert (await stub.GetAction(actions_pb2.GetActionRequest(id=horn.id))).attempts == 4
     stream.cancel()
 
 
