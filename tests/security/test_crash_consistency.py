@@ -47,15 +47,15 @@ def test_kill_right_after_the_state_commit_keeps_the_state_and_its_event(server_
 
 
 async def test_a_commit_wakes_only_subscribers_whose_filter_it_matches(tmp_path):
-    """200 subscribers follow `sentinel.` only; 30 lock toggles wake none of them, and the one subscriber that
-    follows everything reads each new event from memory, not the database."""
+    """200 subscribers follow a kind nothing emits; 30 lock toggles wake none of them, and the one subscriber that
+    follows `vehicle.` reads each new event from memory, not the database."""
     app = make_app(tmp_path, [])
     await app.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
             events = events_pb2_grpc.EventsStub(ch)
             started = _reads("database")
-            idle = [events.Subscribe(events_pb2.SubscribeRequest(kinds=["sentinel."], only_new=True))
+            idle = [events.Subscribe(events_pb2.SubscribeRequest(kinds=["test.nothing."], only_new=True))
                     for _ in range(200)]
             everything = events.Subscribe(events_pb2.SubscribeRequest(kinds=["vehicle."], only_new=True))
             stub = vehicle_pb2_grpc.VehicleStub(ch)
