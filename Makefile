@@ -43,5 +43,17 @@ models: setup
 	$(BIN)/incar model build --default --out $(MODELS)
 	$(BIN)/incar perception build --out $(MODELS)
 
+# Benchmarks: the bench extra and llama-cpp-python built from source with SIMD flags read from /proc/cpuinfo (the
+# registry wheel and GGML_NATIVE pick AMX, which traps with SIGILL in sandboxes like these), then each script in
+# BENCHES (every bench/*.py that is a benchmark; helpers add theirs). Each prints figures and a final JSON line.
+LLAMA_CPP := llama-cpp-python==0.3.36
+BENCHES   := bench/decode.py
+bench: setup models
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[bench]' --config-settings editable_mode=compat
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || { echo "building $(LLAMA_CPP) with $$($(BIN)/python bench/llama_cpp_flags.py)"; \
+		CMAKE_ARGS="$$($(BIN)/python bench/llama_cpp_flags.py)" $(BIN)/pip install -q --disable-pip-version-check \
+		--no-binary llama-cpp-python --no-cache-dir $(LLAMA_CPP); }
+	@for script in $(BENCHES); do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
 clean:
 	rm -rf incar build

@@ -109,3 +109,20 @@ def quantization_report(spec: DecoderSpec, float_weights: dict, variants: dict[s
                         "reference": "float variant (GGUF dequantized)",
                         **variant_agreement(spec, float_weights, weights, sequences, float_session=reference)}
     return report
+
+
+def transcoded_row(gguf_path=None, threads: int | None = None) -> dict:
+    """The transcoded int4 variant against float, as flat report keys (bench/quant.py's row for what ships):
+    the default GGUF unless `gguf_path`."""
+    from .gguf_llama import default_gguf, load_gguf
+
+    loaded = load_gguf(gguf_path or default_gguf(), transcode_blocks=True)
+    fidelity = weight_fidelity(loaded.spec, loaded.weights, loaded.transcoded)
+    agreement = variant_agreement(loaded.spec, loaded.weights, loaded.transcoded, heldout_ids(loaded.tokenizer_json),
+                                  threads=threads)
+    return {"int4_transcode_top1_agree": agreement["top1_agreement"],
+            "int4_transcode_logits_sqnr_db": agreement["logits_sqnr_db"],
+            "int4_transcode_weights_exact": fidelity["exact"],
+            "int4_transcode_weight_sqnr_db": fidelity["sqnr_db"],
+            "int4_transcode_heldout_tokens": agreement["heldout_tokens"],
+            "int4_transcode_accuracy_level": ACCURACY_LEVEL}
