@@ -16,8 +16,7 @@ import json
 import os
 import tokenize
 
-from service.config import SECTIONS
-from service.server import add_config_arguments, config_from_args
+from service.config import SECTIONS, add_config_arguments, config_from_args
 from skills.config import PROFILE_KEY_ENV
 
 SECRET_KEYS = ("profile_key", "password", "token")

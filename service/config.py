@@ -14,10 +14,12 @@ Adding a section: import its dataclass here and add it to `SECTIONS`.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import inspect
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -217,3 +219,17 @@ def _known_keys(cls: Any, keys: list) -> list[str]:
         if typing.get_origin(cls) in (list, tuple, dict):
             cls, inside_container = (typing.get_args(cls) or (None,))[-1], True
     return sorted(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else []
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML config file (embedded defaults apply to what it leaves out)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one setting (repeatable); environment: INCAR_SECTION__KEY=VALUE")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    try:
+        return load_config(args.config, overrides=args.set)
+    except ConfigError as exc:
+        print(f"incar: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

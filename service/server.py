@@ -24,7 +24,7 @@ from service.actions.queue import ActionQueue
 from service.actions.servicer import add_to_server as add_actions_service
 from service.cameras.hub import CameraHub
 from service.cameras.servicer import add_to_server as add_cameras_service
-from service.config import Config, ConfigError, load_config
+from service.config import Config, ConfigError, add_config_arguments, config_from_args
 from service.perception.cascade import Cascade
 from service.liveview import LiveView
 from service.liveview import add_to_server as add_liveview_service
@@ -322,20 +322,6 @@ async def _serve(config: Config) -> int:
 def add_assistant_service(servicer: AssistantService, server: grpc.aio.Server) -> str:
     assistant_pb2_grpc.add_AssistantServicer_to_server(servicer, server)
     return ASSISTANT
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", help="YAML config file (embedded defaults apply to what it leaves out)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one setting (repeatable); environment: INCAR_SECTION__KEY=VALUE")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    try:
-        return load_config(args.config, overrides=args.set)
-    except ConfigError as exc:
-        print(f"incar: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def serve_main(argv: list[str]) -> int:
