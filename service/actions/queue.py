@@ -229,6 +229,23 @@ class ActionQueue:
         log.info("action.acknowledged", id=action_id, kind=row["kind"], result=result, attempts=row["attempts"])
         return self.get(action_id)
 
+    def acknowledge_all(self, action_ids: list[str], detail: str) -> int:
+        """DONE for each action still pending and unexpired, in one transaction (the MQTT bridge, per batch the
+        broker acknowledged); the others are left as they are. Returns how many were acknowledged."""
+        now = self.clock()
+        with self.db.transaction() as tx:
+            rows = [tx.execute("SELECT id, kind, created FROM actions WHERE id = ? AND state = ? AND expires > ?",
+                               (action_id, PENDING, now)).fetchone() for action_id in action_ids]
+            rows = [r for r in rows if r is not None]
+            for row in rows:
+                tx.execute("UPDATE actions SET state = ?, result = ?, detail = ?, acknowledged = ?, "
+                           "next_repeat = NULL WHERE id = ?",
+                           (ACKNOWLEDGED, actions_pb2.ACTION_RESULT_DONE, detail, now, row["id"]))
+        for row in rows:
+            metrics.ACKNOWLEDGED.labels(row["kind"], "ACTION_RESULT_DONE").inc()
+            metrics.ACK_SECONDS.labels(row["kind"]).observe(max(0.0, now - row["created"]))
+        return len(rows)
+
     async def follow(self, after: int) -> AsyncIterator[actions_pb2.VehicleAction]:
         """Every delivery after `after` of an action still to do (or to lift), then live ones, forever."""
         cursor = after

@@ -19,7 +19,6 @@ from collections.abc import Callable
 import aiomqtt
 import structlog
 
-from incar.v1 import actions_pb2
 from service.mqtt import metrics
 from service.mqtt.commands import Commands
 from service.mqtt.config import MqttConfig
@@ -122,11 +121,7 @@ class MqttBridge:
             if batch:
                 # In flight together; the cursor moves only when the broker acknowledged all of them.
                 await asyncio.gather(*(client.publish(m.topic, m.payload, qos=cfg.qos) for m in batch))
-                await asyncio.to_thread(self.outbox.advance, batch)
-                for m in batch:
-                    metrics.PUBLISHED.labels(m.source).inc()
-                    if m.action_id:
-                        self._delivered(m.action_id)
+                await asyncio.to_thread(self._published, batch)
                 continue
             await asyncio.to_thread(self.outbox.skip_idle)
             for source, value in (await asyncio.to_thread(self.outbox.backlog)).items():
@@ -136,16 +131,15 @@ class MqttBridge:
             except asyncio.TimeoutError:
                 pass
 
-    def _delivered(self, action_id: str) -> None:
-        if self.actions is None or not self.config.acknowledge_notifications:
-            return
-        status = self.actions.get(action_id)
-        if status.state == actions_pb2.ACTION_STATE_PENDING:
-            try:
-                self.actions.acknowledge(action_id, actions_pb2.ACTION_RESULT_DONE,
-                                         f"published to mqtt {self.config.host}:{self.config.port}")
-            except Exception as exc:   # expired or answered meanwhile: the publish still happened
-                log.info("mqtt.notification_ack_skipped", id=action_id, reason=str(exc))
+    def _published(self, batch) -> None:
+        """The broker has every message of `batch`: move the cursors, and count the notifications delivered."""
+        self.outbox.advance(batch)
+        for m in batch:
+            metrics.PUBLISHED.labels(m.source).inc()
+        delivered = [m.action_id for m in batch if m.action_id]
+        if delivered and self.actions is not None and self.config.acknowledge_notifications:
+            # Those acknowledged or expired meanwhile stay as they are: the publish happened all the same.
+            self.actions.acknowledge_all(delivered, f"published to mqtt {self.config.host}:{self.config.port}")
 
     async def _publish_state(self, client: aiomqtt.Client) -> None:
         if self.state is None:
