@@ -61,9 +61,12 @@ class SwapError(RuntimeError):
 
 class ModelHost:
     def __init__(self, runtime_config, *, describe_images: DescribeImages | None = None,
-                 verifier: BundleVerifier | None = None):
+                 verifier: BundleVerifier | None = None, on_busy: Callable[[str, float], None] | None = None):
         self.config = runtime_config
-        self.scheduler = NpuScheduler(runtime_config.scheduler)
+        # Every scheduler step's seconds go to `on_busy(component, seconds)` (the energy model): "npu" on a QNN
+        # backend, "cpu" where the CPU EP does the work (the backend actually loaded, fallback included).
+        self.scheduler = NpuScheduler(runtime_config.scheduler, on_busy=None if on_busy is None else (
+            lambda seconds: on_busy("npu" if (self.backend or self.config.backend) in QNN_BACKENDS else "cpu", seconds)))
         self.describe_images = describe_images
         # Without a verifier (tools, tests that build a host directly) unsigned bundles load, as the defaults say.
         self.verifier = verifier or BundleVerifier(allow_unsigned=True)
@@ -142,7 +145,11 @@ class ModelHost:
     async def swap(self, bundle: str | Path, *, backend: str = "") -> SwapResult:
         """Load `bundle` beside the running one, check it, switch. Raises SwapError; the old one then serves on."""
         path = Path(bundle)
-        if not (path / "manifest.json").is_file():
+        try:
+            is_bundle = (path / "manifest.json").is_file()
+        except (OSError, ValueError):    # a NUL byte, a name too long for the file system
+            is_bundle = False
+        if not is_bundle:
             raise SwapError("invalid", f"bundle_path: {path} is not a bundle (no manifest.json)")
         if self.engine is None:
             raise SwapError("not_ready", "no model is serving yet; a swap replaces a running one")

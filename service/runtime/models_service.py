@@ -24,8 +24,9 @@ class ModelsServicer(models_pb2_grpc.ModelsServicer):
         self.host = host
 
     async def SwapBundle(self, request, context):
-        if not request.bundle_path or len(request.bundle_path) > 4096:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bundle_path: a bundle directory is required")
+        if not request.bundle_path or len(request.bundle_path) > 4096 or "\x00" in request.bundle_path:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "bundle_path: a bundle directory is required (at most 4096 characters, no NUL)")
         if request.backend and request.backend not in BACKENDS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"backend: expected one of {', '.join(BACKENDS)} or '', got {request.backend!r}")
