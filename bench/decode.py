@@ -107,6 +107,9 @@ def main() -> int:
         "bare": lambda: bare.run(prompt_ids, args.tokens, eos),
         "generator": lambda: generator_loop(model, prompt_ids, args.tokens, eos),
     }
+    if model.spin_within_run:  # the same without ORT's in-run spinning (INCAR_CPU_SPIN=0: oversubscribed hosts)
+        quiet = LanguageModel(bundle, "cpu", variant=model.variant, threads=args.threads, spin_within_run=False)
+        contenders["generator_nospin"] = lambda: generator_loop(quiet, prompt_ids, args.tokens, eos)
     llm, llama_note = open_llama(bundle, args.threads)
     if llm is not None:
         contenders["llama.cpp"] = lambda: llama_run(llm, prompt_ids, args.tokens, eos)
@@ -134,7 +137,10 @@ def main() -> int:
               "bare_ttft_s": round(ttft["bare"], 5), "bare_tokens_per_s": round(tps["bare"], 2),
               "generator_ttft_s": round(ttft["generator"], 5), "generator_tokens_per_s": round(tps["generator"], 2),
               "engine_overhead_pct": round(overhead * 100, 2), "engine_matches_bare_text": same_text,
-              "engine_best_tokens_per_s": round(best_tps["engine"], 2)}
+              "engine_best_tokens_per_s": round(best_tps["engine"], 2), "spin_within_run": model.spin_within_run}
+    if "generator_nospin" in tps:
+        result.update({"generator_nospin_tokens_per_s": round(tps["generator_nospin"], 2),
+                       "generator_nospin_ttft_s": round(ttft["generator_nospin"], 5)})
 
     system = EngineConfig().system_prompt
     cached, uncached, question_tokens = cached_prefix_ttft(model, system, QUESTION)

@@ -54,13 +54,15 @@ def set_performance_mode(session: ort.InferenceSession, mode: str) -> None:
 def create_session(model_path: str | Path, backend: str = "cpu", *, threads: int | None = None,
                    disable_cpu_fallback: bool = False, provider_options: dict[str, str] | None = None,
                    performance_mode: str | None = None, context_cache: str | Path | bool | None = True,
-                   target: str | None = None, model_name: str | None = None) -> ort.InferenceSession:
+                   target: str | None = None, model_name: str | None = None,
+                   spin_within_run: bool = False) -> ort.InferenceSession:
     """Open `model_path` on `backend`.
 
     QNN only: `performance_mode` (see PERFORMANCE_MODES); `context_cache`: True = this machine's cache
     (`qnn_context.current().cache_dir`), a path = that directory, False/None = compile online every time (no
     context binary); `target`: the context-binary target (default: this machine's). EPContext models are
     loaded as they are. `model_name` labels the node-placement gauge (default: the file stem).
+    CPU only: `spin_within_run` (see `providers.session_options`).
     """
     check_backend(backend)
     model_path = Path(model_path)
@@ -69,7 +71,7 @@ def create_session(model_path: str | Path, backend: str = "cpu", *, threads: int
     name = model_name or model_path.name.removesuffix(".onnx")
     if backend == "cpu":
         try:
-            session = ort.InferenceSession(str(model_path), sess_options=session_options(threads),
+            session = ort.InferenceSession(str(model_path), sess_options=session_options(threads, spin_within_run),
                                            providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise BackendError(f"cpu: cannot open {model_path.name}: {exc}") from exc

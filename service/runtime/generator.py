@@ -7,6 +7,7 @@ nothing of context size and copies only the new K/V rows (append mode).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -59,11 +60,14 @@ def _pick_variant(bundle: Bundle, backend: str, variant: str | None) -> str:
 
 class LanguageModel:
     def __init__(self, bundle: Bundle, backend: str = "cpu", variant: str | None = None, threads: int | None = None,
-                 disable_cpu_fallback: bool | None = None, target: str | None = None):
+                 disable_cpu_fallback: bool | None = None, target: str | None = None,
+                 spin_within_run: bool | None = None):
         # On the NPU a graph runs wholly on the HTP or not at all: a silent CPU fallback would break the power and
         # latency budgets, so it is off unless asked for.
         if disable_cpu_fallback is None:
             disable_cpu_fallback = backend != "cpu"
+        if spin_within_run is None:  # on by default; INCAR_CPU_SPIN=0 for hosts whose cores are oversubscribed
+            spin_within_run = os.environ.get("INCAR_CPU_SPIN", "1") != "0"
         self.bundle = bundle
         self.backend = backend
         self.name = bundle.name
@@ -85,12 +89,13 @@ class LanguageModel:
             self.model_files[component] = str(path)
             session = opened.get(str(path)) or create_session(
                 path, backend, threads=threads, disable_cpu_fallback=disable_cpu_fallback, target=target,
-                model_name=entry["file"].rsplit("/", 1)[-1].removesuffix(".onnx"))
+                model_name=entry["file"].rsplit("/", 1)[-1].removesuffix(".onnx"), spin_within_run=spin_within_run)
             opened[str(path)] = session
             tokens = int(bundle.manifest["components"][component]["tokens"])
             self._graphs[component] = _Graph(session, entry, tokens, entry.get("state_update", "append"))
         self.prefill_chunk = self._graphs["decoder_prefill"].tokens
         self.shared_state = self._graphs["decoder_decode"].mode == "shared"
+        self.spin_within_run = bool(spin_within_run) and backend == "cpu"
         self.state_key = (str(bundle.path.resolve()), self.variant)
         log.info("language_model_loaded", name=self.name, variant=self.variant, backend=backend,
                  context_length=self.context_length)
