@@ -222,12 +222,14 @@ class CarFinder(Skill):
         record = records[0]
         with self.measure(budget_s=max(self.budget_s, 10.0)):
             age = max(0.0, self.now - record.time.ToNanoseconds() / 1e9)
-            draft = _spot_words(record) or "I have no sign reading for where the car is parked"
+            gps = f"GPS {record.gps.latitude_deg:.5f}, {record.gps.longitude_deg:.5f}" if record.gps_valid else ""
+            draft = _spot_words(record) or (f"Your car is parked at {gps}" if gps else
+                                            "I have no sign reading or GPS fix for where the car is parked")
             if record.level_source == "trail":
                 draft += " (the level from the signs on the way in)"
-            if record.gps_valid:
-                draft += f"; GPS {record.gps.latitude_deg:.5f}, {record.gps.longitude_deg:.5f}"
-            else:
+            if gps and _spot_words(record):
+                draft += f"; {gps}"
+            elif not gps:
                 draft += " (no GPS fix there, likely a covered garage)"
             draft += f"; parked {ago(age)}, at {_local_time(record.time.ToSeconds())}."
             answer = await narrate(self.ctx.narrator, priority=JobClass.LOOKUP, max_tokens=64, draft=draft,

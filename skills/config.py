@@ -55,7 +55,7 @@ class SentinelConfig:
     linger_seconds: float = 5.0            # one person near this long -> Alert
     approach_min_m: float = 1.5            # a track that closed this much distance, mostly towards the car ...
     approach_alert_distance_m: float = 2.5  # ... and is now this close -> Alert (a pass-by never is)
-    track_gap_seconds: float = 2.0         # a person's track survives this long without a detection
+    track_gap_seconds: float = 3.0         # a track survives this long unseen (> the cascade's 2 s idle refresh)
     confirm_frames: int = 3                # a condition must hold on this many frames of one person
     door_handle_zones: dict[str, list[list[float]]] = field(default_factory=lambda: {
         "left": [[0.30, 0.35, 0.45, 0.60], [0.60, 0.35, 0.75, 0.60]],

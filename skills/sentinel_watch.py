@@ -90,14 +90,25 @@ class Finding:
     motion: str
 
 
-def classify_motion(track: PersonTrack, cfg: SentinelConfig) -> str:
-    """From the track: closing distance mostly towards the car is an approach; sideways travel with little
-    closing is a pass-by."""
-    if len(track.samples) < 2:
+def classify_motion(track: PersonTrack, cfg: SentinelConfig, window_s: float) -> str:
+    """From the track's last `window_s`: closing distance mostly towards the car is an approach; sideways travel
+    with little closing is a pass-by (someone who stops walking becomes "standing" once the walk leaves the
+    window)."""
+    recent = [s for s in track.samples if s[0] >= track.samples[-1][0] - window_s] if track.samples else []
+    if len(recent) < 2:
         return "standing"
-    t0, d0, x0 = track.samples[0]
-    t1, d1, x1 = track.samples[-1]
-    closing, sideways = d0 - d1, abs(x1 - x0)
+    t0, d0, x0 = recent[0]
+    t1, d1, x1 = recent[-1]
+    # Sideways: the path walked (in steps of about a second, so detector jitter does not add up), not the
+    # displacement: someone walking past and back is still walking past.
+    steps = [recent[0]]
+    for sample in recent[1:]:
+        if sample[0] - steps[-1][0] >= 1.0:
+            steps.append(sample)
+    if steps[-1] is not recent[-1]:
+        steps.append(recent[-1])
+    closing = d0 - d1
+    sideways = sum(abs(b[2] - a[2]) for a, b in zip(steps, steps[1:]))
     if closing >= cfg.approach_min_m and closing >= sideways:
         return "approach"
     if sideways >= cfg.approach_min_m and sideways >= 2 * max(closing, 0.0):
@@ -127,13 +138,16 @@ class CameraWatch:
         people = [d for d in analysis.detections if d.label == "person" and d.score >= cfg.person_min_score
                   and not any(inside(centre(d.box), m) for m in masks)]
         pose_ran = "pose" in analysis.stages_run
+        if "objects" not in analysis.stages_run:   # the motion gate held the detector back: nothing seen, nothing lost
+            self._expire(now, cfg.track_gap_seconds)
+            return []
         self._frame_number += 1
         findings = []
         for person in people:
             track = self._track_for(person, now)
             d = distance_m(person.box, height, geometry, cfg.person_height_m)
             track.samples.append((now, d, lateral_m(person.box, width, height, d, geometry)))
-            track.motion = classify_motion(track, cfg)
+            track.motion = classify_motion(track, cfg, zone.linger_seconds)
             near = d <= zone.near_distance_m
             if near:
                 if track.near_since is None or now - (track.last_near or now) > cfg.track_gap_seconds:
@@ -171,7 +185,7 @@ class CameraWatch:
                  f"a person at the car ({where})"),
                 ("alert", "approach", track.streak["approach"] >= zone.confirm_frames,
                  f"a person approaching the car ({where})"),
-                ("alert", "linger", near and track.dwell(now) >= zone.linger_seconds,
+                ("alert", "linger", near and track.motion != "pass-by" and track.dwell(now) >= zone.linger_seconds,
                  f"a person lingering near the car for {track.dwell(now):.0f} s ({where})"),
             ]
             for level, trigger, fired, reason in candidates:

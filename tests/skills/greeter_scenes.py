@@ -14,12 +14,13 @@ from tests.skills.scenes import background, photo
 
 @cache
 def _pipeline():
-    from service.perception.build import ensure_built
     from service.perception.faces import FaceDetector
     from service.perception.identity import FaceEmbedder
     from service.perception.liveness import FaceLiveness
     from service.perception.models import model_path
-    ensure_built()
+    if not all(model_path(n).is_file() for n in ("face_full", "antispoof", "liveness")):   # a fresh clone
+        from service.perception.build import ensure_built
+        ensure_built()
     return (FaceDetector(model_path("face_full"), "full"), FaceEmbedder(),
             FaceLiveness(model_path("antispoof"), model_path("liveness")))
 
