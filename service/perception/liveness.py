@@ -7,7 +7,7 @@ Three cues, any of which refuses a face:
   prints both score sets), so their thresholds sit below every real face we have and they catch the obvious cases.
 - A photo frame: a print or a phone held to the camera puts the face inside a convex quadrilateral (the paper or
   screen edge) a few times the face's size. A real head has no such edge around it; on the test photos no real
-  face has one, while 8 of 9 composited prints do. This is the cue that refuses a flat printed-photo replay.
+  face has one, while every composited print does (tests/perception/test_perception_liveness.py). This is the cue that refuses a flat printed-photo replay.
 - Every refusal is per frame; the Greeter keeps a refusal for the whole approach of that person (a replay that
   slips through on one frame but was caught on another stays refused).
 """
@@ -76,7 +76,8 @@ def find_photo_frame(bgr: np.ndarray, box: Box, min_ratio: float = 1.5,
     x1, y1, x2, y2 = box
     face_area = max(1.0, (x2 - x1) * (y2 - y1))
     gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-    edges = cv2.dilate(cv2.Canny(cv2.GaussianBlur(gray, (5, 5), 0), 40, 120), np.ones((3, 3), np.uint8))
+    # Dilated 5x5 so a border broken by a busy backdrop still closes into one contour.
+    edges = cv2.dilate(cv2.Canny(cv2.GaussianBlur(gray, (5, 5), 0), 40, 120), np.ones((5, 5), np.uint8))
     contours, _ = cv2.findContours(edges, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
     corners = [(float(x1), float(y1)), (float(x2), float(y1)), (float(x1), float(y2)), (float(x2), float(y2))]
     best, best_area = None, np.inf
@@ -84,8 +85,9 @@ def find_photo_frame(bgr: np.ndarray, box: Box, min_ratio: float = 1.5,
         perimeter = cv2.arcLength(contour, True)
         if perimeter < 2 * ((x2 - x1) + (y2 - y1)):   # shorter than the face box's own outline
             continue
-        poly = cv2.approxPolyDP(contour, 0.03 * perimeter, True)
-        if len(poly) != 4 or not cv2.isContourConvex(poly):
+        hull = cv2.convexHull(contour)   # the card's outline, whatever the backdrop's edges hang on to it
+        poly = cv2.approxPolyDP(hull, 0.03 * cv2.arcLength(hull, True), True)
+        if len(poly) != 4:
             continue
         poly_area = cv2.contourArea(poly)
         if not min_ratio <= poly_area / face_area <= max_ratio or poly_area >= best_area:
