@@ -47,7 +47,7 @@ class SentinelConfig:
     battery_floor_percent: float = 20.0    # below it Sentinel stays off to save the 12 V battery
     saved_places: list[SavedPlace] = field(default_factory=list)   # home, work: never armed there
     saved_place_radius_m: float = 10.0
-    person_min_score: float = 0.5
+    person_min_score: float = 0.4          # as Safety's; confirmation over frames keeps one-off boxes out
     camera_geometry: dict[str, CameraGeometry] = field(default_factory=_default_geometry)
     person_height_m: float = 1.7           # assumed body height when only the box height tells the distance
     near_distance_m: float = 4.0           # a person this close counts as near the car
