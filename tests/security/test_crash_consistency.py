@@ -51,29 +51,32 @@ async def test_a_commit_wakes_only_subscribers_whose_filter_it_matches(tmp_path)
     follows `vehicle.` reads each new event from memory, not the database."""
     app = make_app(tmp_path, [])
     await app.start()
+    # own connections, 50 streams each: below the server's max_concurrent_streams (100 per connection)
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(5)]
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
-            events = events_pb2_grpc.EventsStub(ch)
-            started = _reads("database")
-            idle = [events.Subscribe(events_pb2.SubscribeRequest(kinds=["test.nothing."], only_new=True))
-                    for _ in range(200)]
-            everything = events.Subscribe(events_pb2.SubscribeRequest(kinds=["vehicle."], only_new=True))
-            stub = vehicle_pb2_grpc.VehicleStub(ch)
-            await stub.GetState(vehicle_pb2.GetStateRequest())
-            # every stream's first page is read before counting (a first read always goes to the database)
-            await _wait_until(lambda: _reads("database") >= started + 201)
-            wakeups, tail_reads, db_reads = _wakeups(), _reads("tail"), _reads("database")
-            locked = False
-            for _ in range(30):
-                locked = not locked
-                await stub.UpdateState(vehicle_pb2.VehicleState(locked=locked, gear=vehicle_pb2.GEAR_PARK))
-                await everything.read()
-            assert _wakeups() - wakeups <= 30, "a commit woke subscribers whose filter it does not match"
-            assert _reads("database") == db_reads, "a caught-up subscriber went to the database"
-            assert _reads("tail") - tail_reads >= 30
-            for call in idle + [everything]:
-                call.cancel()
+        started = _reads("database")
+        idle = [events_pb2_grpc.EventsStub(channels[i // 50]).Subscribe(
+            events_pb2.SubscribeRequest(kinds=["test.nothing."], only_new=True)) for i in range(200)]
+        everything = events_pb2_grpc.EventsStub(channels[4]).Subscribe(
+            events_pb2.SubscribeRequest(kinds=["vehicle."], only_new=True))
+        stub = vehicle_pb2_grpc.VehicleStub(channels[4])
+        # every stream's first page is read before counting (a first read always goes to the database)
+        await _wait_until(lambda: _reads("database") >= started + 201)
+        wakeups, tail_reads, db_reads = _wakeups(), _reads("tail"), _reads("database")
+        locked = False
+        for _ in range(30):
+            locked = not locked
+            await stub.UpdateState(vehicle_pb2.VehicleState(locked=locked, gear=vehicle_pb2.GEAR_PARK), timeout=30)
+            await asyncio.wait_for(everything.read(), 30)
+        assert _wakeups() - wakeups <= 30, "a commit woke subscribers whose filter it does not match"
+        assert _reads("database") == db_reads, "a caught-up subscriber went to the database"
+        assert _reads("tail") - tail_reads >= 30
+        for call in idle + [everything]:
+            call.cancel()
     finally:
+        for channel in channels:
+            await channel.close()
         await app.stop(0.2)
 
 
