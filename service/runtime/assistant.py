@@ -23,7 +23,8 @@ from service.cameras.frames import FrameError
 from service.runtime.engine import (Done, GenerationEngine, GenerationRequest, InvalidRequestError, ModelFailure,
                                     TextDelta)
 from service.runtime.scheduler import QueueFullError
-from service.runtime.tool_answer import ToolAnswerer
+from service.runtime.screen_answer import ReadText, merged, read_screens, relevant
+from service.runtime.tool_answer import ToolAnswerer, word_result
 from service.runtime.tooling import ToolRegistry
 
 log = structlog.get_logger(__name__)
@@ -77,7 +78,7 @@ async def decode_image(index: int, image: common_pb2.Image, max_pixels: int, con
 class AssistantService(assistant_pb2_grpc.AssistantServicer):
     def __init__(self, engine: GenerationEngine | None = None, frames_for: FramesFor | None = None,
                  config: AssistantConfig | None = None, tools: ToolRegistry | None = None,
-                 role_of: Callable[[object], str] | None = None):
+                 role_of: Callable[[object], str] | None = None, read_text: ReadText | None = None):
         self.config = config or AssistantConfig()
         self.config.validate()
         self._engine = engine
@@ -86,6 +87,7 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         # The caller's role decides which state-changing tools it may use (server.py reads it from the auth
         # check); without one, the least privileged role.
         self._role_of = role_of or (lambda context: "hmi")
+        self._read_text = read_text     # OCR with positions: questions about HMI screenshots
         self.tools = ToolAnswerer(tools, self.config) if tools is not None else None
         if engine is not None and self.tools is not None:
             self.tools.use(engine)
@@ -129,6 +131,19 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         if engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, self._loading_reason)
         images = await self._gather_images(request, context)
+        if images and self._read_text is not None and not request.json_schema:
+            started = time.monotonic()
+            screens = await read_screens(images, self._read_text)
+            if screens:
+                # An HMI screen: the answer comes from its layout (the values OCR read), worded by the model.
+                result = relevant(question, merged(screens))
+                text = await word_result(engine, question, result)
+                yield assistant_pb2.AskResponse(text=text)
+                yield assistant_pb2.AskResponse(done=assistant_pb2.AskDone(
+                    answer=text, finish_reason="stop", handled_by="screen", model=engine.name,
+                    backend=engine.backend, tool="screen.read", tool_result=result.text,
+                    timings=common_pb2.Timings(end_to_end_s=time.monotonic() - started)))
+                return
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         gen = GenerationRequest(

@@ -94,18 +94,23 @@ class ToolAnswerer:
         return Answered(call, skill, result, await self.word(question, result))
 
     async def word(self, question: str, result: ToolResult) -> str:
-        """The model's words when they keep every fact and invent none; otherwise the result as it is.
-        What a state-changing tool did is said exactly as the tool said it."""
-        engine = self.engine
-        if engine is None or result.acted or not self.config.word_tool_results:
+        """What a state-changing tool did is said exactly as the tool said it."""
+        if result.acted or not self.config.word_tool_results:
             return result.text
-        try:
-            words = await engine.complete(f"Question: {question}\nTool result: {result.text}", priority="chat",
-                                          max_tokens=WORDING_MAX_TOKENS, system=WORDING_SYSTEM)
-        except Exception as exc:      # the facts still go out
-            log.warning("tool.wording_failed", error=str(exc))
-            return result.text
-        words = words.strip().split("\n\n")[0].strip()
-        if not words or dropped(words, result) or ungrounded(words, result):
-            return result.text
-        return words
+        return await word_result(self.engine, question, result)
+
+
+async def word_result(engine, question: str, result: ToolResult) -> str:
+    """The model's words for `result` when they keep every fact and invent none; otherwise the result as it is."""
+    if engine is None:
+        return result.text
+    try:
+        words = await engine.complete(f"Question: {question}\nTool result: {result.text}", priority="chat",
+                                      max_tokens=WORDING_MAX_TOKENS, system=WORDING_SYSTEM)
+    except Exception as exc:      # the facts still go out
+        log.warning("tool.wording_failed", error=str(exc))
+        return result.text
+    words = words.strip().split("\n\n")[0].strip()
+    if not words or dropped(words, result) or ungrounded(words, result):
+        return result.text
+    return words

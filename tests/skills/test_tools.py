@@ -9,41 +9,27 @@ import json
 import grpc
 import pytest
 
-from incar.v1 import assistant_pb2, assistant_pb2_grpc, vehicle_pb2
+from incar.v1 import assistant_pb2, vehicle_pb2
 from service.runtime.assistant import AssistantService
 from service.runtime.tooling import ToolCall, ToolResult, dropped, ungrounded
 from skills.safety_state import ActiveAlert
 from skills.tools import SPECS, SkillTools
+from tests.runtime.assistant_server import AssistantServer
 from tests.skills.conftest import vehicle
 
 DRIVING = dict(gear=vehicle_pb2.GEAR_DRIVE, ignition=vehicle_pb2.IGNITION_ON, speed=50.0)
 
 
-class Assistant:
+class Assistant(AssistantServer):
     """The Assistant service on its own port, its role settable per test."""
 
     def __init__(self, host):
         self.role = "hmi"
         self.tools = SkillTools(host)
-        self.service = AssistantService(None, tools=self.tools, role_of=lambda context: self.role)
-
-    async def __aenter__(self):
-        self.server = grpc.aio.server()
-        assistant_pb2_grpc.add_AssistantServicer_to_server(self.service, self.server)
-        port = self.server.add_insecure_port("127.0.0.1:0")
-        await self.server.start()
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.channel.close()
-        await self.server.stop(None)
+        super().__init__(AssistantService(None, tools=self.tools, role_of=lambda context: self.role))
 
     async def ask(self, question: str) -> assistant_pb2.AskDone:
-        stub = assistant_pb2_grpc.AssistantStub(self.channel)
-        items = [i async for i in stub.Ask(assistant_pb2.AskRequest(question=question, route_to_skill=True),
-                                           timeout=30)]
-        return items[-1].done
+        return await self.done(assistant_pb2.AskRequest(question=question, route_to_skill=True), timeout=30)
 
 
 def park_record(r, *, level="P2", row="C", bay="17", gps=(48.137154, 11.576124), at=1_790_000_000.0):
