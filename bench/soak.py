@@ -3,7 +3,7 @@ vehicle gateway updating state, against `incar serve` on loopback for T minutes.
 
 Reports the server's resident memory (RssAnon + swap, from /proc) at start (after warm-up) and end, p50/p99
 client-side latency per RPC, error counts, frame drops, and whether the safety latency budget held (from the
-metrics endpoint: `incar_skill_budget_violations_total{skill="safety"}` and the safe-exit warning histogram;
+metrics endpoint: `incar_latency_budget_violations_total{skill="safety"}` and the safe-exit warning histogram;
 "n/a" when the running build exports neither). Services this build does not mount are skipped and listed.
 A plain client (GetState every 50 ms on its own connection) is measured throughout; with --hostile it is measured
 first alone, then beside the hostile clients of bench/soak_hostile.py (unread acks, slow streams, a subscriber
@@ -251,8 +251,8 @@ async def run(args) -> dict:
 
     # Safety budget: no violations counted during the run, and no safe-exit warning slower than its budget.
     budget_s = args.safety_budget
-    v0 = metric_sum(metrics_start, "incar_skill_budget_violations_total", 'skill="safety"')
-    v1 = metric_sum(metrics_end, "incar_skill_budget_violations_total", 'skill="safety"')
+    v0 = metric_sum(metrics_start, "incar_latency_budget_violations_total", 'skill="safety"')
+    v1 = metric_sum(metrics_end, "incar_latency_budget_violations_total", 'skill="safety"')
     exit_warn = over_budget(metrics_end, "incar_safety_exit_warning_latency_seconds", budget_s)
     skill_lat = over_budget(metrics_end, "incar_skill_latency_seconds", 10.0) if metrics_end else None
     if v1 is None and exit_warn is None:

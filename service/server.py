@@ -127,7 +127,8 @@ class Application:
         self.skills = SkillHost(
             SkillContext(db=self.db, events=self.events, narrator=self.narrator, frames=self.cameras,
                          data_dir=skills_data_dir(config.skills, config.server.data_dir),
-                         latency_observer=self.power.observe_latency, actions=self.actions),
+                         latency_observer=self.power.observe_latency,
+                         latency_budget=self.power.budgets.latency_budget, actions=self.actions),
             config.skills, face_embedder=self.pipeline.embed_faces, read_signs=self.pipeline.read_signs)
         self.vehicle.sentry_armed = lambda: self.skills.sentinel.armed
         # The safety lane: frames Safety needs now are analysed first, without the slow stages.

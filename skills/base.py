@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import structlog
-from prometheus_client import Counter, Histogram
+from prometheus_client import Histogram
 
 from incar.v1 import common_pb2, vehicle_pb2
 from service.perception.types import Face, FrameAnalysis, TextLine
@@ -30,8 +30,6 @@ log = structlog.get_logger(__name__)
 SKILL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0)
 SKILL_LATENCY = Histogram("incar_skill_latency_seconds", "Time a skill takes to decide on one input",
                           ["skill"], buckets=SKILL_BUCKETS)
-SKILL_BUDGET_VIOLATIONS = Counter("incar_skill_budget_violations_total",
-                                  "Skill decisions that took longer than the skill's latency budget", ["skill"])
 
 
 class Narrator(Protocol):
@@ -213,8 +211,11 @@ class SkillContext:
     data_dir: Path
     clock: Callable[[], float] = time.time
     frames: FrameSource | None = None
-    # Told every measured latency (skill, seconds): the power governor's latency guard listens here.
-    latency_observer: Callable[[str, float], object] | None = None
+    # Told every measured latency (skill, seconds); returns True when it was over the skill's budget. The budgets
+    # (power.budgets.latency_seconds) and their one violation counter live with the power manager.
+    latency_observer: Callable[[str, float], bool] | None = None
+    # The skill's latency budget in seconds (the same table), for what a skill reports with its events.
+    latency_budget: Callable[[str], float] | None = None
     # Vehicle actions out (horn, door-lock hold, owner notification, ...); None where nothing can act (tests).
     actions: ActionSink | None = None
 
@@ -222,12 +223,11 @@ class SkillContext:
 class Skill(ABC):
     """One skill: reacts to perception results and vehicle-state changes, keeps its own timers, emits events.
 
-    Subclasses set `name` and `budget_s`, and override what they need of `on_frame`, `on_vehicle` and `tick`.
+    Subclasses set `name`, and override what they need of `on_frame`, `on_vehicle` and `tick`.
     The host calls these from one asyncio loop, so a skill's state needs no locks.
     """
 
     name: str = ""
-    budget_s: float = 0.1
 
     def __init__(self, ctx: SkillContext):
         self.ctx = ctx
@@ -283,25 +283,24 @@ class Skill(ABC):
         return self.ctx.actions.request(kind, reason=reason, requested_by=self.name, **options)
 
     @contextmanager
-    def measure(self, budget_s: float | None = None):
-        """Record how long a decision took against this skill's budget."""
+    def measure(self):
+        """Record how long a decision took (it counts against the skill's latency budget)."""
         started = time.perf_counter()
         try:
             yield
         finally:
-            self.record_latency(time.perf_counter() - started, budget_s)
+            self.record_latency(time.perf_counter() - started)
 
-    def record_latency(self, seconds: float, budget_s: float | None = None) -> bool:
-        """Returns True when within budget."""
+    def record_latency(self, seconds: float) -> bool:
+        """Report a latency to the budgets; returns True when within the skill's budget."""
         SKILL_LATENCY.labels(self.name).observe(seconds)
-        if self.ctx.latency_observer is not None:
-            self.ctx.latency_observer(self.name, seconds)
-        within = seconds <= (self.budget_s if budget_s is None else budget_s)
-        if not within:
-            SKILL_BUDGET_VIOLATIONS.labels(self.name).inc()
-            log.warning("skill.over_budget", skill=self.name, seconds=round(seconds, 4),
-                        budget_s=budget_s or self.budget_s)
-        return within
+        if self.ctx.latency_observer is None:
+            return True
+        return not self.ctx.latency_observer(self.name, seconds)
+
+    def latency_budget(self) -> float | None:
+        """This skill's latency budget (power.budgets.latency_seconds), None where no budgets are wired."""
+        return self.ctx.latency_budget(self.name) if self.ctx.latency_budget is not None else None
 
 
 def words(text: str) -> str:

@@ -91,7 +91,6 @@ class CarFinder(Skill):
                  read_signs: SignReader | None = None):
         super().__init__(ctx)
         self.config = config or CarFinderConfig()
-        self.budget_s = self.config.budget_seconds
         self.read_signs = read_signs
         ctx.db.register_migrations("car_finder", MIGRATIONS)
         self.snapshot_dir = Path(ctx.data_dir) / "car_finder" / "snapshots"
@@ -220,7 +219,7 @@ class CarFinder(Skill):
         if not records:
             raise NotFoundError("no parking position recorded yet")
         record = records[0]
-        with self.measure(budget_s=max(self.budget_s, 10.0)):
+        with self.measure():
             age = max(0.0, self.now - record.time.ToNanoseconds() / 1e9)
             gps = f"GPS {record.gps.latitude_deg:.5f}, {record.gps.longitude_deg:.5f}" if record.gps_valid else ""
             draft = _spot_words(record) or (f"Your car is parked at {gps}" if gps else

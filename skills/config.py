@@ -82,7 +82,6 @@ class SentinelConfig:
     jpeg_quality: int = 85
     clip_max_total_bytes: int = 512 * 1024 * 1024
     clip_max_age_seconds: float = 30 * 24 * 3600.0
-    budget_seconds: float = 0.1
 
     def validate(self) -> None:
         if not 0 <= self.battery_floor_percent <= 100:
@@ -98,7 +97,7 @@ class SentinelConfig:
         if self.confirm_frames < 1 or self.false_positive_max_steps < 0:
             raise ValueError("confirm_frames: must be >= 1; false_positive_max_steps >= 0")
         for key in ("linger_seconds", "cooldown_seconds", "pre_event_seconds", "post_event_seconds",
-                    "clip_max_age_seconds", "budget_seconds", "person_height_m", "approach_min_m",
+                    "clip_max_age_seconds", "person_height_m", "approach_min_m",
                     "track_gap_seconds", "shock_alert_g", "tilt_alarm_deg", "false_positive_step"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}: must be > 0")
@@ -134,7 +133,6 @@ class GreeterConfig:
     attempt_window_seconds: float = 60.0   # an approach; attempts reset after this
     greet_cooldown_seconds: float = 300.0  # do not greet the same person twice in this time
     profile_key: str = ""                  # urlsafe base64 of 32 bytes (AES-256-GCM); else env INCAR_PROFILE_KEY
-    budget_seconds: float = 0.2
     max_image_pixels: int = 4096 * 4096    # uploaded enrolment images, checked before decoding
     min_enrol_face_px: int = 80            # enrolment: the face's smaller side, in pixels
     max_enrol_yaw: float = IDENTITY_MAX_ENROL_YAW   # enrolment: how far the head may be turned (0 frontal)
@@ -159,8 +157,8 @@ class GreeterConfig:
             raise ValueError("match_threshold: expected 0..2 (L2 distance of unit-scale embeddings)")
         if self.max_attempts < 1:
             raise ValueError("max_attempts: must be >= 1")
-        if self.attempt_window_seconds <= 0 or self.greet_cooldown_seconds < 0 or self.budget_seconds <= 0:
-            raise ValueError("attempt_window_seconds, budget_seconds: must be > 0; greet_cooldown_seconds >= 0")
+        if self.attempt_window_seconds <= 0 or self.greet_cooldown_seconds < 0:
+            raise ValueError("attempt_window_seconds: must be > 0; greet_cooldown_seconds >= 0")
         if self.profile_key:
             decode_key(self.profile_key, "profile_key")
         elif os.environ.get(PROFILE_KEY_ENV):       # checked at start, not at the first enrolment
@@ -192,15 +190,14 @@ class CarFinderConfig:
     history_limit: int = 100               # parking records kept
     trail_seconds: float = 900.0           # signs read this long before parking make the trail
     trail_max_readings: int = 200
-    budget_seconds: float = 5.0            # OCR on every exterior camera at parking time
 
     def validate(self) -> None:
         if not 0 <= self.min_text_score <= 1:
             raise ValueError("min_text_score: expected 0..1")
         if not 1 <= self.snapshot_quality <= 100:
             raise ValueError("snapshot_quality: expected 1..100")
-        if self.history_limit < 1 or self.budget_seconds <= 0:
-            raise ValueError("history_limit: must be >= 1; budget_seconds > 0")
+        if self.history_limit < 1:
+            raise ValueError("history_limit: must be >= 1")
         if self.trail_seconds <= 0 or self.trail_max_readings < 1:
             raise ValueError("trail_seconds: must be > 0; trail_max_readings >= 1")
 

@@ -15,6 +15,7 @@ Profiles, enrolment and its quality check: `skills/greeter_profiles.py`.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 
@@ -45,7 +46,6 @@ class Greeter(Skill):
                  face_stages: FaceStages | None = None):
         super().__init__(ctx)
         self.config = config or GreeterConfig()
-        self.budget_s = self.config.budget_seconds
         self.profiles = ProfileStore(ctx.db, self.config, ctx.clock, face_embedder)
         self.liveness, self.face_stages = liveness, face_stages
         self._last_greeted: dict[str, float] = {}
@@ -71,8 +71,10 @@ class Greeter(Skill):
     # ------------------------------------------------------------------ profiles (public, for the service/tools)
     async def enroll(self, name: str, consent: bool, *, image: np.ndarray | None = None, key_fob_id: str = "",
                      preferences_json: str = "") -> skills_pb2.Profile:
-        profile = self.profiles.enroll(name, consent, image=image, key_fob_id=key_fob_id,
-                                       preferences_json=preferences_json)
+        # Off the event loop (detection, dlib's ~0.3 s descriptor, the commit), so streams and Safety keep flowing;
+        # the service's embedder runs dlib in its own process, as dlib holds the GIL.
+        profile = await asyncio.to_thread(self.profiles.enroll, name, consent, image=image, key_fob_id=key_fob_id,
+                                          preferences_json=preferences_json)
         self.emit("enrolled", common_pb2.SEVERITY_INFO, f"Profile enrolled for {profile.name}",
                   {"profile_id": profile.profile_id, "face": profile.face, "key_fob": bool(key_fob_id),
                    "enrol_yaw": round(profile.enrol_yaw, 3)})

@@ -45,7 +45,6 @@ class Safety(Skill):
     def __init__(self, ctx: SkillContext, config: SafetyConfig | None = None):
         super().__init__(ctx)
         self.config = config or SafetyConfig()
-        self.budget_s = self.config.budget_seconds
         self.store = SafetyStore(ctx.db, ctx.clock)
         self.presence = PresenceTracker(self.config)
         self.exit = SafeExit(self)

@@ -90,18 +90,15 @@ class SafetyConfig:
     exit_confirm_frames: int = 2           # the condition holds on this many consecutive frames (one confirmation)
     exit_passed_seconds: float = 1.0       # a warned track unseen (or receding) this long has passed: lift the hold
     exit_hold_seconds: float = 10.0        # a door-lock hold expires by itself after this (the gateway's safety net)
-    exit_warning_budget_seconds: float = 0.05   # frame capture to committed warning
     # ---- items left behind
     item_labels: list[str] = field(default_factory=lambda: ["handbag", "backpack", "suitcase", "cell phone",
                                                             "laptop", "umbrella"])
     item_min_score: float = 0.4
     item_confirm_frames: int = 3
-    budget_seconds: float = 0.05
 
     def validate(self) -> None:
         for key in ("monitor_seconds", "notification_repeat_seconds", "exit_speed_kmh", "exit_window_seconds",
-                    "exit_min_scale_rate", "exit_ttc_seconds", "exit_passed_seconds", "exit_hold_seconds",
-                    "exit_warning_budget_seconds", "budget_seconds"):
+                    "exit_min_scale_rate", "exit_ttc_seconds", "exit_passed_seconds", "exit_hold_seconds"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key}: must be > 0")
         for key in ("child_confirm_frames", "item_confirm_frames", "max_notifications", "exit_confirm_frames",

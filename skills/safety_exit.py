@@ -187,11 +187,11 @@ class SafeExit:
             "side": a.side, "doors": list(SIDE_DOORS[a.side]), "object": d.label, "score": round(d.score, 3),
             "ttc_s": round(a.ttc_s, 3), "scale_rate": round(a.scale_rate, 3), "looming": round(a.scale_rate, 3),
             "actions": ["cabin_warning", "door_lock_hold"], "frame_age_s": round(age, 6),
-            "decision_s": round(decided - arrived, 6), "budget_s": cfg.exit_warning_budget_seconds},
+            "decision_s": round(decided - arrived, 6), "budget_s": skill.latency_budget()},
             camera_id=analysis.camera_id)
         latency = age + (time.perf_counter() - arrived)
         EXIT_WARNING_LATENCY.observe(latency)
-        skill.record_latency(latency, cfg.exit_warning_budget_seconds)
+        skill.record_latency(latency)   # frame capture to committed warning, against Safety's one budget
         skill.last_exit_latency = latency
         ids = []
         for door in SIDE_DOORS[a.side]:

@@ -48,7 +48,6 @@ class Sentinel(Skill):
     def __init__(self, ctx: SkillContext, config: SentinelConfig | None = None):
         super().__init__(ctx)
         self.config = config or SentinelConfig()
-        self.budget_s = self.config.budget_seconds
         self.clips = ClipStore(ctx.db, ctx.data_dir, self.config, ctx.clock)
         self.clip_dir = self.clips.clip_dir
         self.state = skills_pb2.SENTINEL_STATE_DISARMED

@@ -191,9 +191,9 @@ class Cascade:
         if name == "objects":
             from service.perception.objects import ObjectDetector
             return ObjectDetector(model_path("objects", variant, base), cfg.backend, **kw)
-        if name == "identity":
-            from service.perception.identity import FaceEmbedder
-            return FaceEmbedder()
+        if name == "identity":   # in a worker process: dlib holds the GIL for a whole descriptor
+            from service.perception.identity_process import ProcessFaceEmbedder
+            return ProcessFaceEmbedder()
         if name == "pose":
             from service.perception.pose import PoseEstimator
             return PoseEstimator(model_path("pose", variant, base), cfg.backend, **kw)

@@ -88,4 +88,5 @@ def test_service_config_composes_the_skills_section():
 def test_latency_and_budget_metrics_are_registered():
     from skills.base import SKILL_LATENCY  # noqa: F401  (registered at import)
     names = {m.name for m in REGISTRY.collect()}
-    assert {"incar_skill_latency_seconds", "incar_skill_budget_violations", "incar_safety_exit_warning_latency_seconds"} <= names
+    assert {"incar_skill_latency_seconds", "incar_safety_exit_warning_latency_seconds"} <= names
+    assert "incar_skill_budget_violations" not in names   # one violation counter: the power budgets' own
