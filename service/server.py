@@ -32,6 +32,7 @@ from service.pipeline import AnalysisPipeline
 from service.power.manager import PowerManager
 from service.caller_role import role_resolver
 from service.runtime.assistant import AssistantService
+from service.runtime.conversations import ConversationStore
 from service.runtime.host import ModelHost
 from service.security import integration as security
 from skills.base import SkillContext, SwitchableNarrator
@@ -141,7 +142,8 @@ class Application:
         self.skills.sentinel.connect_perception(pose_stages=stages.switch("sentinel", ("pose",)))
         self.assistant = AssistantService(None, frames_for=self._frames_for, config=config.runtime.assistant,
                                           tools=SkillTools(self.skills), role_of=role_resolver(config),
-                                          read_text=self.pipeline.read_signs)
+                                          read_text=self.pipeline.read_signs,
+                                          conversations=ConversationStore(config.runtime.conversations))
 
     def _frames_for(self, camera_ids):
         frames = []

@@ -20,6 +20,8 @@ import structlog
 from incar.v1 import assistant_pb2, assistant_pb2_grpc, common_pb2
 from service.cameras.decoding import DecodeOverloadError, decode_off_loop
 from service.cameras.frames import FrameError
+from service.runtime.conversation_service import ConversationRpcs
+from service.runtime.conversations import ConversationStore
 from service.runtime.engine import (Done, GenerationEngine, GenerationRequest, InvalidRequestError, ModelFailure,
                                     TextDelta)
 from service.runtime.scheduler import QueueFullError
@@ -75,13 +77,15 @@ async def decode_image(index: int, image: common_pb2.Image, max_pixels: int, con
         raise ImageError(f"images[{index}].{exc}") from None
 
 
-class AssistantService(assistant_pb2_grpc.AssistantServicer):
+class AssistantService(ConversationRpcs, assistant_pb2_grpc.AssistantServicer):
     def __init__(self, engine: GenerationEngine | None = None, frames_for: FramesFor | None = None,
                  config: AssistantConfig | None = None, tools: ToolRegistry | None = None,
-                 role_of: Callable[[object], str] | None = None, read_text: ReadText | None = None):
+                 role_of: Callable[[object], str] | None = None, read_text: ReadText | None = None,
+                 conversations: ConversationStore | None = None):
         self.config = config or AssistantConfig()
         self.config.validate()
         self._engine = engine
+        self.conversations = conversations or ConversationStore()
         self._frames_for = frames_for
         self._loading_reason = "the language model is loading"
         # The caller's role decides which state-changing tools it may use (server.py reads it from the auth

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from service.runtime.assistant import AssistantConfig
 from service.runtime.backends import BACKENDS
+from service.runtime.conversations import ConversationConfig
 from service.runtime.engine import EngineConfig
 from service.runtime.qnn_context import check_target
 from service.runtime.scheduler import SchedulerConfig
@@ -24,6 +25,7 @@ class RuntimeConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     assistant: AssistantConfig = field(default_factory=AssistantConfig)
+    conversations: ConversationConfig = field(default_factory=ConversationConfig)
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -38,7 +40,7 @@ class RuntimeConfig:
                 check_target(self.qnn_target)
             except ValueError as exc:
                 raise ValueError(f"qnn_target: {exc}") from None
-        for name in ("engine", "scheduler", "assistant"):
+        for name in ("engine", "scheduler", "assistant", "conversations"):
             try:
                 getattr(self, name).validate()
             except ValueError as exc:

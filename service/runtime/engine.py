@@ -24,6 +24,8 @@ import structlog
 
 from service.runtime import metrics
 from service.runtime.constrained import JsonConstraint, JsonConstraintFactory, SchemaError
+from service.runtime.conversations import Conversation
+from service.runtime.prompts import PrefixStates, Prompt, build_prompt
 from service.runtime.sampling import Sampler
 from service.runtime.scheduler import PRIORITIES, NpuScheduler, QueueFullError, Ticket
 
@@ -55,6 +57,8 @@ class EngineConfig:
     repetition_penalty: float = 1.15
     # No n-gram of generated tokens is produced twice (HF `no_repeat_ngram_size`); 0 turns it off.
     no_repeat_ngram: int = 4
+    # System-prompt decoder states kept per loaded model (prefilled once, restored per request); 0 turns it off.
+    prompt_cache_bytes: int = 64 * 1024 * 1024
 
     def validate(self) -> None:
         if self.default_max_tokens < 1:
@@ -68,6 +72,8 @@ class EngineConfig:
             raise ValueError(f"no_repeat_ngram: must be 0 (off) or >= 2, got {self.no_repeat_ngram}")
         if self.json_extra_tokens < 0:
             raise ValueError(f"json_extra_tokens: must be >= 0, got {self.json_extra_tokens}")
+        if self.prompt_cache_bytes < 0:
+            raise ValueError(f"prompt_cache_bytes: must be >= 0, got {self.prompt_cache_bytes}")
 
 
 @dataclass
@@ -87,6 +93,7 @@ class GenerationRequest:
     is_cancelled: Callable[[], bool] | None = None
     request_id: str = ""
     ignore_eos: bool = False                   # benchmarks: always generate max_tokens (as vLLM's ignore_eos)
+    conversation: Conversation | None = None   # a turn of this conversation (its history comes first)
 
 
 @dataclass
@@ -99,6 +106,7 @@ class Timings:
     end_to_end_s: float = 0.0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    cached_prompt_tokens: int = 0              # of prompt_tokens, restored from a kept decoder state
 
 
 @dataclass
@@ -242,6 +250,7 @@ class GenerationEngine:
         self.config = config or EngineConfig()
         self.config.validate()
         self.describe_images = describe_images or default_describe_images
+        self.prefixes = PrefixStates(self.config.prompt_cache_bytes)
         self.tokenizer = model.tokenizer
         self._eos = set(model.eos_token_ids)
         manifest = model.bundle.manifest
@@ -286,7 +295,11 @@ class GenerationEngine:
         outcome: str | None = "error"
         try:
             # Preprocessing runs before admission: queue time is pure waiting for the NPU.
-            prompt_ids, images_for_vision, preprocess_s = await self._prepare(request)
+            requested = request.max_tokens or self.config.default_max_tokens
+            if requested > self.config.max_tokens_limit:
+                raise InvalidRequestError(f"max_tokens: {requested} exceeds the limit {self.config.max_tokens_limit}")
+            prompt, images_for_vision, preprocess_s = await self._prepare(request, requested)
+            prompt_ids = prompt.ids
             timings = Timings(preprocess_s=preprocess_s, prompt_tokens=len(prompt_ids))
             metrics.PREPROCESS.labels(priority).observe(preprocess_s)
             room = self.model.context_length - len(prompt_ids)
@@ -294,14 +307,11 @@ class GenerationEngine:
                 raise InvalidRequestError(
                     f"prompt of {len(prompt_ids)} tokens does not fit the context of {self.model.context_length} "
                     f"tokens (at least one token must be left to generate)")
-            requested = request.max_tokens or self.config.default_max_tokens
-            if requested > self.config.max_tokens_limit:
-                raise InvalidRequestError(f"max_tokens: {requested} exceeds the limit {self.config.max_tokens_limit}")
             budget = min(requested, room)
             hard_budget = min(budget + self.config.json_extra_tokens, room) if constraint else budget
 
             async with self.scheduler.admit(priority, request.request_id) as ticket:
-                async for item in self._generate(request, ticket, prompt_ids, images_for_vision, sampler,
+                async for item in self._generate(request, ticket, prompt, images_for_vision, sampler,
                                                  constraint, budget, hard_budget, timings, started):
                     if isinstance(item, Done):
                         outcome = item.finish_reason
@@ -342,7 +352,8 @@ class GenerationEngine:
                 raise InvalidRequestError(str(exc)) from exc
         return sampler, constraint
 
-    async def _prepare(self, request: GenerationRequest) -> tuple[list[int], list[np.ndarray], float]:
+    async def _prepare(self, request: GenerationRequest, answer_room: int
+                       ) -> tuple[Prompt, list[np.ndarray], float]:
         t0 = time.perf_counter()
         system = self.config.system_prompt if request.system is None else request.system
         if request.json_schema:
@@ -367,13 +378,35 @@ class GenerationEngine:
                 if inspect.isawaitable(description):
                     description = await description
             content = f"What the cameras show: {description}\n\n{content}"
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            if request.conversation is not None:    # old turns dropped until the answer has its room
+                prompt = request.conversation.prompt_for(
+                    self.tokenizer, content, lambda n: self.model.context_length - n >= answer_room)
+            else:
+                prompt = build_prompt(self.tokenizer, system, content)
         except ValueError as exc:
             raise InvalidRequestError(str(exc)) from exc
-        ids = self.tokenizer.encode(text)
-        return ids, for_vision, time.perf_counter() - t0
+        return prompt, for_vision, time.perf_counter() - t0
+
+    async def _sequence(self, ticket: Ticket, prompt: Prompt, image_embeds: list) -> tuple[object, int]:
+        """A sequence over the prompt that starts from a kept decoder state where one fits: a conversation's
+        history, or the system prompt's head (prefilled once per loaded model). Returns it and the tokens restored."""
+        if not getattr(self.model, "shared_state", False):     # this bundle's graphs cannot restore state
+            return self.model.new_sequence(prompt.ids, image_embeds), 0
+        state = prompt.history
+        if state is None and prompt.head_len and self.config.prompt_cache_bytes:
+            head = tuple(prompt.ids[:prompt.head_len])
+            state = self.prefixes.get(head)
+            if state is None:
+                state = await ticket.step(self._prefilled_state, list(head), kind="prefill")
+                self.prefixes.put(state)
+        return self.model.new_sequence(prompt.ids, image_embeds, prefix=state), state.length if state else 0
+
+    def _prefilled_state(self, ids: list[int]):
+        seq = self.model.new_sequence(ids)
+        while not seq.prefill_step():
+            pass
+        return seq.snapshot()
 
     def _stop_reason(self, request: GenerationRequest) -> str | None:
         if request.is_cancelled is not None and request.is_cancelled():
@@ -382,12 +415,14 @@ class GenerationEngine:
             return "deadline"
         return None
 
-    async def _generate(self, request: GenerationRequest, ticket: Ticket, prompt_ids: list[int],
+    async def _generate(self, request: GenerationRequest, ticket: Ticket, prompt: Prompt,
                         images: list[np.ndarray], sampler: Sampler, constraint: JsonConstraint | None,
                         budget: int, hard_budget: int, timings: Timings, started: float
                         ) -> AsyncIterator[TextDelta | Done]:
         priority = request.priority
+        prompt_ids = prompt.ids
         text_parts: list[str] = []
+        generated_ids: list[int] = []
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopStringFilter(request.stop)
         generated = 0
@@ -413,7 +448,7 @@ class GenerationEngine:
             timings.vision_encode_s += self.vision.encode_seconds
             metrics.VISION_ENCODE.observe(self.vision.encode_seconds)
 
-        seq = self.model.new_sequence(prompt_ids, image_embeds)
+        seq, timings.cached_prompt_tokens = await self._sequence(ticket, prompt, image_embeds)
         decoder = _Decoder(seq, sampler, constraint, self._eos, request.ignore_eos and constraint is None,
                            self.config.repetition_penalty, self.config.no_repeat_ngram)
         token = None
@@ -432,6 +467,7 @@ class GenerationEngine:
                     reason = "stop"
                     break
                 generated += 1
+                generated_ids.append(token)
                 if constraint is None and generated < budget and not self._stop_reason(request):
                     # Run ahead: the next decode step goes to the NPU now and overlaps this token's
                     # detokenization and delivery; dropped (never started, or at most the one in flight)
@@ -478,4 +514,9 @@ class GenerationEngine:
         if tail:
             text_parts.append(tail)
             yield TextDelta(tail)
+        if request.conversation is not None and reason in ("stop", "length"):
+            # The cache holds the turn (after any step still in flight): kept, the next turn prefills only itself.
+            state = await ticket.step(seq.snapshot, kind="snapshot") if hasattr(seq, "snapshot") else None
+            request.conversation.close_turn(self.tokenizer, prompt, generated_ids, "".join(text_parts), state,
+                                            self.model.eos_token_ids[0])
         yield finish(reason)

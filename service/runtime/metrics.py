@@ -40,3 +40,12 @@ REQUESTS_WAITING = Gauge("incar_requests_waiting", "Requests admitted and waitin
 NPU_STEPS = Counter("incar_npu_steps_total", "Steps (prefill chunks, decode steps, encoder runs) run on the NPU executor",
                     ["priority", "kind"])
 NPU_BUSY = Counter("incar_npu_busy_seconds_total", "Time the NPU executor spent running steps", ["priority"])
+PROMPT_CACHE = Counter("incar_prompt_cache_lookups_total",
+                       "System-prompt decoder states looked up per request (hit: restored, miss: prefilled)", ["result"])
+PROMPT_CACHE_BYTES = Gauge("incar_prompt_cache_bytes", "Memory held by cached system-prompt decoder states")
+CONVERSATIONS = Gauge("incar_conversations", "Assistant conversations open")
+CONVERSATION_STATE_BYTES = Gauge("incar_conversation_state_bytes", "Memory held by conversations' decoder states")
+CONVERSATION_REPREFILLS = Counter(
+    "incar_conversation_reprefills_total",
+    "Turns whose history was prefilled again, by why (evicted: its state was dropped for memory; "
+    "truncated: old turns dropped to fit the context; unsupported: the bundle cannot restore state)", ["reason"])

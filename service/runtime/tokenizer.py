@@ -24,9 +24,10 @@ class Tokenizer:
         env.globals["raise_exception"] = _raise
         self._template = env.from_string(template) if template else None
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Ids of `text`; add_bos=False for text that continues a prompt (no BOS in the middle)."""
         ids = self._tok.encode(text, add_special_tokens=False).ids
-        if self.add_bos_token and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+        if add_bos and self.add_bos_token and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id] + ids
         return ids
 

@@ -1,0 +1,87 @@
+"""System prompts prefilled once per loaded model; conversations that prefill only their new turn; both give
+the same tokens as prefilling everything (the restored state is the state)."""
+from __future__ import annotations
+
+import pytest
+
+from service.runtime.conversations import ConversationConfig, ConversationNotFound, ConversationStore
+from service.runtime.engine import Done, EngineConfig, GenerationEngine, GenerationRequest, InvalidRequestError
+from service.runtime.scheduler import NpuScheduler
+from tests.runtime.serving_support import language_model
+
+QUESTION = "What is the capital of France?"
+
+
+def engine_with(**config) -> GenerationEngine:
+    return GenerationEngine(language_model(), None, NpuScheduler(), config=EngineConfig(**config))
+
+
+async def answer(engine, request: GenerationRequest) -> Done:
+    done = None
+    async for item in engine.stream(request):
+        if isinstance(item, Done):
+            done = item
+    return done
+
+
+async def test_system_prompt_is_prefilled_once_and_changes_nothing():
+    cached, uncached = engine_with(), engine_with(prompt_cache_bytes=0)
+    first = await answer(cached, GenerationRequest(QUESTION, max_tokens=12))
+    assert first.timings.cached_prompt_tokens > 0 and len(cached.prefixes) == 1       # made on the first use
+    again = await answer(cached, GenerationRequest("What is the capital of Italy?", max_tokens=12))
+    assert again.timings.cached_prompt_tokens == first.timings.cached_prompt_tokens  # restored, not refilled
+    plain = await answer(uncached, GenerationRequest("What is the capital of Italy?", max_tokens=12))
+    assert plain.timings.cached_prompt_tokens == 0
+    assert again.text == plain.text and "Rome" in again.text            # same tokens either way
+    other = await answer(cached, GenerationRequest(QUESTION, system="You answer in one word.", max_tokens=4))
+    assert other.timings.cached_prompt_tokens > 0 and len(cached.prefixes) == 2       # one state per system prompt
+
+
+async def test_a_conversation_prefills_only_its_new_turn_and_remembers():
+    engine = engine_with()
+    store = ConversationStore()
+    talk = store.start(engine.config.system_prompt)
+    turns = ["My name is Ana and my car is a red hatchback.", "What colour is my car?", "What is my name?"]
+    dones = []
+    for text in turns:
+        dones.append(await answer(engine, GenerationRequest(text, max_tokens=24, conversation=talk)))
+        store.kept(talk)
+    assert talk.turns == 3 and [m["role"] for m in talk.messages] == ["user", "assistant"] * 3
+    for previous, done in zip(dones, dones[1:]):
+        # Everything before the new user turn came from the kept state: the history grows, the prefill does not.
+        assert done.timings.cached_prompt_tokens >= previous.timings.prompt_tokens
+        assert done.timings.prompt_tokens - done.timings.cached_prompt_tokens < 40
+    assert "red" in dones[1].text.lower()
+    assert "ana" in dones[2].text.lower()
+
+    # The same history prefilled from scratch gives the same answer: the restored state is exact.
+    fresh = store.start(engine.config.system_prompt)
+    fresh.messages = [dict(m) for m in talk.messages[:4]]
+    replay = await answer(engine, GenerationRequest(turns[2], max_tokens=24, conversation=fresh))
+    assert replay.timings.cached_prompt_tokens == 0 and replay.text == dones[2].text
+
+
+async def test_memory_and_context_policies():
+    engine = engine_with()
+    store = ConversationStore(ConversationConfig(max_sessions=2, max_state_bytes=1))
+    a, b = store.start(""), store.start("")
+    await answer(engine, GenerationRequest("Hello.", max_tokens=4, conversation=a))
+    store.kept(a)
+    await answer(engine, GenerationRequest("Hi.", max_tokens=4, conversation=b))
+    store.kept(b)
+    assert a.state is None and a.pending_reprefill == "evicted" and b.state is not None   # LRU state dropped
+    again = await answer(engine, GenerationRequest("And again?", max_tokens=4, conversation=a))
+    assert again.timings.cached_prompt_tokens == 0 and a.turns == 2                          # re-prefilled, kept going
+    store.start("")                                                                           # a third: a ends
+    with pytest.raises(ConversationNotFound, match="least recently used"):
+        store.get(a.session_id)
+
+    long = store.start("")
+    for i in range(6):
+        await answer(engine, GenerationRequest(f"Tell me fact number {i} about cars. " * 12, max_tokens=8,
+                                               conversation=long))
+    context = engine.model.context_length
+    with pytest.raises(InvalidRequestError, match="does not fit"):
+        await answer(engine, GenerationRequest("word " * context, max_tokens=8, conversation=long))
+    squeezed = await answer(engine, GenerationRequest("Last question?", max_tokens=context - 300, conversation=long))
+    assert squeezed.timings.prompt_tokens <= 300 and long.turns == 7    # old turns dropped to leave the room
