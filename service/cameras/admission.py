@@ -1,12 +1,18 @@
 """Admission helpers for the camera hub: the enum names frames carry, the capture-time window, and the
-latest-wins hand-off to analysis consumers."""
+latest-wins hand-off to analysis consumers, and what the hub knows of each camera."""
 from __future__ import annotations
 
 import asyncio
+import math
+from collections import deque
+from dataclasses import dataclass, field
 
 from incar.v1 import cameras_pb2, common_pb2
 from service.cameras.frames import FrameError
-from service.cameras.ring import CameraFrame
+from service.cameras.lane import DecodeLane
+from service.cameras.ring import CameraFrame, FrameRing
+
+FPS_WINDOW = 30
 
 ROLE_NAMES = {common_pb2.CAMERA_ROLE_CABIN: "cabin", common_pb2.CAMERA_ROLE_EXTERIOR: "exterior"}
 ROLE_VALUES = {name: value for value, name in ROLE_NAMES.items()}
@@ -50,3 +56,32 @@ def capture_seconds(frame: cameras_pb2.Frame, received: float, ahead: float, beh
         raise FrameError("capture_time", f"{received - seconds:.0f} s behind the server clock "
                                          f"(max_clock_behind_seconds is {behind:g})")
     return seconds
+
+
+@dataclass
+class CameraState:
+    """One registered camera: identity, its ring and decode lane, ordering and liveness, counters."""
+    id: str
+    role: str
+    position: str
+    source: str
+    ring: FrameRing
+    lane: DecodeLane
+    pulled: bool = False
+    declared: bool = False
+    last_admitted_capture: float = -math.inf
+    last_rate_capture: float = -math.inf
+    last_alive: float | None = None          # monotonic
+    last_frame_time: float | None = None     # capture time of the newest stored frame
+    last_frame_age: float = 0.0
+    up: bool = False
+    state_reason: str = "no frame yet"
+    accepted: int = 0
+    dropped: int = 0
+    accepted_at: deque = field(default_factory=lambda: deque(maxlen=FPS_WINDOW))
+
+    def fps(self, now: float, timeout: float) -> float:
+        if len(self.accepted_at) < 2 or now - self.accepted_at[-1] > timeout:
+            return 0.0
+        span = self.accepted_at[-1] - self.accepted_at[0]
+        return (len(self.accepted_at) - 1) / span if span > 0 else 0.0

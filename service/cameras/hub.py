@@ -21,18 +21,16 @@ import asyncio
 import inspect
 import math
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
 
 from incar.v1 import cameras_pb2, common_pb2
+from service.cameras.admission import (POSITION_NAMES, POSITION_VALUES, ROLE_NAMES, ROLE_VALUES, CameraState,
+                                       LatestFrames, capture_seconds)
 from service.cameras.config import CAMERA_ID, CamerasConfig
-from service.cameras.admission import (POSITION_NAMES, POSITION_VALUES, ROLE_NAMES, ROLE_VALUES, LatestFrames,
-                                       capture_seconds)
 from service.cameras.frames import FrameError, ImageSpec, check_image
 from service.cameras.lane import DecodeLane, PendingFrame
 from service.cameras.metrics import (CAMERA_FPS, CAMERA_UP, DECODE_SECONDS, FRAME_AGE, FRAMES_ACCEPTED, FRAMES_DROPPED,
@@ -44,7 +42,6 @@ log = structlog.get_logger(__name__)
 
 __all__ = ["CameraHub", "CameraFrame", "FrameError", "UnknownCameraError", "CameraLimitError"]
 
-FPS_WINDOW = 30
 
 StateCallback = Callable[[str, bool, str], object]
 
@@ -60,39 +57,11 @@ class CameraLimitError(RuntimeError):
     """max_cameras reached: a new camera cannot register (RESOURCE_EXHAUSTED)."""
 
 
-@dataclass
-class _Camera:
-    id: str
-    role: str
-    position: str
-    source: str
-    ring: FrameRing
-    lane: DecodeLane
-    pulled: bool = False
-    declared: bool = False
-    last_admitted_capture: float = -math.inf
-    last_rate_capture: float = -math.inf
-    last_alive: float | None = None          # monotonic
-    last_frame_time: float | None = None     # capture time of the newest stored frame
-    last_frame_age: float = 0.0
-    up: bool = False
-    state_reason: str = "no frame yet"
-    accepted: int = 0
-    dropped: int = 0
-    accepted_at: deque = field(default_factory=lambda: deque(maxlen=FPS_WINDOW))
-
-    def fps(self, now: float, timeout: float) -> float:
-        if len(self.accepted_at) < 2 or now - self.accepted_at[-1] > timeout:
-            return 0.0
-        span = self.accepted_at[-1] - self.accepted_at[0]
-        return (len(self.accepted_at) - 1) / span if span > 0 else 0.0
-
-
 class CameraHub:
     def __init__(self, config: CamerasConfig | None = None):
         self.config = config or CamerasConfig()
         self.config.validate()
-        self._cameras: dict[str, _Camera] = {}
+        self._cameras: dict[str, CameraState] = {}
         self._consumers: set[LatestFrames] = set()
         self._callbacks: list[StateCallback] = []
         self._rates: dict[str, float | None] = {}
@@ -179,7 +148,7 @@ class CameraHub:
                                       f"{self.config.max_pixels} pixels")
         return await self._admit(camera, capture_time, time.time(), sequence, decoded=bgr)
 
-    def _camera_for(self, frame: cameras_pb2.Frame) -> tuple[_Camera | None, str | None, str]:
+    def _camera_for(self, frame: cameras_pb2.Frame) -> tuple[CameraState | None, str | None, str]:
         """(the registered camera or None for a new one, role, position); FrameError for bad identity fields."""
         camera_id = frame.camera_id
         if not camera_id:
@@ -206,8 +175,8 @@ class CameraHub:
         return camera, role, position
 
     def _add_camera(self, camera_id: str, role: str, position: str, source: str, pulled: bool = False,
-                    declared: bool = False) -> _Camera:
-        camera = _Camera(camera_id, role, position, source,
+                    declared: bool = False) -> CameraState:
+        camera = CameraState(camera_id, role, position, source,
                          FrameRing(self.config.ring_seconds, self.config.ring_max_bytes),
                          DecodeLane(self.config.max_pending_frames, self.config.model_size), pulled=pulled,
                          declared=declared)
@@ -215,7 +184,7 @@ class CameraHub:
         CAMERA_UP.labels(camera_id).set(0)
         return camera
 
-    def _forget(self, camera: _Camera, reason: str) -> None:
+    def _forget(self, camera: CameraState, reason: str) -> None:
         """Unregister a self-registered camera: its ring, rate, metrics and undelivered frames go with it."""
         if self._cameras.get(camera.id) is not camera:
             return
@@ -232,7 +201,7 @@ class CameraHub:
         forget_camera(camera.id)
         log.info("camera_forgotten", camera=camera.id, reason=reason)
 
-    async def _admit(self, camera: _Camera, capture_time: float, received: float, sequence: int, *,
+    async def _admit(self, camera: CameraState, capture_time: float, received: float, sequence: int, *,
                      spec: ImageSpec | None = None, data: bytes = b"",
                      decoded: np.ndarray | None = None) -> cameras_pb2.FrameAck:
         if self._loop is None:
@@ -266,7 +235,7 @@ class CameraHub:
         # The caller may go away (stream cancelled); the frame is still processed for everyone else.
         return await asyncio.shield(item.future)
 
-    def _dropped(self, camera: _Camera, sequence: int, reason: int, detail: str) -> cameras_pb2.FrameAck:
+    def _dropped(self, camera: CameraState, sequence: int, reason: int, detail: str) -> cameras_pb2.FrameAck:
         camera.dropped += 1
         FRAMES_DROPPED.labels(camera.id, REASON_LABELS[reason]).inc()
         return cameras_pb2.FrameAck(camera_id=camera.id, sequence=sequence, accepted=False, drop_reason=reason,
@@ -281,7 +250,7 @@ class CameraHub:
         else:
             item.future.set_result(result)
 
-    def _decoded(self, camera: _Camera, item: PendingFrame, result, error: FrameError | None,
+    def _decoded(self, camera: CameraState, item: PendingFrame, result, error: FrameError | None,
                  seconds: float) -> None:
         """A lane's result, on the event loop."""
         QUEUE_DEPTH.labels(camera.id).set(len(camera.lane))
@@ -297,14 +266,14 @@ class CameraHub:
         DECODE_SECONDS.labels(camera.id).observe(seconds)
         self._store(camera, item, *result)
 
-    def _never_valid(self, camera: _Camera) -> bool:
+    def _never_valid(self, camera: CameraState) -> bool:
         """A self-registered camera whose frames have all failed to decode does not keep its registry slot."""
         if camera.declared or camera.accepted or not camera.lane.idle:
             return False
         self._forget(camera, "no frame of it could be decoded")
         return True
 
-    def _store(self, camera: _Camera, item: PendingFrame, original: np.ndarray, image: np.ndarray) -> None:
+    def _store(self, camera: CameraState, item: PendingFrame, original: np.ndarray, image: np.ndarray) -> None:
         original.flags.writeable = False
         image.flags.writeable = False
         frame = CameraFrame(camera.id, camera.role, camera.position, item.capture_time, item.received_time,
@@ -325,7 +294,7 @@ class CameraHub:
                                                  queue_depth=len(camera.lane)))
 
     # watchdog ------------------------------------------------------------------------------------------------
-    def _alive(self, camera: _Camera) -> None:
+    def _alive(self, camera: CameraState) -> None:
         camera.last_alive = time.monotonic()
         if not camera.up:
             self._set_up(camera, True, "frames arriving")
@@ -351,7 +320,7 @@ class CameraHub:
                     # a declared camera that never delivered: say so once (its state was already down)
                     self._set_up(camera, False, f"no frame within {timeout:g} s of start")
 
-    def _set_up(self, camera: _Camera, up: bool, reason: str) -> None:
+    def _set_up(self, camera: CameraState, up: bool, reason: str) -> None:
         camera.up, camera.state_reason = up, reason
         CAMERA_UP.labels(camera.id).set(1 if up else 0)
         (log.info if up else log.warning)("camera_state", camera=camera.id, up=up, reason=reason)

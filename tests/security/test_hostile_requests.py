@@ -66,7 +66,7 @@ async def test_hostile_schemas_are_refused_with_invalid_argument_naming_json_sch
             assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
             assert "json_schema" in err.details() and why in err.details(), err.details()
         assert await _ask(ch, assistant_pb2.AskRequest(question="Are you ok?", json_schema=fine,
-                                                       max_tokens=32)) is None
+                                                       max_tokens=32), timeout=300) is None   # a loaded host
 
 
 @pytest.mark.parametrize("field,value", [("temperature", float("nan")), ("temperature", float("inf")),
