@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--lm-held-chunks", type=int, default=16)
     ap.add_argument("--lm-baseline-tokens", type=int, default=2560, help="calibration tokens of the unrotated row")
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU int4/int8 language rows")
+    ap.add_argument("--lm-gptq-tokens", type=int, default=2048, help="tokens for the GPTQ input second moments")
+    ap.add_argument("--lm-keys", default="", help="only these LM rows, e.g. lm_w8a16,lm_w4a16 (default: all)")
     args = ap.parse_args()
     rows, extra = [], {}
     with tempfile.TemporaryDirectory(prefix="incar-quant-") as tmp:
@@ -62,7 +64,9 @@ def main() -> None:
         if "lm" in args.components:
             from quant_lm import lm_component
             rows += lm_component(work, args.lm_tokens, args.lm_calib_tokens, args.lm_held_chunks,
-                                 with_cpu=not args.no_cpu, baseline_tokens=args.lm_baseline_tokens)
+                                 with_cpu=not args.no_cpu, baseline_tokens=args.lm_baseline_tokens,
+                                 gptq_tokens=args.lm_gptq_tokens,
+                                 keys=tuple(k for k in args.lm_keys.split(",") if k))
     print()
     print(f"{'component':36} {'precision':9} {'SQNR dB':>8} {'RMS %':>8} {'top-1':>6}  recipe")
     for r in rows:

@@ -37,7 +37,8 @@ def _score(ref, got) -> dict:
 
 
 def lm_component(work: Path, tokens: int, calib_tokens: int, held_chunks: int, with_cpu: bool = True,
-                 baseline_tokens: int = 2560, gptq_tokens: int = 4096) -> list[dict]:
+                 baseline_tokens: int = 2560, gptq_tokens: int = 2048,
+                 keys: tuple[str, ...] = ()) -> list[dict]:
     from tokenizers import Tokenizer
 
     from service.modelbuild.decoder import build_decoder
@@ -48,7 +49,7 @@ def lm_component(work: Path, tokens: int, calib_tokens: int, held_chunks: int, w
     tok = Tokenizer.from_str(json.dumps(model.tokenizer_json))
     encode = lambda text: tok.encode(text).ids                                        # noqa: E731
     cal_docs, held_docs = calibration_text.split()
-    cal_chunks = calibration_text.token_chunks(encode, cal_docs, tokens, calib_tokens // tokens)
+    cal_chunks = calibration_text.token_chunks(encode, cal_docs, tokens, calib_tokens // tokens, per_document=4)
     held_chunks_ids = calibration_text.token_chunks(encode, held_docs, tokens, held_chunks, per_document=1)
     print(f"lm: SmolLM2-135M ({spec.num_layers} layers, d={spec.hidden_size}); {len(cal_chunks) * tokens} "
           f"calibration tokens from {len(cal_docs)} documents, {len(held_chunks_ids) * tokens} held-out tokens "
@@ -89,6 +90,8 @@ def lm_component(work: Path, tokens: int, calib_tokens: int, held_chunks: int, w
              ("lm_w8a16_baseline", "w8a16", plain, "per-channel int8 weights (nearest), uint16 activations, "
               "no rotation", None)]
     for key, precision, float_path, recipe, hess in cases:
+        if keys and key not in keys:
+            continue
         is_rot = float_path == rotated
         chunks = cal_chunks if is_rot else cal_chunks[:max(1, baseline_tokens // tokens)]
         cal = _feeds(r_spec if is_rot else spec, rot_table if is_rot else plain_table, chunks, tokens)

@@ -21,14 +21,16 @@ log = structlog.get_logger(__name__)
 
 
 def linear_hessians(float_path, feeds: Sequence[Mapping[str, np.ndarray]],
-                    weight_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """Weight name -> H [K, K] (float32) for the MatMul weights of the graph (all `*.weight`, or those named)."""
+                    weight_names: Sequence[str] | None = None, skip: Sequence[str] = ("lm_head",)) -> dict[str, np.ndarray]:
+    """Weight name -> H [K, K] (float32) for the MatMul weights of the graph (all `*.weight` but those matching
+    `skip`, or those named). The head is skipped by default: it is the largest matrix (vocab x hidden), stays
+    8-bit, and gains least from sequential rounding."""
     model = onnx.load(str(float_path), load_external_data=False)
     inits = {t.name for t in model.graph.initializer}
     by_input: dict[str, list[str]] = {}
     for node in model.graph.node:
         if node.op_type == "MatMul" and node.input[1] in inits and node.input[1].endswith(".weight"):
-            if weight_names is None or node.input[1] in weight_names:
+            if (weight_names is None or node.input[1] in weight_names) and not any(k in node.input[1] for k in skip):
                 by_input.setdefault(node.input[0], []).append(node.input[1])
     if not by_input:
         return {}

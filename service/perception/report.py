@@ -1,4 +1,5 @@
-"""Accuracy of each converted model against its float graph on held-out photos (box IoU, text equality).
+"""Accuracy of each converted model against its float graph on held-out photos (box IoU, text equality), with
+each raw graph output's SQNR (QDQ against float) beside it.
 
 Used by `incar perception check`, the tests (same tolerances) and the bench. The QNN emulator runs the QDQ
 graphs bit-faithfully but slowly, so its check uses small inputs: the faces on one held-out photo, objects on
@@ -34,6 +35,25 @@ def _match_boxes(ref: list, got: list) -> dict:
             "mean_iou": round(float(np.mean(ious)), 4) if ious else 1.0}
 
 
+def output_sqnr(name: str, base: Path, backend: str, inputs: list[np.ndarray]) -> dict[str, float]:
+    """SQNR (dB) of every raw graph output, QDQ against float, on held-out preprocessed inputs."""
+    from service.runtime.backends import create_session
+    ref = create_session(model_path(name, "float", base), "cpu", model_name=f"{name}.float")
+    test = create_session(model_path(name, "qdq", base), backend, disable_cpu_fallback=backend != "cpu",
+                          model_name=f"{name}.qdq")
+    feed_name = ref.get_inputs()[0].name
+    out: dict[str, list] = {}
+    for x in inputs:
+        for o, a, b in zip(ref.get_outputs(), ref.run(None, {feed_name: x}), test.run(None, {feed_name: x})):
+            out.setdefault(o.name, []).append((np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()))
+    sqnr = {}
+    for o, pairs in out.items():
+        a, b = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+        noise = float(np.sum((a - b) ** 2))
+        sqnr[o] = round(10 * np.log10(float(np.sum(a ** 2)) / noise), 2) if noise > 0 else float("inf")
+    return sqnr
+
+
 def _faces(name: str, range_: str, base: Path, backend: str, photos) -> dict:
     from service.perception.faces import FaceDetector
     ref = FaceDetector(model_path(name, "float", base), range_)
@@ -43,7 +63,10 @@ def _faces(name: str, range_: str, base: Path, backend: str, photos) -> dict:
         img = load_photo(photo)
         per_photo[photo] = _match_boxes([f.box for f in ref.detect(img)], [f.box for f in test.detect(img)])
     ok = all(p["reference"] == p["found"] and p["min_iou"] >= FACE_MIN_IOU for p in per_photo.values())
-    return {"model": name, "backend": backend, "variant": "qdq", "photos": per_photo, "ok": ok,
+    from service.perception.faces import FULL_RANGE, SHORT_RANGE, preprocess
+    size = (SHORT_RANGE if range_ == "short" else FULL_RANGE).input_size
+    sqnr = output_sqnr(name, base, backend, [preprocess(load_photo(p), size)[0] for p in photos])
+    return {"model": name, "backend": backend, "variant": "qdq", "photos": per_photo, "ok": ok, "output_sqnr_db": sqnr,
             "seconds": round(time.perf_counter() - t, 2), "tolerance": f"same count, box IoU >= {FACE_MIN_IOU}"}
 
 
@@ -61,7 +84,10 @@ def _objects(base: Path, backend: str, photos) -> dict:
                             "min_iou": round(min(ious), 4) if ious else 1.0,
                             "mean_iou": round(float(np.mean(ious)), 4) if ious else 1.0}
     ok = all(p["min_iou"] >= OBJECT_MIN_IOU for p in per_photo.values())
+    from service.perception.objects import preprocess
+    sqnr = output_sqnr("objects", base, backend, [preprocess(load_photo(p)) for p in photos])
     return {"model": "objects", "backend": backend, "variant": "qdq", "photos": per_photo, "ok": ok,
+            "output_sqnr_db": sqnr,
             "seconds": round(time.perf_counter() - t, 2),
             "tolerance": f"each float detection has a same-class QDQ box with IoU >= {OBJECT_MIN_IOU}"}
 
@@ -79,7 +105,13 @@ def _text(det_name: str, base: Path, backend: str, images: list[np.ndarray]) -> 
         results.append({"float": [l.text for l in a], "qdq": [l.text for l in b],
                         "text_equal": [l.text for l in a] == [l.text for l in b], **boxes})
     ok = all(r["text_equal"] and r["min_iou"] >= TEXT_BOX_MIN_IOU for r in results)
+    from service.perception.text import DET_SIZE, DET_STRIP, crop_quad, det_preprocess, rec_preprocess
+    size = DET_STRIP if det_name == "ocr_det_strip" else DET_SIZE
+    crops = [rec_preprocess(crop_quad(img, quad)) for img in images for quad in ref.detect(img)]
+    sqnr = {det_name: output_sqnr(det_name, base, backend, [det_preprocess(img, size)[0] for img in images]),
+            "ocr_rec": output_sqnr("ocr_rec", base, backend, crops) if crops else {}}
     return {"model": f"{det_name}+ocr_rec", "backend": backend, "variant": "qdq", "signs": results, "ok": ok,
+            "output_sqnr_db": sqnr,
             "seconds": round(time.perf_counter() - t, 2),
             "tolerance": f"text equal, line box IoU >= {TEXT_BOX_MIN_IOU}"}
 

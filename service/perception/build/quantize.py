@@ -1,5 +1,6 @@
-"""The W8A16 QDQ variant of a perception model, for the HTP: 16-bit activations, 8-bit per-channel symmetric
-weights, MinMax ranges from real photos."""
+"""The W8A16 QDQ variant of a perception model, for the HTP: the CNN recipe of service/modelbuild/cnn_ptq.py
+(per-channel int8 weights on every Conv/MatMul, equalization, sequential rounding, bias correction, split
+layers) with 16-bit activation ranges from augmented real photos (docs/quantization.md)."""
 from __future__ import annotations
 
 import logging
@@ -10,15 +11,16 @@ from pathlib import Path
 
 import onnx
 
-from service.modelbuild.qdq import _reader as calibration_reader   # one calibration reader for every QDQ build
 from service.perception.build.spec import ModelSpec
 
-RECIPE = "W8A16-perchannel-minmax"
+RECIPE = "W8A16-cnn_ptq-v1"
+AUGMENT_COPIES = 8          # each calibration photo + 7 flipped/jittered/shifted variants
 
 
 def quantize_w8a16(float_path: Path, dst: Path, spec: ModelSpec) -> None:
-    from onnxruntime.quantization import QuantType, quantize
-    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
+    from onnxruntime.quantization.execution_providers.qnn import qnn_preprocess_model
+
+    from service.modelbuild.cnn_ptq import CnnRecipe, augment, quantize_cnn
     with tempfile.TemporaryDirectory() as tmp:
         # qnn_preprocess_model (ORT 1.31) crashes on graphs with metadata_props; strip them here, restore below.
         stripped = onnx.load(str(float_path))
@@ -28,15 +30,14 @@ def quantize_w8a16(float_path: Path, dst: Path, spec: ModelSpec) -> None:
         if not qnn_preprocess_model(str(bare), str(pre)):  # fuses Erf-GELU etc. into ops QNN has
             shutil.copyfile(bare, pre)
         input_name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
-        samples = [{input_name: t} for t in spec.calibration()]
-        config = get_qnn_qdq_config(str(pre), calibration_reader(samples), activation_type=QuantType.QUInt16,
-                                    weight_type=QuantType.QInt8, per_channel=True)
+        samples = [{input_name: t} for t in augment(spec.calibration(), AUGMENT_COPIES)]
         tmp_dst = Path(tmp) / "out.onnx"
         # The quantizer warns (root logger) that it lifts opset 11 to 21 for 16-bit QDQ: expected, and checked
         # by the accuracy report, so keep the build log to our progress lines.
         logging.disable(logging.WARNING)
         try:
-            quantize(str(pre), str(tmp_dst), config)
+            quantize_cnn(pre, tmp_dst, samples, recipe=CnnRecipe(stat_samples=16, sensitivity_samples=2,
+                                                                 min_rounding_samples=16))
         finally:
             logging.disable(logging.NOTSET)
         model = onnx.load(str(tmp_dst))
