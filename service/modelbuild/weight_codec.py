@@ -145,7 +145,8 @@ def set_weight(model: onnx.ModelProto, weight: str, q: np.ndarray, scale: np.nda
         ratio = np.divide(scale.astype(np.float64), old_scale.astype(np.float64),
                           out=np.ones(scale.shape, np.float64), where=old_scale > 0)
         new_scale = bias_scale * ratio
-        _replace_init(model, bias_dq.input[0], np.rint(bias / new_scale).astype(np.int32))
+        ints = np.divide(bias, new_scale, out=np.zeros_like(bias), where=new_scale > 0)   # dead channels: 0
+        _replace_init(model, bias_dq.input[0], np.rint(ints).astype(np.int32))
         _replace_init(model, bias_dq.input[1], new_scale.astype(np.float32))
 
 
