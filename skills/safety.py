@@ -162,8 +162,8 @@ class Safety(Skill):
             message = f"A {item} was left {where}"
             event = self.emit("item_left_behind", common_pb2.SEVERITY_WARNING, message,
                               {"item": item, "seat": seat, "escalation_level": 1}, camera_id=camera_id)
-            action = self.act("owner_notification", reason=message, cause_event=event, key=f"safety:item:{event.cursor}",
-                              parameters={"title": "Left in the car", "body": message + "."})
+            action = self.act("owner_notification", reason=message, cause_event=event,
+                              key=f"safety:item:{event.cursor}", parameters={"title": "Left in the car", "body": message + "."})
             self.items[event.cursor] = ActiveAlert("item_left_behind", self.now, message, camera_id, event.cursor,
                                                    1, [action.id] if action is not None else [])
         self._save_items()
@@ -238,7 +238,8 @@ class Safety(Skill):
         out = dict(self.items)
         if self.child is not None and self.child.event_cursor:
             c = self.child
-            out[c.event_cursor] = ActiveAlert(c.kind, c.since, f"{_who(c.occupants) if c.kind == 'child_left_behind' else 'A pet'} in the car ({_seats(c.occupants)})",
+            who = _who(c.occupants) if c.kind == "child_left_behind" else "A pet"
+            out[c.event_cursor] = ActiveAlert(c.kind, c.since, f"{who} in the car ({_seats(c.occupants)})",
                                               c.camera_id, c.event_cursor, c.step, c.action_ids)
         out.update(self.exit.alerts())
         return out
@@ -263,7 +264,8 @@ class Safety(Skill):
     def _resolve(self, cursor: int, how: str) -> None:
         if self.child is not None and cursor == self.child.event_cursor:
             alert = self.child
-            self.child, level, kind, camera_id, actions = None, alert.step, alert.kind, alert.camera_id, alert.action_ids
+            self.child = None
+            level, kind, camera_id, actions = alert.step, alert.kind, alert.camera_id, alert.action_ids
             self.store.delete("child")
             if self.watch is not None:   # handled by a person: stop watching until the next lock or close-up
                 self.watch = None

@@ -83,8 +83,9 @@ class SafetyConfig:
     exit_hazard_labels: list[str] = field(default_factory=lambda: ["bicycle", "motorcycle", "car", "bus", "truck"])
     exit_min_score: float = 0.4
     door_path_zones: dict[str, dict[str, list[float]]] = field(default_factory=_door_paths)
-    exit_window_seconds: float = 0.5       # the box-scale rate is a fit over this much track history
-    exit_min_frames: int = 4               # ... of at least this many boxes
+    exit_window_seconds: float = 0.7       # the box-scale rate is a fit over this much track history
+    exit_min_frames: int = 5               # ... of at least this many boxes (0.7 s, 5: no warning from 3 % jitter)
+    exit_max_window_seconds: float = 2.0   # ... reaching back this far for them when frames come slower
     exit_min_scale_rate: float = 0.25      # speed floor: relative growth of the box's size per second
     exit_ttc_seconds: float = 3.5          # warn when time to collision is below this
     exit_confirm_frames: int = 2           # the condition holds on this many consecutive frames (one confirmation)
@@ -98,7 +99,8 @@ class SafetyConfig:
 
     def validate(self) -> None:
         for key in ("monitor_seconds", "notification_repeat_seconds", "exit_speed_kmh", "exit_window_seconds",
-                    "exit_min_scale_rate", "exit_ttc_seconds", "exit_passed_seconds", "exit_hold_seconds"):
+                    "exit_min_scale_rate", "exit_ttc_seconds", "exit_max_window_seconds", "exit_passed_seconds",
+                    "exit_hold_seconds"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key}: must be > 0")
         for key in ("child_confirm_frames", "item_confirm_frames", "max_notifications", "exit_confirm_frames",

@@ -3,7 +3,8 @@
 For an object approaching the camera at closing speed v from distance Z, its image size s ~ 1/Z, so
 d(ln s)/dt = v/Z and the time to collision is TTC = 1 / (d ln s / dt): no camera calibration needed. The rate
 is a least-squares fit of ln(size) over the track's last `exit_window_seconds` (at least `exit_min_frames`
-boxes), which smooths box jitter; a parked car's jittering box has a rate near zero, below the speed floor.
+boxes, reaching back up to `exit_max_window_seconds` when the analysis rate is low), which smooths box jitter;
+a parked car's jittering box has a rate near zero, below the speed floor.
 A warning needs the condition on `exit_confirm_frames` consecutive frames of the same track (one confirmation),
 the box inside the door path zone of a side whose exit is armed, a rate above the floor and TTC below the limit.
 """
@@ -43,15 +44,20 @@ class Approach:
     ttc_s: float
 
 
-def scale_rate(boxes, window_s: float, min_frames: int) -> float | None:
-    """d ln(size) / dt by least squares over the last `window_s` seconds; None with too little history."""
+def scale_rate(boxes, window_s: float, min_frames: int, max_window_s: float | None = None) -> float | None:
+    """d ln(size) / dt by least squares over the last `window_s` seconds, or over the last `min_frames` boxes
+    when fewer came in that time (a slower analysis rate) and they span at most `max_window_s`; None with too
+    little history."""
     if not boxes:
         return None
     newest = boxes[-1][0]
-    pts = [(t, math.log(math.sqrt(max((b[2] - b[0]) * (b[3] - b[1]), 1e-6)))) for t, b in boxes
-           if newest - t <= window_s + 1e-9]
-    if len(pts) < min_frames:
+    recent = [(t, b) for t, b in boxes if newest - t <= window_s + 1e-9]
+    if len(recent) < min_frames and max_window_s is not None and len(boxes) >= min_frames \
+            and newest - boxes[-min_frames][0] <= max_window_s + 1e-9:
+        recent = list(boxes)[-min_frames:]
+    if len(recent) < min_frames:
         return None
+    pts = [(t, math.log(math.sqrt(max((b[2] - b[0]) * (b[3] - b[1]), 1e-6)))) for t, b in recent]
     n = len(pts)
     mt = sum(t for t, _ in pts) / n
     ms = sum(s for _, s in pts) / n
@@ -88,7 +94,7 @@ class ExitWatch:
                 continue   # an older or repeated frame: no new information
             track.boxes.append((t, det.box))
             track.last_seen = t
-            rate = scale_rate(track.boxes, cfg.exit_window_seconds, cfg.exit_min_frames)
+            rate = scale_rate(track.boxes, cfg.exit_window_seconds, cfg.exit_min_frames, cfg.exit_max_window_seconds)
             track.last_rate = rate or 0.0
             sides = [s for s in self.sides_in_view(analysis, det.box) if s in armed_sides]
             closing = rate is not None and rate >= cfg.exit_min_scale_rate and 1.0 / rate <= cfg.exit_ttc_seconds
@@ -166,7 +172,8 @@ class SafeExit:
         self.sides = armed_sides(current, self.cfg)
 
     def needs(self, position: str) -> bool:
-        return bool(self.sides) and position in self.cfg.door_path_zones
+        """Whether this camera sees the path of a door someone may open now."""
+        return any(side in self.sides for side in self.cfg.door_path_zones.get(position, {}))
 
     async def on_frame(self, analysis: FrameAnalysis) -> None:
         arrived = time.perf_counter()
@@ -175,7 +182,7 @@ class SafeExit:
             self._warn(approach, analysis, arrived, age)
         for key, side in self.watch.passed(analysis.camera_id, analysis.timestamp):
             self._lift(key, "the object has passed")
-        if self.sides and analysis.position in self.cfg.door_path_zones:
+        if self.needs(analysis.position):
             self.skill.record_latency(time.perf_counter() - arrived)
 
     def _warn(self, a: Approach, analysis: FrameAnalysis, arrived: float, age: float) -> None:

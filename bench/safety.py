@@ -1,0 +1,209 @@
+"""Safety bench: safe-exit frame-to-decision latency with every camera streaming and the model answering (the
+safety lane against one serial analysis loop, same load, same run), and the safe-exit scenario set (every real
+approach warned, no warning from a parked car's 3 % box jitter). Prints figures, then one JSON line.
+
+    .venv/bin/python bench/safety.py [--seconds 15] [--no-model] [--fps 10]
+
+Latency is measured on the real path: scripted cameras (five, 640x480: cabin, front with a parking sign, left
+with a bicycle approaching again and again, right, rear) -> AnalysisPipeline -> the real cascade -> SkillHost
+with Safety; the left door's handle is pulled. For every left/right/rear frame Safety decided on, capture time
+-> decision done; for each safe-exit warning, capture -> committed warning. The language model (the default
+bundle, CPU) generates answers back to back in the same process meanwhile.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import structlog  # noqa: E402
+
+from bench.safety_scenarios import run_scenarios  # noqa: E402
+
+structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+PHOTOS = Path(__file__).resolve().parents[1] / "deploy" / "sim" / "images"
+CAMERAS = (("cabin", "cabin", "cabin_front"), ("front", "exterior", "front"), ("left", "exterior", "left"),
+           ("right", "exterior", "right"), ("rear", "exterior", "rear"))
+
+
+def photo(name: str, size=(640, 480)) -> np.ndarray:
+    return cv2.resize(cv2.imread(str(PHOTOS / name)), size, interpolation=cv2.INTER_AREA)
+
+
+def scenes() -> dict[str, list[np.ndarray]]:
+    """Per camera, the frames it loops over; the left camera shows a bicycle approaching (2 s at 10 fps)."""
+    dog = cv2.imread(str(PHOTOS / "dog.jpg"))
+    bike = dog[110:450, 110:580]
+    rng = np.random.default_rng(0)
+    approach = []
+    for i in range(20):
+        frame = np.clip(np.linspace(70, 150, 480)[:, None, None] + rng.normal(0, 3, (480, 640, 3)), 0, 255)
+        frame = frame.astype(np.uint8)
+        h = int(480 * (0.2 + 0.035 * i))
+        w = int(h * bike.shape[1] / bike.shape[0])
+        x1 = max(0, 320 - w // 2)
+        frame[470 - h:470, x1:x1 + min(w, 640 - x1)] = cv2.resize(bike, (w, h))[:, : min(w, 640 - x1)]
+        approach.append(frame)
+    sign = photo("dog.jpg")
+    cv2.rectangle(sign, (360, 30), (630, 200), (40, 40, 40), -1)
+    for i, line in enumerate(("LEVEL U1", "BAY 230")):
+        cv2.putText(sign, line, (375, 95 + 70 * i), cv2.FONT_HERSHEY_DUPLEX, 1.4, (255, 255, 255), 3)
+    return {"cabin": [photo("faces1.jpg")], "front": [sign], "left": approach, "right": [photo("horses.jpg")],
+            "rear": [photo("person.jpg")]}
+
+
+class ScriptedHub:
+    """Every camera at `fps`, stamped with the wall clock as it is handed over (latest wins downstream)."""
+
+    def __init__(self, fps: float, seconds: float):
+        self.fps, self.seconds, self.frames_by_camera = fps, seconds, scenes()
+
+    async def frames(self):
+        from service.cameras.ring import CameraFrame
+        start, n = time.monotonic(), 0
+        while time.monotonic() - start < self.seconds:
+            for camera_id, role, position in CAMERAS:
+                images = self.frames_by_camera[camera_id]
+                image = images[n % len(images)]
+                now = time.time()
+                yield CameraFrame(camera_id, role, position, now, now, image, image, n)
+            n += 1
+            await asyncio.sleep(max(0.0, start + n / self.fps - time.monotonic()))
+
+
+def model_load(stop: threading.Event, counter: list[int]) -> str:
+    """The default language model answering back to back on its own thread; returns what ran."""
+    try:
+        from service.runtime.bundle import load_bundle
+        from service.runtime.engine import Done, GenerationEngine, GenerationRequest
+        from service.runtime.generator import LanguageModel
+        from service.runtime.scheduler import NpuScheduler
+        bundle = load_bundle("build/models/smollm2-135m-instruct")
+        engine = GenerationEngine(LanguageModel(bundle, "cpu", threads=2), None, NpuScheduler())
+    except Exception as exc:   # no bundle built: say so, measure without
+        return f"no model ({exc})"
+
+    def run():
+        loop = asyncio.new_event_loop()
+
+        async def answer():
+            request = GenerationRequest(prompt="Describe a safe way to park a car.", system="", max_tokens=48)
+            async for item in engine.stream(request):
+                if isinstance(item, Done):
+                    counter[0] += item.timings.generated_tokens
+        while not stop.is_set():
+            loop.run_until_complete(answer())
+    threading.Thread(target=run, daemon=True).start()
+    return "smollm2-135m-instruct on cpu"
+
+
+async def measure(lanes: bool, seconds: float, fps: float, cascade) -> dict:
+    from incar.v1 import vehicle_pb2
+    from service.actions import ActionQueue
+    from service.pipeline import AnalysisPipeline
+    from service.store.db import Database
+    from service.store.events import EventLog
+    from skills.base import SkillContext, TemplateNarrator
+    from skills.config import SkillsConfig
+    from skills.services import SkillHost
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Database(Path(tmp) / "incar.db")
+        events = EventLog(db)
+        ctx = SkillContext(db=db, events=events, narrator=TemplateNarrator(), data_dir=Path(tmp), actions=ActionQueue(db))
+        host = SkillHost(ctx, SkillsConfig())
+        db.migrate()
+        await host.start(vehicle_pb2.VehicleState())
+        state = vehicle_pb2.VehicleState(gear=vehicle_pb2.GEAR_PARK)
+        state.doors.add(door=vehicle_pb2.DOOR_ID_FRONT_LEFT, handle_pulled=True)
+        await host.on_vehicle(vehicle_pb2.VehicleState(), state)
+        safety = host.safety
+        policy = (lambda f: "safety" if safety.needs_camera(f.role, f.position) else "general") if lanes else None
+        pipeline = AnalysisPipeline(ScriptedHub(fps, seconds), cascade, lane_of=policy)
+        decisions, warnings, seen = [], [], {}
+        async for analysis in pipeline.analyses():
+            before = len(safety.exit.warnings)
+            await host.on_analysis(analysis)
+            done = time.time()
+            seen[analysis.camera_id] = seen.get(analysis.camera_id, 0) + 1
+            if analysis.position in ("left", "right", "rear") and "objects" in analysis.stages_run:
+                decisions.append(done - analysis.timestamp)
+                if len(safety.exit.warnings) > before:
+                    warnings.append(done - analysis.timestamp)
+        await host.stop()
+        db.close()
+    return {"decisions": decisions, "warnings": warnings, "frames": seen}
+
+
+def p95(values: list[float]) -> float | None:
+    return float(np.percentile(values, 95)) if values else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=15.0, help="per contender (serial loop, safety lane)")
+    ap.add_argument("--fps", type=float, default=10.0)
+    ap.add_argument("--no-model", action="store_true")
+    args = ap.parse_args()
+
+    from service.perception.build import build
+    from service.perception.cascade import Cascade, PerceptionConfig
+    build(quantize=False, progress=lambda line: None)   # the CPU runs the float graphs
+    cascade = Cascade(PerceptionConfig())
+    for name in ("faces", "objects", "identity", "text", "pose", "age"):
+        cascade.model(name)
+    stop, tokens = threading.Event(), [0]
+    model = "off (--no-model)" if args.no_model else model_load(stop, tokens)
+    print(f"5 cameras at {args.fps:g} fps, {args.seconds:g} s per contender; model: {model}")
+    results = {}
+    for name, lanes in (("serial", False), ("lanes", True)):
+        t0 = tokens[0]
+        r = asyncio.run(measure(lanes, args.seconds, args.fps, cascade))
+        r["tokens"] = tokens[0] - t0
+        results[name] = r
+        d = r["decisions"]
+        print(f"{name:7s} safe-exit frames decided {len(d):4d}  p50 {1000 * statistics.median(d) if d else float('nan'):7.1f} ms"
+              f"  p95 {1000 * (p95(d) or float('nan')):7.1f} ms  warnings {len(r['warnings'])}"
+              f"  (p95 {1000 * (p95(r['warnings']) or float('nan')):.1f} ms)  frames/camera {r['frames']}"
+              f"  model tokens {r['tokens']}")
+    stop.set()
+    scen = run_scenarios()
+    print(f"scenarios: {scen['approaches']} approaches, missed {len(scen['missed'])} {scen['missed']}, "
+          f"warned later than TTC 0.8 s {len(scen['late'])}; {scen['quiet_scenarios']} parked/receding, "
+          f"false warnings {len(scen['false'])} {scen['false']}; TTC at warning median "
+          f"{statistics.median(scen['warn_ttc']):.2f} s, min {min(scen['warn_ttc']):.2f} s")
+    serial, lanes = p95(results["serial"]["decisions"]), p95(results["lanes"]["decisions"])
+    out = {
+        "safe_exit_p95_s": round(lanes, 4) if lanes is not None else None,
+        "safe_exit_p50_s": round(statistics.median(results["lanes"]["decisions"]), 4) if lanes else None,
+        "safe_exit_serial_p95_s": round(serial, 4) if serial is not None else None,
+        "safe_exit_p95_vs_serial": round(lanes / serial, 3) if lanes and serial else None,
+        "safe_exit_warning_p95_s": round(p95(results["lanes"]["warnings"]), 4) if results["lanes"]["warnings"] else None,
+        "safe_exit_warnings": len(results["lanes"]["warnings"]),
+        "safe_exit_decisions": len(results["lanes"]["decisions"]),
+        "safe_exit_target_s": 0.05,
+        "model_answering": not args.no_model and not model.startswith("no model"),
+        "model_tokens_during_lanes": results["lanes"]["tokens"],
+        "approaches": scen["approaches"], "missed_approaches": len(scen["missed"]),
+        "late_warnings": len(scen["late"]), "quiet_scenarios": scen["quiet_scenarios"],
+        "false_warnings": len(scen["false"]), "box_jitter": 0.03,
+        "warning_ttc_median_s": round(statistics.median(scen["warn_ttc"]), 3),
+        "warning_ttc_min_s": round(min(scen["warn_ttc"]), 3),
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
