@@ -60,16 +60,18 @@ def source_gguf(bundle) -> Path:
     return default_gguf() if source == default_gguf().name else Path(source)
 
 
-def open_llama(bundle, threads: int):
-    """(Llama, GGUF name) or (None, why not)."""
+def open_llama(bundle, threads: int, f32_cache: bool = False):
+    """(Llama, GGUF name) or (None, why not). `f32_cache`: K/V kept in float32 as our graphs keep them (llama.cpp's
+    default f16 cache rounds every K/V row, which alone moved the greedy common prefix from 23 to 12.5 here)."""
     try:
         from llama_cpp import Llama
     except ImportError as exc:
         return None, (f"skipped: llama_cpp is not importable ({exc}); `make bench` builds it with "
                       f"CMAKE_ARGS=\"{cmake_args(cpu_flags(Path('/proc/cpuinfo').read_text()))}\"")
     path = source_gguf(bundle)
+    cache = {"type_k": 0, "type_v": 0} if f32_cache else {}     # 0: GGML_TYPE_F32
     llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, logits_all=True,
-                n_ctx=int(bundle.manifest["text"]["context_length"]), n_batch=512, verbose=False)
+                n_ctx=int(bundle.manifest["text"]["context_length"]), n_batch=512, verbose=False, **cache)
     return llm, path.name
 
 
@@ -107,9 +109,11 @@ def main() -> int:
         "bare": lambda: bare.run(prompt_ids, args.tokens, eos),
         "generator": lambda: generator_loop(model, prompt_ids, args.tokens, eos),
     }
-    if model.spin_within_run:  # the same without ORT's in-run spinning (INCAR_CPU_SPIN=0: oversubscribed hosts)
-        quiet = LanguageModel(bundle, "cpu", variant=model.variant, threads=args.threads, spin_within_run=False)
-        contenders["generator_nospin"] = lambda: generator_loop(quiet, prompt_ids, args.tokens, eos)
+    # The generator with ORT's in-run spinning the other way round (INCAR_CPU_SPIN: on for dedicated cores).
+    flipped = "generator_spin" if not model.spin_within_run else "generator_nospin"
+    other = LanguageModel(bundle, "cpu", variant=model.variant, threads=args.threads,
+                          spin_within_run=not model.spin_within_run)
+    contenders[flipped] = lambda: generator_loop(other, prompt_ids, args.tokens, eos)
     llm, llama_note = open_llama(bundle, args.threads)
     if llm is not None:
         contenders["llama.cpp"] = lambda: llama_run(llm, prompt_ids, args.tokens, eos)
@@ -138,9 +142,8 @@ def main() -> int:
               "generator_ttft_s": round(ttft["generator"], 5), "generator_tokens_per_s": round(tps["generator"], 2),
               "engine_overhead_pct": round(overhead * 100, 2), "engine_matches_bare_text": same_text,
               "engine_best_tokens_per_s": round(best_tps["engine"], 2), "spin_within_run": model.spin_within_run}
-    if "generator_nospin" in tps:
-        result.update({"generator_nospin_tokens_per_s": round(tps["generator_nospin"], 2),
-                       "generator_nospin_ttft_s": round(ttft["generator_nospin"], 5)})
+    result.update({f"{flipped}_tokens_per_s": round(tps[flipped], 2), f"{flipped}_ttft_s": round(ttft[flipped], 5),
+                   f"{flipped}_best_tokens_per_s": round(best_tps[flipped], 2)})
 
     system = EngineConfig().system_prompt
     cached, uncached, question_tokens = cached_prefix_ttft(model, system, QUESTION)
@@ -190,10 +193,14 @@ def main() -> int:
                        "engine_vs_llama_cpp_prefill_cpu_1t": round(cpu["engine"][0] / cpu["llama.cpp"][0], 3)})
         others = {v: LanguageModel(bundle, "cpu", variant=v, threads=1)
                   for v in ("float",) if v in bundle.variants("decoder_decode") and v != model.variant}
-        prefixes = greedy_agreement({model.variant: mine, **others}, solo, model.tokenizer, eos)
+        like_for_like, _ = open_llama(bundle, 1, f32_cache=True)
+        prefixes = greedy_agreement({model.variant: mine, **others}, like_for_like, model.tokenizer, eos)
+        default_cache = greedy_agreement({model.variant: mine}, solo, model.tokenizer, eos)[model.variant]
         for name, values in prefixes.items():
-            print(f"greedy vs llama.cpp, {name}: common prefix {values} of 48 -> median "
+            print(f"greedy vs llama.cpp (f32 K/V cache), {name}: common prefix {values} of 48 -> median "
                   f"{statistics.median(values)} (target >= 24)")
+        print(f"greedy vs llama.cpp (its default f16 K/V cache), {model.variant}: {default_cache} -> median "
+              f"{statistics.median(default_cache)}")
         result.update({
             "llama_cpp_ttft_s": round(ttft["llama.cpp"], 5), "llama_cpp_tokens_per_s": round(tps["llama.cpp"], 2),
             "llama_cpp_best_tokens_per_s": round(best_tps["llama.cpp"], 2),
@@ -202,7 +209,8 @@ def main() -> int:
             "engine_vs_llama_cpp_ttft": round(ttft_ratio, 3),
             "engine_vs_llama_cpp_ttft_best": round(best_ttft["engine"] / best_ttft["llama.cpp"], 3),
             "llama_cpp_median_common_prefix": statistics.median(prefixes[model.variant]),
-            "llama_cpp_common_prefix": prefixes[model.variant],
+            "llama_cpp_common_prefix": prefixes[model.variant], "llama_cpp_agreement_cache": "f32",
+            "llama_cpp_f16_cache_median_common_prefix": statistics.median(default_cache),
             "float_llama_cpp_median_common_prefix": statistics.median(prefixes["float"]) if "float" in prefixes
             else None,
             "llama_cpp_gguf": llama_note,

@@ -66,8 +66,11 @@ class LanguageModel:
         # latency budgets, so it is off unless asked for.
         if disable_cpu_fallback is None:
             disable_cpu_fallback = backend != "cpu"
-        if spin_within_run is None:  # on by default; INCAR_CPU_SPIN=0 for hosts whose cores are oversubscribed
-            spin_within_run = os.environ.get("INCAR_CPU_SPIN", "1") != "0"
+        if spin_within_run is None:
+            # INCAR_CPU_SPIN=1 on hosts whose cores the service has to itself (about 2x the 2-thread decode speed
+            # measured here on a quiet moment); off by default: on oversubscribed cores spinning workers steal the
+            # time slices others need (a conversation test on this shared machine ran past its deadline with it).
+            spin_within_run = os.environ.get("INCAR_CPU_SPIN", "0") == "1"
         self.bundle = bundle
         self.backend = backend
         self.name = bundle.name
