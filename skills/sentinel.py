@@ -25,7 +25,7 @@ from service.runtime.scheduler import JobClass
 from skills.base import NotFoundError, PreconditionError, Skill, SkillContext, is_moving, narrate
 from skills.config import SentinelConfig
 from skills.sentinel_clips import ClipStore, clip_message, footage_of
-from skills.sentinel_watch import CameraWatch, ZoneThresholds
+from skills.sentinel_watch import CameraWatch, ZoneThresholds, intrusion_signals
 
 log = structlog.get_logger(__name__)
 
@@ -183,25 +183,8 @@ class Sentinel(Skill):
             self._requested = None     # the owner is back: a request lasts one locked period
         self._evaluate_arming()
         if self.armed:
-            for level, trigger, zone, reason in self._intrusions(previous.intrusion, current.intrusion):
+            for level, trigger, zone, reason in intrusion_signals(previous, current, self.config, self._factor):
                 self._raise(level, trigger, zone, reason, *self._snapshot_camera())
-
-    def _intrusions(self, before, now):
-        """(level, trigger, zone, reason) for each intrusion signal that rose with this snapshot."""
-        shock_factor = self._factor("sensor.shock")
-        alarm_g, alert_g = self.config.shock_alarm_g * shock_factor, self.config.shock_alert_g * shock_factor
-        if now.shock_g >= alarm_g > before.shock_g:
-            yield "alarm", "shock", "sensor.shock", f"a strong shock ({now.shock_g:.2f} g)"
-        elif now.shock_g >= alert_g > before.shock_g:
-            yield "alert", "shock", "sensor.shock", f"a light shock ({now.shock_g:.2f} g)"
-        tilt = self.config.tilt_alarm_deg * self._factor("sensor.tilt")
-        if now.tilt_deg >= tilt > before.tilt_deg:
-            yield "alarm", "tilt", "sensor.tilt", f"the car tilted by {now.tilt_deg:.1f} deg (jacked or towed)"
-        if now.glass_break and not before.glass_break:
-            yield "alarm", "glass_break", "sensor.glass_break", "glass breaking"
-        for door in set(now.forced_doors) - set(before.forced_doors):
-            name = vehicle_pb2.DoorId.Name(door).removeprefix("DOOR_ID_").lower().replace("_", " ")
-            yield "alarm", "forced_door", "sensor.forced_door", f"the {name} door forced open"
 
     # ------------------------------------------------------------------ watching
     async def on_frame(self, analysis: FrameAnalysis) -> None:

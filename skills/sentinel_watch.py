@@ -15,6 +15,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from incar.v1 import vehicle_pb2
 from service.perception.types import Detection, FrameAnalysis, Pose
 from skills.base import area, centre, inside, overlap, to_pixels
 from skills.config import CameraGeometry, SentinelConfig
@@ -239,3 +240,30 @@ def _pose_for(person: Detection, poses: tuple[Pose, ...]) -> Pose | None:
 
 def _wrists(pose: Pose, min_score: float) -> list[tuple[float, float]]:
     return [(x, y) for i, (x, y, s) in enumerate(pose.keypoints) if i in (LEFT_WRIST, RIGHT_WRIST) and s >= min_score]
+
+
+def intrusion_signals(previous, current, cfg: SentinelConfig, factor):
+    """(level, trigger, zone, reason) for each intrusion signal that rose with this vehicle snapshot; `factor(zone)`
+    is the zone's false-positive multiplier of its threshold."""
+    before, now = previous.intrusion, current.intrusion
+    alarm_g, alert_g = cfg.shock_alarm_g * factor("sensor.shock"), cfg.shock_alert_g * factor("sensor.shock")
+    if now.shock_g >= alarm_g > before.shock_g:
+        yield "alarm", "shock", "sensor.shock", f"a strong shock ({now.shock_g:.2f} g)"
+    elif now.shock_g >= alert_g > before.shock_g:
+        yield "alert", "shock", "sensor.shock", f"a light shock ({now.shock_g:.2f} g)"
+    tilt = cfg.tilt_alarm_deg * factor("sensor.tilt")
+    if now.tilt_deg >= tilt > before.tilt_deg:
+        yield "alarm", "tilt", "sensor.tilt", f"the car tilted by {now.tilt_deg:.1f} deg (jacked or towed)"
+    if now.glass_break and not before.glass_break:
+        yield "alarm", "glass_break", "sensor.glass_break", "glass breaking"
+    for door in set(now.forced_doors) - set(before.forced_doors):
+        yield "alarm", "forced_door", "sensor.forced_door", f"the {_door_name(door)} door forced open"
+    if previous.locked and current.locked:   # a door that opens while the car stays locked was forced too
+        was_open = {d.door for d in previous.doors if d.open}
+        for door in current.doors:
+            if door.open and door.door not in was_open and door.door not in now.forced_doors:
+                yield "alarm", "forced_door", "sensor.forced_door", f"the {_door_name(door.door)} door opened while locked"
+
+
+def _door_name(door: int) -> str:
+    return vehicle_pb2.DoorId.Name(door).removeprefix("DOOR_ID_").lower().replace("_", " ")

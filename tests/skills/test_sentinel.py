@@ -315,3 +315,18 @@ async def test_retention_and_mp4_clips(harness, clock):
     clock.advance(harness.config.sentinel.clip_max_age_seconds + 1)
     assert r.host.sentinel.enforce_retention() == [remaining[0].clip_id]
     assert not any(r.host.sentinel.clip_dir.iterdir())
+
+
+async def test_a_door_opening_while_the_car_stays_locked_is_a_forced_door(harness, clock):
+    short_clips(harness)
+    r = await harness.start()
+    await r.set_vehicle(vehicle(locked=True))
+    await r.set_vehicle(vehicle(locked=True, doors=[(vehicle_pb2.DOOR_ID_REAR_RIGHT, True, False)]))
+    alarm, = r.events_of("sentinel.alarm")
+    payload = json.loads(alarm.payload_json)
+    assert payload["trigger"] == "forced_door" and "rear right door opened while locked" in payload["reason"]
+    # Unlocked first (the owner with the key), a door opening is no intrusion.
+    r = await harness.restart()
+    await r.set_vehicle(vehicle(locked=False))
+    await r.set_vehicle(vehicle(locked=False, doors=[(vehicle_pb2.DOOR_ID_FRONT_LEFT, True, False)]))
+    assert len(r.events_of("sentinel.alarm")) == 1
