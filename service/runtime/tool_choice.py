@@ -29,24 +29,29 @@ log = structlog.get_logger(__name__)
 MODES = ("nearest", "greedy", "likelihood")
 MAX_ARGUMENT_TOKENS = 32
 CONTENT_FREE = "N/A"
-# `nearest`: a short context; the question's representation is the model's next-token log-probabilities.
-NEAREST_PREFIX = ("A driver speaks to the in-car assistant, which picks a tool.\n"
-                  'Driver: Enrol my face, I am Maria\nAssistant: greeter.enrol\nArgs: {"name":"Maria"}\n')
+# `nearest`: a short chat-template context; the question's representation is the model's next-token
+# log-probabilities where its answer would start (on bench/route.py the chat form beat a plain-text one).
+# (A worked example in it, for the arguments, cost 5 points of accuracy: 0.80 -> 0.75.)
+NEAREST_SYSTEM = "You are the in-car assistant. Pick the car tool for the driver's request."
 NONE_DESCRIPTION = ("anything else: navigation, charging stations, restaurants, music, alarm clocks, weather, "
                     "phone calls, general knowledge")
 
 
 class RewindableSequence:
-    """A prefilled sequence that can forget the tokens after a point: the prefix is computed once.
+    """A prefilled sequence that can go back to an earlier point: the prefix is computed once.
 
-    Works on attention-only decoders (every state is a KV cache whose rows past `length` are masked off and
-    overwritten by the next append); a convolution state cannot be rewound, so such bundles are refused.
+    `mark()` names the current point and `rewind(mark)` returns to it. On the CPU's shared graphs a mark is a
+    decoder-state snapshot (`SharedSequence.snapshot`, a copy of the filled cache rows) and rewinding starts a
+    new sequence from it; on append/replace graphs a mark is a length, and rows past it are masked off and
+    overwritten by the next append. A convolution state (LFM2) can be neither, so such bundles are refused.
     """
 
     def __init__(self, model, prompt_ids: list[int]):
-        if any(s["kind"] == "conv" for s in model._graphs["decoder_decode"].entry["state"]):
-            raise ValueError("tool choice needs an attention-only decoder (convolution states cannot be rewound)")
+        self.model = model
         self.seq = model.new_sequence(prompt_ids)
+        self._snapshots = hasattr(self.seq, "snapshot")
+        if not self._snapshots and any(s["kind"] == "conv" for s in model._graphs["decoder_decode"].entry["state"]):
+            raise ValueError("tool choice needs an attention-only decoder (convolution states cannot be rewound)")
 
     def prefill_step(self) -> bool:
         return self.seq.prefill_step()
@@ -62,8 +67,15 @@ class RewindableSequence:
         self.seq.append(token)
         return np.array(self.seq.logits, np.float32)
 
-    def rewind(self, length: int) -> None:
-        seq = self.seq
+    def mark(self):
+        return self.seq.snapshot() if self._snapshots else self.seq.length
+
+    def rewind(self, mark) -> None:
+        if self._snapshots:
+            if self.seq.length != mark.length or tuple(self.seq.tokens) != tuple(mark.tokens):
+                self.seq = self.model.new_sequence(list(mark.tokens), prefix=mark)
+            return
+        seq, length = self.seq, mark
         if not 0 < length <= seq.length:
             raise ValueError(f"rewind: {length} is outside 1..{seq.length}")
         if length == seq.length:
@@ -102,7 +114,7 @@ class ToolChooser:
         self.specs = {s.name: s for s in specs}
         self.tokenizer = model.tokenizer
         self.examples = list(examples)
-        self.prefix = NEAREST_PREFIX if mode == "nearest" else self._prefix_text(specs, examples)
+        self.prefix = self._chat_prefix() if mode == "nearest" else self._prefix_text(specs, examples)
         self._nearest: np.ndarray | None = None      # one unit vector per example (mode "nearest")
         self.names = [*self.specs, NONE]
         self._candidates = {name: self.tokenizer.encode(f" {name}\n") for name in self.names}
@@ -143,7 +155,7 @@ class ToolChooser:
                     # Contextual calibration: the names' log-probabilities for a content-free question are
                     # the prompt's own bias (a small model favours some names whatever is asked); choices
                     # subtract them.
-                    base = seq.length
+                    base = await ticket.step(seq.mark, kind="prefill")
                     logits = self._base_logits
                     for token in self.tokenizer.encode(f"Q: {CONTENT_FREE}\nA:"):
                         logits = await ticket.step(seq.append, token, kind="prefill")
@@ -151,7 +163,7 @@ class ToolChooser:
                     await ticket.step(seq.rewind, base, kind="prefill")
                 if self.mode == "nearest":
                     self._nearest = np.stack([await self._represent(ticket, seq, q) for q, _, _ in self.examples])
-            self._seq, self._base = seq, seq.length
+            self._seq, self._base = seq, await self._marked(seq)
             log.info("tool_choice.ready", prefix_tokens=len(ids), tools=len(self.specs), mode=self.mode)
 
     async def choose(self, question: str) -> Choice:
@@ -185,9 +197,23 @@ class ToolChooser:
                     await ticket.step(seq.rewind, self._base, kind="decode")
         return Choice(ToolCall(name, arguments, "model"), time.perf_counter() - started, steps)
 
+    async def _marked(self, seq: RewindableSequence):
+        async with self.scheduler.admit(self.priority) as ticket:
+            return await ticket.step(seq.mark, kind="prefill")
+
+    def _chat(self, question: str) -> str:
+        return self.tokenizer.apply_chat_template([{"role": "system", "content": NEAREST_SYSTEM},
+                                                   {"role": "user", "content": question}])
+
+    def _chat_prefix(self) -> str:
+        """The chat template's text before the question (the same for every question)."""
+        a, b = self._chat("a"), self._chat("b")
+        return a[:next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)]
+
     def _query(self, question: str) -> list[int]:
-        text = f"Driver: {question}\nAssistant:" if self.mode == "nearest" else f"Q: {question}\nA:"
-        return self.tokenizer.encode(text)
+        if self.mode == "nearest":
+            return self.tokenizer.encode(self._chat(question)[len(self.prefix):])
+        return self.tokenizer.encode(f"Q: {question}\nA:")
 
     @staticmethod
     def _unit(logits: np.ndarray) -> np.ndarray:
@@ -197,7 +223,7 @@ class ToolChooser:
 
     async def _represent(self, ticket, seq: RewindableSequence, question: str) -> np.ndarray:
         """An example question's representation (the sequence is rewound after it)."""
-        mark = seq.length
+        mark = await ticket.step(seq.mark, kind="prefill")
         logits = None
         for token in self._query(" ".join(question.split())):
             logits = await ticket.step(seq.append, token, kind="prefill")
@@ -241,7 +267,7 @@ class ToolChooser:
             children = sorted({ids[depth] for ids in self._candidates.values()
                                if len(ids) > depth + 1 and tuple(ids[:depth]) == path})
             for token in children:
-                mark = seq.length
+                mark = await ticket.step(seq.mark, kind="decode")
                 child = await ticket.step(seq.append, token, kind="decode")
                 steps += 1
                 await walk(path + (token,), child)
@@ -269,10 +295,12 @@ class ToolChooser:
                                                int(manifest["text"]["vocab_size"]),
                                                sorted(self.model.eos_token_ids))
         constraint = self._json.for_schema(json.dumps(spec.parameters))
-        # From the end of the question: the whole name, then the argument line's opening.
-        await ticket.step(seq.rewind, query_end, kind="decode")
+        # The choice left the sequence at the end of the question plus the first tokens of the name (greedy);
+        # the rest of the name, then the argument line's opening.
+        name_ids = self._candidates[name]
+        fed = seq.length - query_end
         logits, steps = None, 0
-        for token in [*self._candidates[name], *self.tokenizer.encode("Args:")]:
+        for token in [*name_ids[fed:], *self.tokenizer.encode("Args:")]:
             logits = await ticket.step(seq.append, token, kind="decode")
             steps += 1
         out: list[int] = []
