@@ -148,7 +148,7 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _validator(cls: type) -> type[pydantic.BaseModel]:
     return pydantic.create_model(f"{cls.__name__}Settings", __config__=_PYDANTIC, value=(cls, ...))
 

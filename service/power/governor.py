@@ -170,10 +170,12 @@ class Governor:
                 and now - self._last_change >= cfg.settle_seconds and self._latency_allows(self.level + 1, now)):
             self._change(self.level + 1, now)
             return "step_down"
-        if smoothed < budget * cfg.step_up_ratio and self.level > 0 and now - self._last_change >= cfg.step_up_hold_seconds:
+        held = now - self._last_change >= cfg.step_up_hold_seconds
+        if smoothed < budget * cfg.step_up_ratio and self.level > 0 and held:
             # Don't climb back to a rung that was recently measured over budget: that is how governors flap.
             known = self._power_at_level.get(self.level - 1)
-            if known is None or known[0] <= budget * cfg.step_down_ratio or now - known[1] > 6 * cfg.step_up_hold_seconds:
+            stale = now - known[1] > 6 * cfg.step_up_hold_seconds if known is not None else True
+            if known is None or known[0] <= budget * cfg.step_down_ratio or stale:
                 self._change(self.level - 1, now)
                 return "step_up"
         return "hold"
@@ -192,7 +194,8 @@ class Governor:
             if skill not in self.active_skills:
                 continue
             worst = self.budgets.worst_recent_latency(skill, self.config.latency_guard_window_seconds)
-            if worst is not None and worst * slowdown > self.budgets.latency_budget(skill) * self.config.latency_guard_ratio:
+            limit = self.budgets.latency_budget(skill) * self.config.latency_guard_ratio
+            if worst is not None and worst * slowdown > limit:
                 return False
         return True
 

@@ -120,7 +120,7 @@ class EnergyModel(PowerSource):
         super().__init__(clock)
 
     @classmethod
-    def for_backend(cls, config: PowerConfig, backend: str, **kwargs) -> "EnergyModel":
+    def for_backend(cls, config: PowerConfig, backend: str, **kwargs) -> EnergyModel:
         if backend not in config.backends:
             raise ValueError(f"power.backends: no energy model for backend {backend!r} "
                              f"(known: {', '.join(sorted(config.backends))})")

@@ -22,6 +22,7 @@ runtime never needs to know which skills exist.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import heapq
 import itertools
 import threading
@@ -50,7 +51,7 @@ PRIORITIES: tuple[str, ...] = tuple(c.value for c in JobClass)   # the order is 
 RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 
 
-def job_class(value: "JobClass | str") -> JobClass:
+def job_class(value: JobClass | str) -> JobClass:
     """A job class from its name; ValueError naming the known classes otherwise."""
     try:
         return JobClass(value)
@@ -100,7 +101,7 @@ class SchedulerConfig:
 class Ticket:
     """One request's place in the scheduler. Use `await ticket.step(fn, *args)` for each unit of model work."""
 
-    def __init__(self, scheduler: "NpuScheduler", priority: JobClass, request_id: str):
+    def __init__(self, scheduler: NpuScheduler, priority: JobClass, request_id: str):
         self._scheduler = scheduler
         self.priority = priority   # the request's job class
         self.rank = RANK[priority]
@@ -121,7 +122,7 @@ class Ticket:
     async def step(self, fn: Callable[..., T], *args: Any, kind: str = "step") -> T:
         return await self._scheduler._enqueue(self, fn, args, kind)
 
-    def submit(self, fn: Callable[..., T], *args: Any, kind: str = "step") -> "asyncio.Future[T]":
+    def submit(self, fn: Callable[..., T], *args: Any, kind: str = "step") -> asyncio.Future[T]:
         """Queue a step now and return its future (the caller may work on the loop meanwhile; cancelling the
         future before the step starts means the step never runs)."""
         return self._scheduler._enqueue(self, fn, args, kind)
@@ -135,15 +136,17 @@ class _Job:
     fn: Callable[..., Any] = field(compare=False)
     args: tuple = field(compare=False)
     kind: str = field(compare=False)
-    loop: asyncio.AbstractEventLoop = field(compare=False)
-    future: asyncio.Future = field(compare=False)
+    loop: asyncio.AbstractEventLoop | None = field(compare=False)   # None: a blocking caller's thread waits
+    future: asyncio.Future | concurrent.futures.Future = field(compare=False)
 
 
 class NpuScheduler:
-    def __init__(self, config: SchedulerConfig | None = None, *, name: str = "npu"):
+    def __init__(self, config: SchedulerConfig | None = None, *, name: str = "npu",
+                 on_busy: Callable[[float], None] | None = None):
         self.config = config or SchedulerConfig()
         self.config.validate()
         self.name = name
+        self.on_busy = on_busy   # told the seconds of every step (the energy model's NPU busy time)
         self._heap: list[_Job] = []
         self._cond = threading.Condition()
         self._seq = itertools.count()
@@ -163,7 +166,7 @@ class NpuScheduler:
     def running(self, priority: str) -> int:
         return self._running[priority]
 
-    def admit(self, priority: JobClass | str, request_id: str = "") -> "_Admission":
+    def admit(self, priority: JobClass | str, request_id: str = "") -> _Admission:
         """`async with scheduler.admit(JobClass.CHAT) as ticket:`; raises QueueFullError when that class's queue
         is full, ValueError for an unknown class."""
         priority = job_class(priority)
@@ -230,6 +233,25 @@ class NpuScheduler:
             self._cond.notify_all()
         return future
 
+    def run_blocking(self, priority: JobClass | str, fn: Callable[..., T], *args: Any, kind: str = "step") -> T:
+        """Run one step from a worker thread (perception's analysis threads), waiting for its turn by job class;
+        on the executor thread itself it just runs. Never call it on the event loop: it blocks its caller."""
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        ticket = Ticket(self, job_class(priority), "")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        job = _Job(ticket.rank, next(self._seq), ticket, fn, args, kind, None, done)
+        with self._cond:
+            if self._closed:
+                raise SchedulerClosedError("the scheduler is closed")
+            ticket.pending = True
+            heapq.heappush(self._heap, job)
+            self._cond.notify_all()
+        try:
+            return done.result()
+        finally:
+            ticket.released = True
+
     def _blocked_by_higher(self, job: _Job, now: float) -> float:
         """Seconds to hold `job` back for a started higher-priority ticket between steps (0: run it)."""
         hold = 0.0
@@ -269,7 +291,8 @@ class NpuScheduler:
         started = time.monotonic()
         if ticket.first_step_at is None:
             ticket.first_step_at = started
-            job.loop.call_soon_threadsafe(self._mark_started, ticket)
+            if job.loop is not None:
+                job.loop.call_soon_threadsafe(self._mark_started, ticket)
         try:
             result, error = job.fn(*job.args), None
         except BaseException as exc:  # delivered to the awaiting coroutine
@@ -282,6 +305,11 @@ class NpuScheduler:
             ticket.last_step_done = done
         metrics.NPU_STEPS.labels(ticket.priority, job.kind).inc()
         metrics.NPU_BUSY.labels(ticket.priority).inc(done - started)
+        if self.on_busy is not None:
+            self.on_busy(done - started)
+        if job.loop is None:
+            _settle(job.future, result, error)
+            return
         try:
             job.loop.call_soon_threadsafe(_settle, job.future, result, error)
         except RuntimeError:  # the loop closed under us (shutdown)
@@ -307,7 +335,7 @@ class NpuScheduler:
         self._thread.join(timeout)
 
 
-def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+def _settle(future: asyncio.Future | concurrent.futures.Future, result: Any, error: BaseException | None) -> None:
     if future.done():
         return
     if error is not None:

@@ -95,4 +95,5 @@ def test_incar_sim_with_server_runs_the_whole_simulation(tmp_path):
     # answers. camera.up events can come before the HMI subscribes (it starts at "now"), so they are not asked for.
     for expected in ("server is SERVING", "frames accepted", "vehicle.locked", "sentinel.armed", "answer"):
         assert expected in out, f"{expected!r} missing from the simulation's output; {where}"
-    assert time.monotonic() - started < 400
+    # It ran the whole scripted simulation rather than stopping early (the subprocess timeout bounds it above).
+    assert time.monotonic() - started >= 40

@@ -9,11 +9,9 @@ import pytest
 
 import onnx
 
-from service.modelbuild import qdq, weight_codec
+from service.modelbuild import decoder, lfm2, qdq, weight_codec
 from service.runtime.backends import create_session
 
-lfm2 = pytest.importorskip("service.modelbuild.lfm2")
-decoder = pytest.importorskip("service.modelbuild.decoder")
 
 L, CHUNK, HIDDEN, VOCAB = 32, 8, 64, 256
 LAYERS = ["conv", "full_attention", "conv", "full_attention"]

@@ -8,14 +8,12 @@ import cv2
 import numpy as np
 import pytest
 
-from service.modelbuild import qdq, vision
+from service.modelbuild import bundle_writer, qdq, vision
 from service.modelbuild.reference_vision import vision_forward
+from service.runtime import bundle as bundle_mod
 from service.runtime.backends import BackendError
 from service.runtime.vision import VisionEncoder
 from tests.conftest import PHOTOS
-
-bundle_mod = pytest.importorskip("service.runtime.bundle")
-bundle_writer = pytest.importorskip("service.modelbuild.bundle_writer")
 
 
 @pytest.fixture(scope="module")

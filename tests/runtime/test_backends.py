@@ -13,7 +13,8 @@ from service.runtime.backends import BackendError, create_session
 
 
 def _gauge(backend, placement, model):
-    return REGISTRY.get_sample_value("incar_runtime_nodes", {"backend": backend, "placement": placement, "model": model})
+    labels = {"backend": backend, "placement": placement, "model": model}
+    return REGISTRY.get_sample_value("incar_runtime_nodes", labels)
 
 
 @pytest.fixture(scope="module")

@@ -150,3 +150,35 @@ def test_config_validation():
         SchedulerConfig(queue_limits={"vip": 1}).validate()
     with pytest.raises(ValueError, match="max_running"):
         SchedulerConfig(max_running=0).validate()
+
+
+async def test_a_worker_thread_step_waits_its_turn_by_class_and_reports_busy_time():
+    """Perception's analysis threads submit blocking steps: a CRITICAL one overtakes queued chat steps, and
+    every step's seconds reach the energy model's busy-time observer."""
+    busy: list[float] = []
+    scheduler = NpuScheduler(on_busy=busy.append)
+    gate, ran = threading.Event(), []
+    try:
+        blocker = asyncio.create_task(_hold(scheduler, gate, JobClass.CHAT))
+        await _until(lambda: scheduler.running(JobClass.CHAT) == 1 and scheduler.waiting(JobClass.CHAT) == 0,
+                     "the blocking chat step to start")
+        queued = []
+
+        async def chat():
+            async with scheduler.admit(JobClass.LOOKUP) as ticket:
+                step = ticket.submit(ran.append, "lookup")
+                queued.append(1)
+                await step
+        lookup = asyncio.create_task(chat())
+        await _until(lambda: queued, "the lookup step to queue")
+        worker = asyncio.create_task(asyncio.to_thread(
+            scheduler.run_blocking, JobClass.CRITICAL, ran.append, "critical-perception", kind="perception.faces"))
+        await _until(lambda: len(scheduler._heap) == 2, "the worker's step to queue")
+        gate.set()
+        await asyncio.gather(blocker, lookup, worker)
+    finally:
+        scheduler.close()
+    assert ran == ["critical-perception", "lookup"]
+    assert len(busy) == 3 and all(seconds >= 0 for seconds in busy)
+    with pytest.raises(ValueError, match="unknown job class"):
+        scheduler.run_blocking("safety", print)

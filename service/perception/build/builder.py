@@ -5,19 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import onnx
 import onnxruntime
 import structlog
 
-from service.runtime.bundle import sha256_file
 from service.perception.build.catalog import SPECS
 from service.perception.build.convert import convert_float
 from service.perception.build.quantize import RECIPE, quantize_w8a16
 from service.perception.build.spec import ModelSpec
 from service.perception.models import MANIFEST, VARIANTS, model_path, models_dir
+from service.runtime.bundle import sha256_file
 
 log = structlog.get_logger(__name__)
 

