@@ -67,6 +67,19 @@ class RewindableSequence:
         self.seq.append(token)
         return np.array(self.seq.logits, np.float32)
 
+    def feed(self, ids: list[int], start) -> np.ndarray:
+        """From mark `start`, the tokens `ids` (a question): prefilled in chunks on graphs that restore state
+        (one graph run instead of one per token), appended one by one otherwise. Returns the next logits."""
+        if not self._snapshots:
+            self.rewind(start)
+            for token in ids:
+                self.seq.append(token)
+            return np.array(self.seq.logits, np.float32)
+        self.seq = self.model.new_sequence(list(start.tokens) + list(ids), prefix=start)
+        while not self.seq.prefill_step():
+            pass
+        return np.array(self.seq.logits, np.float32)
+
     def mark(self):
         return self.seq.snapshot() if self._snapshots else self.seq.length
 
@@ -176,10 +189,8 @@ class ToolChooser:
             async with self.scheduler.admit(self.priority) as ticket:
                 steps = 0
                 try:
-                    logits = self._base_logits
-                    for token in query:
-                        logits = await ticket.step(seq.append, token, kind="decode")
-                        steps += 1
+                    logits = await ticket.step(seq.feed, query, self._base, kind="prefill")
+                    steps += 1
                     query_end = seq.length
                     if self.mode == "nearest":
                         name, used = self._closest(logits), 0
@@ -224,9 +235,7 @@ class ToolChooser:
     async def _represent(self, ticket, seq: RewindableSequence, question: str) -> np.ndarray:
         """An example question's representation (the sequence is rewound after it)."""
         mark = await ticket.step(seq.mark, kind="prefill")
-        logits = None
-        for token in self._query(" ".join(question.split())):
-            logits = await ticket.step(seq.append, token, kind="prefill")
+        logits = await ticket.step(seq.feed, self._query(" ".join(question.split())), mark, kind="prefill")
         await ticket.step(seq.rewind, mark, kind="prefill")
         return self._unit(logits)
 
