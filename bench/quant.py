@@ -76,7 +76,8 @@ def main() -> None:
         else:
             print(f"{r['component']:36} {r['precision']:9} {r['note']}")
     print(f"paper: CNN vision encoder W8A16 {PAPER['cnn_vision_encoder']['sqnr_db']:.0f} dB / "
-          f"{PAPER['cnn_vision_encoder']['rms_pct']} % RMS (QAT), ViT baseline {PAPER['vit_baseline']['sqnr_db']:.0f} dB")
+          f"{PAPER['cnn_vision_encoder']['rms_pct']} % RMS (QAT), "
+          f"ViT baseline {PAPER['vit_baseline']['sqnr_db']:.0f} dB")
     print(json.dumps({"bench": "quant", **flat_keys(rows), "paper": PAPER, "rows": rows, **extra}))
 
 

@@ -58,7 +58,8 @@ def lm_component(work: Path, tokens: int, calib_tokens: int, held_chunks: int, w
     build_decoder(spec, weights, tokens, "append", name="smollm2_chunk").save(plain, external_data="smollm2.float.data")
     r_spec, r_weights, _ = rotation.rotate_residual(spec, weights, seed=0)
     rotated = work / "smollm2.rotated.onnx"
-    build_decoder(r_spec, r_weights, tokens, "append", name="smollm2_rot").save(rotated, external_data="smollm2.rot.data")
+    build_decoder(r_spec, r_weights, tokens, "append", name="smollm2_rot").save(
+        rotated, external_data="smollm2.rot.data")
     plain_table, rot_table = weights["embed"], r_weights["embed"]
     del weights, r_weights
     float_sess = create_session(plain, "cpu")

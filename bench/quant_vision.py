@@ -127,7 +127,7 @@ def build_efficientnet_lite0(sd: dict, path: Path, image_size: int = 224) -> Pat
 
     x = relu6(conv(x, "stem", *_fold_bn(sd, "_conv_stem", "_bn0"), stride=2))
     idx = 0
-    for expand, k, stride, cout, repeats in LITE0_STAGES:
+    for expand, _kernel, stride, _channels, repeats in LITE0_STAGES:   # the weights carry k, cout
         for r in range(repeats):
             p = f"_blocks.{idx}"
             h = x
@@ -196,7 +196,8 @@ def vision_component(work: Path, calib_count: int, size: int) -> tuple[list[dict
     cases = [("vision_w8a16_baseline", "per-channel int8 weights (round to nearest), uint16 activations", None),
              ("vision_w8a16", "recipe: per-channel, equalization, sequential rounding, bias correction, split layers",
               cnn_ptq.CnnRecipe()),
-             ("vision_w8a16_nosplit", "recipe without split layers (all weights int8)", cnn_ptq.CnnRecipe(split_budget=0.0))]
+             ("vision_w8a16_nosplit", "recipe without split layers (all weights int8)",
+              cnn_ptq.CnnRecipe(split_budget=0.0))]
     precision = "w8a16"
     for key, recipe_text, recipe in cases:
         row = {"component": "vision_encoder (EfficientNet-Lite0)", "precision": precision, "key": key,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 ROOT = Path(__file__).resolve().parents[2]
 HELD_OUT_SHARE = 4                 # one document in four is held out

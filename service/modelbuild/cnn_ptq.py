@@ -24,7 +24,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -103,9 +103,9 @@ def _run_with(model: onnx.ModelProto, feeds: Sequence[Mapping], names: Sequence[
 
 def _patches(x: np.ndarray, node: onnx.NodeProto, k: int) -> np.ndarray:
     """x [C, H, W] -> [C, k*k, P] input patches of the conv (its pads and strides)."""
-    t, l, b, r = (_attr(node, "pads") or [0, 0, 0, 0])
+    top, left, bottom, right = (_attr(node, "pads") or [0, 0, 0, 0])
     s = (_attr(node, "strides") or [1, 1])[0]
-    xp = np.pad(x, ((0, 0), (t, b), (l, r)))
+    xp = np.pad(x, ((0, 0), (top, bottom), (left, right)))
     win = sliding_window_view(xp, (k, k), axis=(1, 2))[:, ::s, ::s]       # [C, Ho, Wo, k, k]
     c = x.shape[0]
     return win.reshape(c, -1, k * k).transpose(0, 2, 1)

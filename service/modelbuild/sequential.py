@@ -8,7 +8,7 @@ chosen first from the float weights, then GPTQ picks the 4-bit integers under th
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -21,7 +21,8 @@ log = structlog.get_logger(__name__)
 
 
 def linear_hessians(float_path, feeds: Sequence[Mapping[str, np.ndarray]],
-                    weight_names: Sequence[str] | None = None, skip: Sequence[str] = ("lm_head",)) -> dict[str, np.ndarray]:
+                    weight_names: Sequence[str] | None = None,
+                    skip: Sequence[str] = ("lm_head",)) -> dict[str, np.ndarray]:
     """Weight name -> H [K, K] (float32) for the MatMul weights of the graph (all `*.weight` but those matching
     `skip`, or those named). The head is skipped by default: it is the largest matrix (vocab x hidden), stays
     8-bit, and gains least from sequential rounding."""
