@@ -27,6 +27,7 @@ from service.cameras.ring import CameraFrame
 from service.perception.cascade import SLOW_STAGES, Cascade
 from service.perception.types import Face, FrameAnalysis, TextLine
 from service.power.sources import record_busy
+from service.runtime.scheduler import JobClass
 
 log = structlog.get_logger(__name__)
 
@@ -97,8 +98,10 @@ class AnalysisPipeline:
                 started = time.perf_counter()
                 LANE_WAIT.labels(lane).observe(started - since)
                 try:
+                    # On an NPU the lane is the job class its detector runs are ranked by.
+                    job = JobClass.CRITICAL if lane == "safety" else JobClass.ALERT
                     analysis = await loop.run_in_executor(self._executors[lane], self.cascade.analyze,
-                                                          frame.original, frame, skip)
+                                                          frame.original, frame, skip, job)
                 except Exception:
                     log.exception("pipeline.analysis_failed", camera_id=frame.camera_id, lane=lane)
                     continue

@@ -30,6 +30,7 @@ from service.liveview import LiveView
 from service.liveview import add_to_server as add_liveview_service
 from service.pipeline import AnalysisPipeline
 from service.power.manager import PowerManager
+from service.power.sources import record_busy
 from service.caller_role import role_resolver
 from service.runtime.assistant import AssistantService
 from service.runtime.conversations import ConversationStore
@@ -119,7 +120,8 @@ class Application:
         self.cascade = Cascade(config.perception)
         self.pipeline = AnalysisPipeline(self.cameras, self.cascade)
         self.liveview = LiveView(self.cameras, config.cameras.watchdog_timeout_seconds)
-        self.models = ModelHost(config.runtime, describe_images=self.pipeline.describe_images)
+        self.models = ModelHost(config.runtime, describe_images=self.pipeline.describe_images, on_busy=record_busy)
+        self.cascade.use_scheduler(self.models.scheduler)   # one NPU: detectors and the model share it
         self.power = PowerManager(config.power, config.runtime.backend, mode_provider=self.vehicle.mode,
                                   set_analysis_rate=self.cameras.set_analysis_rate,
                                   set_cascade_depth=self.cascade.set_camera_depth,

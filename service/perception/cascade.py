@@ -17,7 +17,10 @@ from prometheus_client import Counter, Histogram
 from service.perception.models import model_path, models_dir
 from service.perception.motion import MotionConfig, MotionDetector
 from service.perception.objects import IouTracker
+from service.perception.scheduled import job_class, schedule_sessions
 from service.perception.types import FrameAnalysis
+from service.runtime.providers import QNN_BACKENDS
+from service.runtime.scheduler import JobClass, NpuScheduler
 
 log = structlog.get_logger(__name__)
 
@@ -134,6 +137,7 @@ class Cascade:
         self._lock = threading.Lock()
         self._models: dict[str, object] = {}
         self._model_lock = threading.Lock()
+        self._scheduler: NpuScheduler | None = None
 
     # --- run-time control -------------------------------------------------------------------------------------
     @property
@@ -172,12 +176,23 @@ class Cascade:
         return base + tuple(s for s, rides_with in EXTRA_STAGES.items() if s in configured and rides_with in base)
 
     # --- models (opened on first use, shared by all cameras) -------------------------------------------------
+    def use_scheduler(self, scheduler: NpuScheduler) -> None:
+        """On a QNN backend, run every detector session as a step on the one NPU scheduler, ranked by the job
+        class of the frame (see `service.perception.scheduled`); on the CPU backend this does nothing."""
+        if self.config.backend not in QNN_BACKENDS:
+            return
+        with self._model_lock:
+            self._scheduler = scheduler
+            for name, model in self._models.items():
+                schedule_sessions(model, scheduler, name)
+
     def model(self, name: str):
         """A loaded perception model ("faces", "objects", "identity", "text", "pose", "age"), opened on first use
         and shared with single-image callers (enrolment, sign reading, image descriptions)."""
         with self._model_lock:
             if name not in self._models:
-                self._models[name] = self._open(name)
+                model = self._open(name)
+                self._models[name] = schedule_sessions(model, self._scheduler, name) if self._scheduler else model
             return self._models[name]
 
     def _open(self, name: str):
@@ -216,9 +231,14 @@ class Cascade:
             return state
 
     # --- the cascade ------------------------------------------------------------------------------------------
-    def analyze(self, bgr: np.ndarray, meta: CameraMeta, skip: tuple[str, ...] = ()) -> FrameAnalysis:
+    def analyze(self, bgr: np.ndarray, meta: CameraMeta, skip: tuple[str, ...] = (),
+                job: JobClass = JobClass.ALERT) -> FrameAnalysis:
         """Run this camera's stages on one frame (`skip`: stages to leave out this time, e.g. SLOW_STAGES for a
-        frame in the safety lane)."""
+        frame in the safety lane; `job`: the job class of its NPU runs on a QNN backend)."""
+        with job_class(job):
+            return self._analyze(bgr, meta, skip)
+
+    def _analyze(self, bgr: np.ndarray, meta: CameraMeta, skip: tuple[str, ...]) -> FrameAnalysis:
         if not isinstance(bgr, np.ndarray) or bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
             raise ValueError(f"cascade: expected a uint8 BGR frame HxWx3, got "
                              f"{getattr(bgr, 'dtype', type(bgr))} {getattr(bgr, 'shape', '')}")
