@@ -26,7 +26,8 @@ def day_and_clock(epoch: float) -> str:
 async def where_is_my_car(car_finder) -> ToolResult:
     records = car_finder.history(1)
     if not records:
-        return ToolResult("No parking position has been recorded yet.", data={"recorded": False})
+        return ToolResult("No parking position has been recorded yet.", ["No parking position"],
+                          data={"recorded": False})
     r = records[0]
     when = day_and_clock(r.time.ToSeconds())
     spot = [f"level {r.level}" if r.level else "", f"row {r.row}" if r.row else "", f"bay {r.bay}" if r.bay else ""]

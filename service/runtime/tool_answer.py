@@ -102,8 +102,8 @@ class ToolAnswerer:
 
 async def word_result(engine, question: str, result: ToolResult) -> str:
     """The model's words for `result` when they keep every fact and invent none; otherwise the result as it is."""
-    if engine is None:
-        return result.text
+    if engine is None or not result.facts:
+        return result.text      # nothing to check the words against: the result says it as it is
     try:
         words = await engine.complete(f"Question: {question}\nTool result: {result.text}", priority="chat",
                                       max_tokens=WORDING_MAX_TOKENS, system=WORDING_SYSTEM)
