@@ -186,7 +186,8 @@ def quantize_qdq(float_path: str | Path, out_path: str | Path, calibration: Sequ
         onnx.save_model(quantized, str(out_path), save_as_external_data=big, all_tensors_to_one_file=True,
                         location=out_path.name + ".data")
     log.info("qdq.quantized", model=float_path.name, precision=precision, samples=len(calibration),
-             lpbq=len(lpbq), rounded=len(integers or {}) + len(hessians or {}), seconds=round(time.monotonic() - started, 2))
+             lpbq=len(lpbq), rounded=len(integers or {}) + len(hessians or {}),
+             seconds=round(time.monotonic() - started, 2))
     return out_path
 
 
