@@ -127,10 +127,6 @@ class SwitchableNarrator:
     def use(self, model: Narrator | None) -> None:
         self._model = model
 
-    @property
-    def using_model(self) -> bool:
-        return self._model is not None
-
     async def complete(self, prompt: str, *, priority: str, max_tokens: int = 64, json_schema: str | None = None,
                        images: Sequence[np.ndarray] = (), system: str | None = None) -> str:
         model = self._model

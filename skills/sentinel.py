@@ -24,7 +24,7 @@ from service.perception.types import FrameAnalysis
 from service.runtime.scheduler import JobClass
 from skills.base import NotFoundError, PreconditionError, Skill, SkillContext, is_moving, narrate
 from skills.config import SentinelConfig
-from skills.sentinel_clips import ClipStore, clip_message, footage_of
+from skills.sentinel_clips import ClipStore, footage_of
 from skills.sentinel_watch import CameraWatch, ZoneThresholds, intrusion_signals
 
 log = structlog.get_logger(__name__)
@@ -362,9 +362,6 @@ class Sentinel(Skill):
     # ------------------------------------------------------------------ clip queries
     def list_clips(self, limit: int = 0) -> list[skills_pb2.Clip]:
         return self.clips.list(limit)
-
-    def get_clip(self, clip_id: str) -> skills_pb2.Clip:
-        return clip_message(self.clips.row(clip_id))
 
     def clip_files(self, clip_id: str, camera_id: str = ""):
         return self.clips.files(clip_id, camera_id)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,7 +182,3 @@ def tokenizer_from_gguf(reader) -> tuple[dict, dict]:
     return tok_json, cfg
 
 
-
-
-def dump_tokenizer(tok_json: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(tok_json, ensure_ascii=False))

@@ -97,11 +97,6 @@ class Governor:
         self.cameras[camera_id] = CameraPlan(camera_id, nominal_fps, max_stages, tuple(purposes))
         self._apply()
 
-    def remove_camera(self, camera_id: str) -> None:
-        if self.cameras.pop(camera_id, None) is not None:
-            CAMERA_RATE.remove(camera_id)
-            CAMERA_DEPTH.remove(camera_id)
-
     def set_skill_active(self, skill: str, active: bool) -> None:
         """Floors apply only for active skills (Safety while occupants may exit, Sentinel while armed)."""
         before = set(self.active_skills)
