@@ -27,6 +27,7 @@ from service.cameras.ring import CameraFrame
 from service.perception.cascade import SLOW_STAGES, Cascade
 from service.perception.types import Face, FrameAnalysis, TextLine
 from service.power.sources import record_busy
+from service.runtime.frame_cache import FrameCache
 from service.runtime.scheduler import JobClass
 
 log = structlog.get_logger(__name__)
@@ -67,6 +68,7 @@ class AnalysisPipeline:
         self.hub = hub
         self.cascade = cascade
         self.lane_of: LaneOf = lane_of or (lambda frame: "general")
+        self.frame_cache = FrameCache()      # a frame asked about twice is described once
         self._executors = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"analysis-{lane}") for lane in LANES}
 
     def _lane(self, frame: CameraFrame) -> str:
@@ -137,22 +139,22 @@ class AnalysisPipeline:
 
     def describe_images(self, images: Sequence[np.ndarray]) -> str:
         """What a text-only model is told about images: the facts perception can see, stated plainly."""
-        parts = []
-        for index, bgr in enumerate(images, start=1):
-            facts = []
-            try:
-                objects = self.cascade.model("objects").detect(bgr)
-            except KeyError:
-                objects = []
-            counts = Counter(d.label for d in objects)
-            if counts:
-                facts.append(", ".join(f"{n} {label}{'s' if n > 1 else ''}" for label, n in counts.most_common()))
-            faces = self.cascade.model("faces").detect(bgr)
-            if faces:
-                facts.append(f"{len(faces)} face{'s' if len(faces) > 1 else ''}")
-            texts = [t.text for t in self.read_signs(bgr) if t.text.strip()]
-            if texts:
-                facts.append("text reading " + "; ".join(f'"{t}"' for t in texts[:4]))
-            seen = "; ".join(facts) if facts else "nothing the perception models recognise"
-            parts.append(f"Image {index}: {seen}.")
-        return " ".join(parts)
+        return " ".join(f"Image {index}: {self.frame_cache.get_or_compute('description', bgr, self._facts)}."
+                        for index, bgr in enumerate(images, start=1))
+
+    def _facts(self, bgr: np.ndarray) -> str:
+        facts = []
+        try:
+            objects = self.cascade.model("objects").detect(bgr)
+        except KeyError:
+            objects = []
+        counts = Counter(d.label for d in objects)
+        if counts:
+            facts.append(", ".join(f"{n} {label}{'s' if n > 1 else ''}" for label, n in counts.most_common()))
+        faces = self.cascade.model("faces").detect(bgr)
+        if faces:
+            facts.append(f"{len(faces)} face{'s' if len(faces) > 1 else ''}")
+        texts = [t.text for t in self.read_signs(bgr) if t.text.strip()]
+        if texts:
+            facts.append("text reading " + "; ".join(f'"{t}"' for t in texts[:4]))
+        return "; ".join(facts) if facts else "nothing the perception models recognise"

@@ -25,6 +25,7 @@ import structlog
 from service.runtime import metrics
 from service.runtime.constrained import JsonConstraint, JsonConstraintFactory, SchemaError
 from service.runtime.conversations import Conversation
+from service.runtime.frame_cache import FrameCache
 from service.runtime.prompts import PrefixStates, Prompt, build_prompt
 from service.runtime.sampling import Sampler
 from service.runtime.scheduler import PRIORITIES, NpuScheduler, QueueFullError, Ticket
@@ -51,7 +52,10 @@ class EngineConfig:
     max_tokens_limit: int = 2048
     # A JSON answer may run past max_tokens by this much to close its value: a skill must get parseable JSON.
     json_extra_tokens: int = 128
-    system_prompt: str = "You are the in-car assistant. Answer briefly and factually."
+    # Chosen on the faithful int4 transcode: with it SmolLM2-135M, its float weights and llama.cpp on the same GGUF
+    # all answer capital-city questions right; "You are the in-car assistant. Answer briefly and factually." made
+    # all three answer in French ("La femme au France...").
+    system_prompt: str = "You are a helpful assistant in the car. Give short, factual answers in English."
     # Against degenerate loops of greedy small models ("cars, cars, cars"): the generated tokens' logits are
     # divided by this (multiplied when negative), as in CTRL / HF `repetition_penalty`; 1 turns it off.
     repetition_penalty: float = 1.15
@@ -251,6 +255,7 @@ class GenerationEngine:
         self.config.validate()
         self.describe_images = describe_images or default_describe_images
         self.prefixes = PrefixStates(self.config.prompt_cache_bytes)
+        self.frames = FrameCache()                 # a frame asked about twice is encoded once
         self.tokenizer = model.tokenizer
         self._eos = set(model.eos_token_ids)
         manifest = model.bundle.manifest
@@ -291,7 +296,7 @@ class GenerationEngine:
         priority = request.priority
         if priority not in PRIORITIES:
             raise InvalidRequestError(f"priority: {priority!r} is not one of {', '.join(PRIORITIES)}")
-        sampler, constraint = self._sampling(request)
+        sampler, constraint = await self._sampling(request)
         outcome: str | None = "error"
         try:
             # Preprocessing runs before admission: queue time is pure waiting for the NPU.
@@ -336,7 +341,7 @@ class GenerationEngine:
                 metrics.REQUEST_DURATION.labels(priority).observe(time.monotonic() - started)
 
     # ---- internals -------------------------------------------------------------------------------
-    def _sampling(self, request: GenerationRequest) -> tuple[Sampler, JsonConstraint | None]:
+    async def _sampling(self, request: GenerationRequest) -> tuple[Sampler, JsonConstraint | None]:
         try:
             sampler = Sampler(temperature=request.temperature, top_p=request.top_p or 1.0,
                               top_k=request.top_k, seed=request.seed)
@@ -347,7 +352,7 @@ class GenerationEngine:
         constraint = None
         if request.json_schema:
             try:
-                constraint = self._json.for_schema(request.json_schema)
+                constraint = await self._json.for_schema_async(request.json_schema)   # compiled off the loop
             except SchemaError as exc:
                 raise InvalidRequestError(str(exc)) from exc
         return sampler, constraint
@@ -394,6 +399,9 @@ class GenerationEngine:
         if not getattr(self.model, "shared_state", False):     # this bundle's graphs cannot restore state
             return self.model.new_sequence(prompt.ids, image_embeds), 0
         state = prompt.history
+        if state is not None and state.model_key != self.model.state_key:
+            state = None          # made by the bundle before a swap: this model prefills the history itself
+            metrics.CONVERSATION_REPREFILLS.labels("swapped").inc()
         if state is None and prompt.head_len and self.config.prompt_cache_bytes:
             head = tuple(prompt.ids[:prompt.head_len])
             state = self.prefixes.get(head)
@@ -442,11 +450,17 @@ class GenerationEngine:
             if (reason := self._stop_reason(request)):
                 yield finish(reason)
                 return
-            embeds = await ticket.step(self.vision.encode, img, kind="vision")
+            encoded = []
+
+            def encode(image):
+                encoded.append(image)
+                return self.vision.encode(image)
+            embeds = await ticket.step(self.frames.get_or_compute, "vision_encode", img, encode, kind="vision")
             image_embeds.append(embeds)
-            timings.preprocess_s += self.vision.preprocess_seconds
-            timings.vision_encode_s += self.vision.encode_seconds
-            metrics.VISION_ENCODE.observe(self.vision.encode_seconds)
+            if encoded:                            # not reused from an earlier question about this frame
+                timings.preprocess_s += self.vision.preprocess_seconds
+                timings.vision_encode_s += self.vision.encode_seconds
+                metrics.VISION_ENCODE.observe(self.vision.encode_seconds)
 
         seq, timings.cached_prompt_tokens = await self._sequence(ticket, prompt, image_embeds)
         decoder = _Decoder(seq, sampler, constraint, self._eos, request.ignore_eos and constraint is None,

@@ -2,6 +2,8 @@
 the same tokens as prefilling everything (the restored state is the state)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from service.runtime.conversations import ConversationConfig, ConversationNotFound, ConversationStore
@@ -85,3 +87,15 @@ async def test_memory_and_context_policies():
         await answer(engine, GenerationRequest("word " * context, max_tokens=8, conversation=long))
     squeezed = await answer(engine, GenerationRequest("Last question?", max_tokens=context - 300, conversation=long))
     assert squeezed.timings.prompt_tokens <= 300 and long.turns == 7    # old turns dropped to leave the room
+
+
+async def test_a_conversation_outlives_a_bundle_swap():
+    """A state made by the bundle before a swap does not fit the new one: the history is prefilled, not lost."""
+    engine = engine_with()
+    store = ConversationStore()
+    talk = store.start(engine.config.system_prompt)
+    await answer(engine, GenerationRequest("My car is red.", max_tokens=8, conversation=talk))
+    talk.state = dataclasses.replace(talk.state, model_key=("another bundle", "int4"))
+    done = await answer(engine, GenerationRequest("What colour is my car?", max_tokens=16, conversation=talk))
+    assert done.finish_reason in ("stop", "length") and done.timings.cached_prompt_tokens < 20   # system head only
+    assert talk.turns == 2 and talk.state.model_key == engine.model.state_key
