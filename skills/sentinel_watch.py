@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from incar.v1 import vehicle_pb2
-from service.perception.types import Detection, FrameAnalysis, Pose
+from service.perception.types import Detection, FrameAnalysis, Pose, box_iou
 from skills.base import area, centre, inside, overlap, to_pixels
 from skills.config import CameraGeometry, SentinelConfig
 
@@ -203,7 +203,7 @@ class CameraWatch:
             for track in self.tracks.values():
                 if track.last_seen == now:
                     continue
-                iou = _iou(track.box, person.box)
+                iou = box_iou(track.box, person.box)
                 if iou > best_iou:
                     best, best_iou = track, iou
             if best is not None:
@@ -224,15 +224,10 @@ class CameraWatch:
         return any(now - t.last_seen <= gap for t in self.tracks.values())
 
 
-def _iou(a, b) -> float:
-    inter = overlap(a, b)
-    return inter / max(area(a) + area(b) - inter, 1e-9)
-
-
 def _pose_for(person: Detection, poses: tuple[Pose, ...]) -> Pose | None:
     best, best_iou = None, 0.3
     for pose in poses:
-        iou = _iou(pose.box, person.box)
+        iou = box_iou(pose.box, person.box)
         if iou > best_iou:
             best, best_iou = pose, iou
     return best

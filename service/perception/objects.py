@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from service.perception.types import Detection
+from service.perception.types import Detection, box_iou
 from service.runtime.backends import create_session
 
 COCO_CLASSES = (
@@ -117,13 +117,6 @@ class _Track:
     missed: int = 0
 
 
-def _iou(a, b) -> float:
-    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 class IouTracker:
     """Greedy IoU association per class. Velocity (box-centre px/s) and looming (d(area)/dt / area, 1/s) are
     exponentially smoothed: a box jitters a few pixels per frame, and looming from two raw boxes is noisy."""
@@ -136,7 +129,7 @@ class IouTracker:
         self._ids = itertools.count(1)
 
     def update(self, detections: list[Detection], timestamp: float) -> list[Detection]:
-        pairs = sorted(((_iou(t.box, d.box), ti, di) for ti, t in enumerate(self._tracks)
+        pairs = sorted(((box_iou(t.box, d.box), ti, di) for ti, t in enumerate(self._tracks)
                         for di, d in enumerate(detections) if t.label == d.label), reverse=True)
         used_t, used_d, out = set(), set(), [None] * len(detections)
         for score, ti, di in pairs:

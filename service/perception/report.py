@@ -14,19 +14,12 @@ import numpy as np
 
 from service.perception.calibration import HELD_OUT_PHOTOS, HELD_OUT_SIGNS, load_photo, sign_images, sign_strips
 from service.perception.models import model_path
+from service.perception.types import box_iou
 
 # Tolerances: every float face must have a QDQ twin overlapping this much, and text must be equal.
 FACE_MIN_IOU = 0.85
 TEXT_BOX_MIN_IOU = 0.85
 OBJECT_MIN_IOU = 0.8
-
-
-def box_iou(a, b) -> float:
-    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
-    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _match_boxes(ref: list, got: list) -> dict:

@@ -8,6 +8,16 @@ import numpy as np
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels of the analysed frame
 
 
+def box_iou(a, b) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes; 0 when they do not overlap."""
+    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
+    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+
 @dataclass(frozen=True)
 class Detection:
     label: str                 # COCO class name: "person", "bicycle", "car", ...
