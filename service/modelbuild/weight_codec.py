@@ -175,10 +175,12 @@ def to_lpbq(model: onnx.ModelProto, weight: str, w: np.ndarray, block: int = 64,
     nodes[at:at + 1] = [scale_dq, new_dq]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    # drop the per-channel int4 tensors this replaced, by index: re-adding every initializer would copy
+    # the whole model's weights once per rewritten layer
     used = {i for nd in model.graph.node for i in nd.input}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    stale = [i for i, t in enumerate(model.graph.initializer) if t.name in set(dq.input) and t.name not in used]
+    for i in reversed(stale):
+        del model.graph.initializer[i]
     return enc
 
 
