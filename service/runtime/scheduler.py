@@ -224,14 +224,16 @@ class NpuScheduler:
             raise RuntimeError("step submitted on a released ticket")
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
-        job = _Job(ticket.rank, next(self._seq), ticket, fn, args, kind, loop, future)
+        self._push(_Job(ticket.rank, next(self._seq), ticket, fn, args, kind, loop, future))
+        return future
+
+    def _push(self, job: _Job) -> None:
         with self._cond:
             if self._closed:
                 raise SchedulerClosedError("the scheduler is closed")
-            ticket.pending = True
+            job.ticket.pending = True
             heapq.heappush(self._heap, job)
             self._cond.notify_all()
-        return future
 
     def run_blocking(self, priority: JobClass | str, fn: Callable[..., T], *args: Any, kind: str = "step") -> T:
         """Run one step from a worker thread (perception's analysis threads), waiting for its turn by job class;
@@ -240,13 +242,7 @@ class NpuScheduler:
             return fn(*args)
         ticket = Ticket(self, job_class(priority), "")
         done: concurrent.futures.Future = concurrent.futures.Future()
-        job = _Job(ticket.rank, next(self._seq), ticket, fn, args, kind, None, done)
-        with self._cond:
-            if self._closed:
-                raise SchedulerClosedError("the scheduler is closed")
-            ticket.pending = True
-            heapq.heappush(self._heap, job)
-            self._cond.notify_all()
+        self._push(_Job(ticket.rank, next(self._seq), ticket, fn, args, kind, None, done))
         try:
             return done.result()
         finally:

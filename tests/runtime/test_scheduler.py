@@ -98,7 +98,8 @@ async def test_queued_steps_run_in_job_class_order(scheduler):
 async def test_full_queue_raises_queue_full_and_frees_on_release(scheduler):
     gate = threading.Event()
     running = asyncio.create_task(_hold(scheduler, gate))
-    await _until(lambda: scheduler.running("chat") == 1, "the first chat to hold the slot")
+    await _until(lambda: scheduler.running("chat") == 1 and scheduler.waiting("chat") == 0,
+                 "the first chat's step to start")
     waiting = asyncio.create_task(_hold(scheduler, gate))          # fills the chat queue (limit 1)
     await _until(lambda: scheduler.waiting("chat") == 1, "the second chat to wait")
     with pytest.raises(QueueFullError, match="chat queue is full"):
@@ -114,7 +115,8 @@ async def test_full_queue_raises_queue_full_and_frees_on_release(scheduler):
 async def test_queue_time_is_measured_and_cancelled_waiters_leave_cleanly(scheduler):
     gate = threading.Event()
     first = asyncio.create_task(_hold(scheduler, gate))
-    await _until(lambda: scheduler.running("chat") == 1, "the first chat to hold the slot")
+    await _until(lambda: scheduler.running("chat") == 1 and scheduler.waiting("chat") == 0,
+                 "the first chat's step to start")
     second = asyncio.create_task(_hold(scheduler, gate))
     await _until(lambda: scheduler.waiting("chat") == 1, "the second chat to wait")
     second.cancel()                                # a client gave up while queued
