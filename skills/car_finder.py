@@ -177,7 +177,8 @@ class CarFinder(Skill):
         """OCR lines from every exterior camera's latest frame (perception's text stage when it ran)."""
         lines: list[TextLine] = []
         snapshot, best = None, -1
-        for analysis in self._exterior.values():
+        # A copy: this runs in a worker thread while the event loop adds cameras to the dict.
+        for analysis in list(self._exterior.values()):
             found = list(analysis.texts) if "text" in analysis.stages_run or analysis.texts else []
             if not found and self.read_signs is not None:
                 found = list(self.read_signs(analysis.frame))
