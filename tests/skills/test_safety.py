@@ -21,10 +21,10 @@ FRONT_LEFT = vehicle_pb2.DOOR_ID_FRONT_LEFT
 @pytest.fixture(scope="session")
 def detectors():
     from service.perception.age import AgeEstimator
-    from service.perception.build import ensure_built
+    from service.perception.build import build
     from service.perception.faces import FaceDetector
     from service.perception.models import model_path
-    ensure_built()
+    build(quantize=False, progress=lambda line: None)   # the CPU runs the float graphs
     faces, age = FaceDetector(model_path("face_full"), "full"), AgeEstimator(model_path("age"))
     return lambda frame: age.annotate(frame, faces.detect(frame))
 
@@ -182,10 +182,10 @@ async def test_closing_up_with_the_driver_seated_or_an_empty_cabin_raises_nothin
 
 
 async def test_a_dog_alone_is_reported_as_a_pet(harness, clock):
-    from service.perception.build import ensure_built
+    from service.perception.build import build
     from service.perception.models import model_path
     from service.perception.objects import ObjectDetector
-    ensure_built()
+    build(quantize=False, progress=lambda line: None)   # the CPU runs the float graphs
     dog = photo("dog.jpg")
     detections = ObjectDetector(model_path("objects")).detect(dog)
     assert any(d.label == "dog" for d in detections) and not any(d.label == "person" for d in detections)

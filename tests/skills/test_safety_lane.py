@@ -29,9 +29,9 @@ class ScriptedHub:
 
 @pytest.fixture(scope="module")
 def cascade():
-    from service.perception.build import ensure_built
+    from service.perception.build import build
     from service.perception.cascade import Cascade, PerceptionConfig
-    ensure_built()
+    build(quantize=False, progress=lambda line: None)   # the CPU runs the float graphs
     c = Cascade(PerceptionConfig())
     for name in ("objects", "faces", "text"):
         c.model(name)            # opened up front: the order below is about analysis, not model loading
