@@ -39,6 +39,7 @@ from service.security import integration as security
 from skills.base import SkillContext, SwitchableNarrator
 from skills.services import SkillHost, skills_data_dir
 from skills.greeter import cascade_liveness
+from skills.hmi_screen import ScreenReader
 from skills.stages import CameraStages
 from skills.tools import SkillTools
 from service.events_service import EventsServicer
@@ -144,7 +145,7 @@ class Application:
         self.skills.sentinel.connect_perception(pose_stages=stages.switch("sentinel", ("pose",)))
         self.assistant = AssistantService(None, frames_for=self._frames_for, config=config.runtime.assistant,
                                           tools=SkillTools(self.skills), role_of=role_resolver(config),
-                                          read_text=self.pipeline.read_signs,
+                                          answer_screen=ScreenReader(self.pipeline.read_signs),
                                           conversations=ConversationStore(config.runtime.conversations))
 
     def _frames_for(self, camera_ids):

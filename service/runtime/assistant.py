@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -25,15 +25,16 @@ from service.runtime.conversations import ConversationStore
 from service.runtime.engine import (Done, GenerationEngine, GenerationRequest, InvalidRequestError, ModelFailure,
                                     TextDelta)
 from service.runtime.scheduler import QueueFullError
-from service.runtime.screen_answer import ReadText, merged, read_screens, relevant
 from service.runtime.tool_answer import ToolAnswerer, word_result
-from service.runtime.tooling import ToolRegistry
+from service.runtime.tooling import ToolRegistry, ToolResult
 
 log = structlog.get_logger(__name__)
 
 # frames_for(camera_ids) -> one BGR frame per id, in order. Raises KeyError(camera_id) for an unknown camera
 # and LookupError (not KeyError) when a known camera has no frame yet.
 FramesFor = Callable[[Sequence[str]], Sequence[np.ndarray]]
+# answer_screen(question, images) -> the facts of an HMI screen among the images, or None (skills.hmi_screen).
+AnswerScreen = Callable[[str, Sequence[np.ndarray]], Awaitable[ToolResult | None]]
 
 
 @dataclass
@@ -80,7 +81,7 @@ async def decode_image(index: int, image: common_pb2.Image, max_pixels: int, con
 class AssistantService(ConversationRpcs, assistant_pb2_grpc.AssistantServicer):
     def __init__(self, engine: GenerationEngine | None = None, frames_for: FramesFor | None = None,
                  config: AssistantConfig | None = None, tools: ToolRegistry | None = None,
-                 role_of: Callable[[object], str] | None = None, read_text: ReadText | None = None,
+                 role_of: Callable[[object], str] | None = None, answer_screen: AnswerScreen | None = None,
                  conversations: ConversationStore | None = None):
         self.config = config or AssistantConfig()
         self.config.validate()
@@ -91,7 +92,7 @@ class AssistantService(ConversationRpcs, assistant_pb2_grpc.AssistantServicer):
         # The caller's role decides which state-changing tools it may use (server.py reads it from the auth
         # check); without one, the least privileged role.
         self._role_of = role_of or (lambda context: "hmi")
-        self._read_text = read_text     # OCR with positions: questions about HMI screenshots
+        self._answer_screen = answer_screen     # questions about HMI screenshots, answered from their layout
         self.tools = ToolAnswerer(tools, self.config) if tools is not None else None
         if engine is not None and self.tools is not None:
             self.tools.use(engine)
@@ -135,12 +136,11 @@ class AssistantService(ConversationRpcs, assistant_pb2_grpc.AssistantServicer):
         if engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, self._loading_reason)
         images = await self._gather_images(request, context)
-        if images and self._read_text is not None and not request.json_schema:
+        if images and self._answer_screen is not None and not request.json_schema:
             started = time.monotonic()
-            screens = await read_screens(images, self._read_text)
-            if screens:
+            result = await self._answer_screen(question, images)
+            if result is not None:
                 # An HMI screen: the answer comes from its layout (the values OCR read), worded by the model.
-                result = relevant(question, merged(screens))
                 text = await word_result(engine, question, result)
                 yield assistant_pb2.AskResponse(text=text)
                 yield assistant_pb2.AskResponse(done=assistant_pb2.AskDone(

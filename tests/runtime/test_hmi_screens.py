@@ -10,6 +10,7 @@ from service.perception.screen import describe_screen, read_screen
 from service.runtime.assistant import AssistantService
 from service.runtime.engine import GenerationEngine
 from service.runtime.scheduler import NpuScheduler
+from skills.hmi_screen import ScreenReader
 from tests.runtime.assistant_server import AssistantServer
 from tests.runtime.hmi_screens import AMBER, hmi_screen
 from tests.runtime.serving_support import language_model
@@ -53,7 +54,7 @@ class Screens(AssistantServer):
     def __init__(self, read_text):
         self.scheduler = NpuScheduler()
         engine = GenerationEngine(language_model(), None, self.scheduler, describe_images=lambda images: "")
-        super().__init__(AssistantService(engine, read_text=read_text))
+        super().__init__(AssistantService(engine, answer_screen=ScreenReader(read_text)))
 
     async def __aexit__(self, *exc):
         await super().__aexit__(*exc)

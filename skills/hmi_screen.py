@@ -1,5 +1,7 @@
 """Questions about an HMI screenshot (an inline image or an HMI camera's frame), answered from its layout.
 
+Handed to the Assistant as a callable (`ScreenReader`): the runtime runs the model and knows no perception stage.
+
 OCR reads the screen's text with positions; `service.perception.screen` turns the lines into labelled readings,
 warnings and a menu. The readings the question asks about ("What range does the screen show?" -> RANGE 312 km)
 become a result the model words, kept only when its words hold every value and invent none, as tool results are.
@@ -78,3 +80,14 @@ def merged(screens: list[Screen]) -> Screen:
         out.menu = out.menu or s.menu
         out.other += s.other
     return out
+
+
+class ScreenReader:
+    """`await reader(question, images)`: the answer's facts when the images hold an HMI screen, else None."""
+
+    def __init__(self, read_text: ReadText):
+        self.read_text = read_text
+
+    async def __call__(self, question: str, images: Sequence[np.ndarray]) -> ToolResult | None:
+        screens = await read_screens(images, self.read_text)
+        return relevant(question, merged(screens)) if screens else None
