@@ -1,14 +1,20 @@
 """`incar sim`: the dev-board simulation without Docker — the same processes docker compose starts.
 
+By default it plays the scripted day (service.sim_day): every skill exercised over the gRPC API with real photos
+composited into the camera streams, each step checked, ending with `scenario: P/N steps passed`; the web HMI is
+served on loopback meanwhile. `--free-run` (and the compose services' `--cameras-only|--hmi-only|--vehicle-only`)
+runs the older endless loop instead:
 - a camera simulator replaying image files over Cameras.StreamFrames (one stream per camera),
 - a vehicle script (drive, park, switch off, lock, ...) over Vehicle.UpdateState,
 - an HMI demo client printing events and streamed answers to questions.
-`--with-server` starts `incar serve` as a child process first and stops it at the end.
+`--with-server` starts `incar serve` as a child process first (its JSON logs to a file under the data directory
+unless `--server-logs console`) and stops it at the end, or keeps it running after the day with `--keep-running`.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import os
 import signal
 import subprocess
@@ -18,9 +24,9 @@ from pathlib import Path
 
 import grpc
 
-from incar.v1 import (actions_pb2, actions_pb2_grpc, assistant_pb2, assistant_pb2_grpc, cameras_pb2, cameras_pb2_grpc, common_pb2,
-                      events_pb2, events_pb2_grpc, vehicle_pb2, vehicle_pb2_grpc)
-from service.clients import DEFAULT_TARGET, check_health, format_event, open_channel
+from incar.v1 import (actions_pb2, actions_pb2_grpc, assistant_pb2, assistant_pb2_grpc, cameras_pb2,
+                      cameras_pb2_grpc, common_pb2, events_pb2, events_pb2_grpc, vehicle_pb2, vehicle_pb2_grpc)
+from service.clients import DEFAULT_TARGET, Connection, check_health, format_event, open_channel
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = ROOT / "deploy" / "sim" / "images"
@@ -96,7 +102,7 @@ async def drive_vehicle(target: str, stop: asyncio.Event) -> None:
                     try:
                         await asyncio.wait_for(stop.wait(), delay)
                         return
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
                 state = vehicle_pb2.VehicleState(battery_percent=78, gps_valid=True, key_fob_id="fob-1",
                                                  gps=common_pb2.GeoPoint(latitude_deg=48.1374, longitude_deg=11.5755),
@@ -109,8 +115,9 @@ async def drive_vehicle(target: str, stop: asyncio.Event) -> None:
             start += CYCLE_S
 
 
-async def vehicle_gateway(target: str, stop: asyncio.Event) -> None:
-    """Plays the vehicle gateway's half of VehicleActions: performs (logs) each action and acknowledges it."""
+async def vehicle_gateway(target: str, stop: asyncio.Event, performed: list[str] | None = None) -> None:
+    """Plays the vehicle gateway's half of VehicleActions: performs (logs) each action and acknowledges it;
+    each performed action's kind (and door or seat) is appended to `performed` when given."""
     cursor = 0
     while not stop.is_set():
         try:
@@ -125,6 +132,8 @@ async def vehicle_gateway(target: str, stop: asyncio.Event) -> None:
                         say("gateway", f"lift {kind}{where} ({action.id})")
                         continue
                     say("gateway", f"{kind}{where} attempt {action.attempt}: {action.reason}")
+                    if performed is not None:
+                        performed.append(f"{kind}{where}")
                     await stub.Acknowledge(actions_pb2.AcknowledgeActionRequest(
                         id=action.id, result=actions_pb2.ACTION_RESULT_DONE, detail="simulated gateway"), timeout=5)
         except grpc.aio.AioRpcError as exc:
@@ -158,7 +167,7 @@ async def hmi(target: str, stop: asyncio.Event, ask_every: float) -> None:
             try:
                 await asyncio.wait_for(stop.wait(), ask_every)
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             question = QUESTIONS[i % len(QUESTIONS)]
             i += 1
@@ -207,6 +216,68 @@ async def run_sim(target: str, images: Path, fps: float, duration: float, parts:
     return 0
 
 
+async def play_day(target: str, args: argparse.Namespace, server: subprocess.Popen | None) -> int:
+    """The scripted day; the web HMI beside it. Returns the exit status (0: every step passed)."""
+    from service.hmi_web.gateway import bound_port, serve
+    from service.sim_day import DAY_CAMERAS, Day, run_day
+    from service.sim_day_steps import chosen_steps
+
+    steps = chosen_steps(args.steps)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    day = Day(target, args.images, args.fps, args.step_timeout, stop)
+    runner = None
+    if args.hmi_listen != "off":
+        host, _, port = args.hmi_listen.rpartition(":")
+        runner = await serve(Connection(target), host or "127.0.0.1", int(port))
+        say("sim", f"web HMI: http://{host or '127.0.0.1'}:{bound_port(runner)}/")
+    tasks = [asyncio.create_task(day.feed_camera(*camera)) for camera in DAY_CAMERAS]
+    tasks += [asyncio.create_task(day.follow_events()),
+              asyncio.create_task(vehicle_gateway(target, stop, day.actions))]
+    try:
+        async with open_channel(target) as channel:
+            day.channel = channel
+            await asyncio.sleep(2.0)              # the cameras come up and the event stream is subscribed
+            passed = await run_day(day, steps)
+        if args.keep_running and not stop.is_set():
+            say("sim", f"the service keeps running on {target} for your own clients (e.g. `incar events`, "
+                       "`incar ask`); Ctrl-C stops it")
+            await stop.wait()
+    finally:
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if runner is not None:
+            await runner.cleanup()
+    return 0 if passed == len(steps) else 3
+
+
+def server_log_path(args: argparse.Namespace) -> Path:
+    from service.config import load_config
+    data_dir = Path(load_config(args.config, overrides=args.set).server.data_dir)
+    return (data_dir if data_dir.is_absolute() else ROOT / data_dir) / "logs" / "incar-serve.log"
+
+
+def simulation_profile_key(args: argparse.Namespace) -> dict[str, str]:
+    """The environment for the started server: a development profile key (32 random bytes, kept in
+    build/sim-profile.key, mode 0600, outside the data directory) when none is configured, so the day can enrol."""
+    from service.config import load_config
+    from skills.config import PROFILE_KEY_ENV
+    if os.environ.get(PROFILE_KEY_ENV) or load_config(args.config, overrides=args.set).skills.greeter.profile_key:
+        return {}
+    path = ROOT / "build" / "sim-profile.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(base64.urlsafe_b64encode(os.urandom(32)).decode())
+    say("sim", f"driver profiles encrypted with the simulation's key {path} (set {PROFILE_KEY_ENV} to use yours)")
+    return {PROFILE_KEY_ENV: path.read_text().strip()}
+
+
 def start_server(args: argparse.Namespace) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "service.cli", "serve", "--listen", args.target]
     if args.config:
@@ -214,7 +285,19 @@ def start_server(args: argparse.Namespace) -> subprocess.Popen:
     for item in args.set:
         cmd += ["--set", item]
     say("sim", "starting incar serve: " + " ".join(cmd[3:]))
-    return subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    output = None
+    if args.server_logs == "file":
+        path = server_log_path(args)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        output = path.open("a")
+        say("sim", f"server logs (JSON lines): {path}   (--server-logs console to see them here)")
+    try:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), **simulation_profile_key(args))
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=output,
+                                stderr=subprocess.STDOUT if output else None)
+    finally:
+        if output is not None:
+            output.close()                       # the child holds its own descriptor
 
 
 async def wait_serving(target: str, server: subprocess.Popen | None, timeout: float) -> bool:
@@ -235,15 +318,25 @@ async def wait_serving(target: str, server: subprocess.Popen | None, timeout: fl
 
 
 def sim_main(argv: list[str]) -> int:
+    from service.sim_day_steps import STEPS, chosen_steps
     parser = argparse.ArgumentParser(prog="incar sim", description=__doc__.splitlines()[0])
     parser.add_argument("--target", default=DEFAULT_TARGET)
     parser.add_argument("--with-server", action="store_true", help="start `incar serve` first (what make run does)")
     parser.add_argument("--config", "-c", help="config file for the started server")
     parser.add_argument("--set", action="append", default=[], help="config override for the started server")
+    parser.add_argument("--server-logs", choices=("file", "console"), default="file",
+                        help="the started server's JSON logs: to <data_dir>/logs/incar-serve.log (default) or here")
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of JPEGs to replay")
     parser.add_argument("--fps", type=float, default=5.0, help="frames per second per camera")
-    parser.add_argument("--duration", type=float, default=0, help="seconds to run (0: until Ctrl-C)")
-    parser.add_argument("--ask-every", type=float, default=20.0, help="seconds between HMI questions")
+    parser.add_argument("--steps", default=",".join(STEPS),
+                        help=f"the scripted day's steps, in order (default all: {','.join(STEPS)})")
+    parser.add_argument("--step-timeout", type=float, default=30.0, help="seconds a step waits for its skill")
+    parser.add_argument("--keep-running", action="store_true",
+                        help="after the day, keep the service (and web HMI) running for your own clients")
+    parser.add_argument("--hmi-listen", default="127.0.0.1:8080", help="the web HMI's address, or 'off'")
+    parser.add_argument("--free-run", action="store_true", help="the endless loop instead of the scripted day")
+    parser.add_argument("--duration", type=float, default=0, help="free run: seconds to run (0: until Ctrl-C)")
+    parser.add_argument("--ask-every", type=float, default=20.0, help="free run: seconds between HMI questions")
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--cameras-only", action="store_true", help="only the camera simulator (a compose service)")
     only.add_argument("--hmi-only", action="store_true", help="only the HMI demo client (a compose service)")
@@ -252,12 +345,17 @@ def sim_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     parts = ({"cameras"} if args.cameras_only else {"hmi"} if args.hmi_only else {"vehicle"} if args.vehicle_only
              else {"cameras", "vehicle", "hmi"})
+    free_run = args.free_run or parts != {"cameras", "vehicle", "hmi"}
+    if not free_run:
+        chosen_steps(args.steps)       # an unknown step is refused before starting
     server = start_server(args) if args.with_server else None
     try:
         if not asyncio.run(wait_serving(args.target, server, args.startup_timeout)):
             print(f"incar sim: server at {args.target} did not become SERVING", file=sys.stderr)
             return 1
-        return asyncio.run(run_sim(args.target, args.images, args.fps, args.duration, parts, args.ask_every))
+        if free_run:
+            return asyncio.run(run_sim(args.target, args.images, args.fps, args.duration, parts, args.ask_every))
+        return asyncio.run(play_day(args.target, args, server))
     except KeyboardInterrupt:
         return 0
     finally:
