@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from service.runtime.tooling import NONE, ToolCall, ToolRefused, ToolSpec
+from service.runtime.tooling import NONE, ToolCall, ToolRefused, ToolResult, ToolSpec
 from service.security.auth import allowed
 from skills.base import InvalidRequestError, NotFoundError, PreconditionError, is_moving
 from skills.router import route_tool

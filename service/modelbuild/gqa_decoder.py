@@ -115,7 +115,7 @@ class _GqaWriter:
         h = g.op("SimplifiedLayerNormalization", [x, g.init("layers.0.input_norm.weight",
                                                             np.asarray(layers[0]["input_norm"], np.float32))],
                  axis=-1, epsilon=float(s.rms_eps))
-        residual = x
+        residual, out = x, None          # out: the previous layer's MLP output, folded into this layer's norm
         for i, lw in enumerate(layers):
             if i:
                 h, residual = self.skip_norm(out, residual, f"layers.{i}.input_norm", lw["input_norm"])

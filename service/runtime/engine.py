@@ -450,9 +450,9 @@ class GenerationEngine:
             if (reason := self._stop_reason(request)):
                 yield finish(reason)
                 return
-            encoded = []
+            encoded: list[np.ndarray] = []
 
-            def encode(image):
+            def encode(image, encoded=encoded):
                 encoded.append(image)
                 return self.vision.encode(image)
             embeds = await ticket.step(self.frames.get_or_compute, "vision_encode", img, encode, kind="vision")
