@@ -1,7 +1,7 @@
 """Task commands, one per skill, over the skills' gRPC services:
 
     incar greeter enrol --name Ana --image face.jpg --consent | list | forget PROFILE_ID
-    incar carfinder where | history
+    incar carfinder where | history | record [ID] | snapshot [ID] --out FILE
     incar sentinel arm | disarm | status | clips | clip CLIP_ID --out DIR
     incar safety status | ack CURSOR
 
@@ -66,6 +66,22 @@ async def _carfinder_where(channel, args):
 async def _carfinder_history(channel, args):
     return await skills_pb2_grpc.CarFinderStub(channel).ListParkingHistory(
         skills_pb2.ListParkingHistoryRequest(limit=args.limit))
+
+
+async def _carfinder_record(channel, args):
+    return await skills_pb2_grpc.CarFinderStub(channel).GetParkingRecord(
+        skills_pb2.GetParkingRecordRequest(record_id=args.id))
+
+
+async def _carfinder_snapshot(channel, args):
+    """Download a parking record's snapshot (the latest record's without an id) to --out."""
+    data = bytearray()
+    async for chunk in skills_pb2_grpc.CarFinderStub(channel).GetParkingSnapshot(
+            skills_pb2.GetParkingSnapshotRequest(record_id=args.id)):
+        data += chunk.data
+    out = Path(args.out or f"parking-{args.id or 'latest'}.jpg")
+    out.write_bytes(bytes(data))
+    return {"record_id": args.id or "latest", "file": str(out), "bytes": len(data)}
 
 
 # --------------------------------------------------------------------------------------------------- Sentinel
@@ -139,6 +155,11 @@ def _parser(skill: str) -> tuple[argparse.ArgumentParser, dict[str, Action]]:
     elif skill == "carfinder":
         task("where", _carfinder_where, "where is the car parked")
         task("history", _carfinder_history, "recent parking records").add_argument("--limit", type=int, default=10)
+        task("record", _carfinder_record, "a parking record with its sign trail").add_argument(
+            "id", nargs="?", default="", help="record id (default: the latest)")
+        snapshot = task("snapshot", _carfinder_snapshot, "download a parking record's snapshot (JPEG)")
+        snapshot.add_argument("id", nargs="?", default="", help="record id (default: the latest)")
+        snapshot.add_argument("--out", default="", help="file to write (default: parking-<id>.jpg here)")
     elif skill == "sentinel":
         task("arm", _sentinel_arm, "arm Sentinel")
         task("disarm", _sentinel_disarm, "disarm Sentinel")
