@@ -231,8 +231,11 @@ async def play_day(target: str, args: argparse.Namespace, server: subprocess.Pop
     runner = None
     if args.hmi_listen != "off":
         host, _, port = args.hmi_listen.rpartition(":")
-        runner = await serve(Connection(target), host or "127.0.0.1", int(port))
-        say("sim", f"web HMI: http://{host or '127.0.0.1'}:{bound_port(runner)}/")
+        try:
+            runner = await serve(Connection(target), host or "127.0.0.1", int(port))
+            say("sim", f"web HMI: http://{host or '127.0.0.1'}:{bound_port(runner)}/")
+        except OSError as exc:                  # a port in use must not cost the day: say so and play on
+            say("sim", f"web HMI not started on {args.hmi_listen}: {exc.strerror} (--hmi-listen HOST:PORT)")
     tasks = [asyncio.create_task(day.feed_camera(*camera)) for camera in DAY_CAMERAS]
     tasks += [asyncio.create_task(day.follow_events()),
               asyncio.create_task(vehicle_gateway(target, stop, day.actions))]

@@ -102,6 +102,19 @@ async function refreshAlerts() {
 }
 
 // --- events (SSE; the browser resumes after the last id itself) ---------------------------------------------
+// What a skill did beyond its message: the vehicle actions it asked for and the attachments it kept.
+function eventDetail(event) {
+  const payload = typeof event.payload === "object" && event.payload ? event.payload : {};
+  const parts = [];
+  if (Array.isArray(payload.actions) && payload.actions.length) parts.push(`actions: ${payload.actions.join(", ")}`);
+  if (payload.escalation_level) parts.push(`level ${payload.escalation_level}`);
+  if (payload.clip_id) parts.push(`clip ${payload.clip_id} (incar sentinel clip ${payload.clip_id} --out DIR)`);
+  if (payload.level || payload.bay) parts.push(`level ${payload.level || "?"}, bay ${payload.bay || "?"}`);
+  if (event.kind === "car_finder.parked" && payload.record_id) parts.push(`incar carfinder snapshot ${payload.record_id}`);
+  if (payload.method) parts.push(`by ${payload.method}`);
+  return parts.join(" · ");
+}
+
 function followEvents() {
   const source = new EventSource("/api/events");
   source.onopen = () => setConnection(true, "connected");
@@ -117,6 +130,13 @@ function followEvents() {
     li.querySelector(".when").textContent = when;
     li.querySelector(".message").textContent = event.message;
     li.querySelector(".kind").textContent = event.kind + (event.camera_id ? ` [${event.camera_id}]` : "");
+    const detail = eventDetail(event);
+    if (detail) {
+      const span = document.createElement("div");
+      span.className = "detail";
+      span.textContent = detail;
+      li.append(span);
+    }
     $("events").prepend(li);
     while ($("events").children.length > 200) $("events").lastChild.remove();
   };
