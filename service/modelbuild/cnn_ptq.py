@@ -101,10 +101,21 @@ def _run_with(model: onnx.ModelProto, feeds: Sequence[Mapping], names: Sequence[
         yield dict(zip(names, sess.run(list(names), dict(feed))))
 
 
+def _same_pads(n: int, k: int, s: int, auto: str) -> tuple[int, int]:
+    total = max((-(-n // s) - 1) * s + k - n, 0)
+    small = total // 2
+    return (small, total - small) if auto == "SAME_UPPER" else (total - small, small)
+
+
 def _patches(x: np.ndarray, node: onnx.NodeProto, k: int) -> np.ndarray:
     """x [C, H, W] -> [C, k*k, P] input patches of the conv (its pads and strides)."""
     top, left, bottom, right = (_attr(node, "pads") or [0, 0, 0, 0])
     s = (_attr(node, "strides") or [1, 1])[0]
+    auto = _attr(node, "auto_pad")
+    if isinstance(auto, bytes):
+        auto = auto.decode()
+    if auto in ("SAME_UPPER", "SAME_LOWER"):   # TF's SAME (MoveNet): pad so that out = ceil(in / stride)
+        (top, bottom), (left, right) = (_same_pads(n, k, s, auto) for n in x.shape[1:3])
     xp = np.pad(x, ((0, 0), (top, bottom), (left, right)))
     win = sliding_window_view(xp, (k, k), axis=(1, 2))[:, ::s, ::s]       # [C, Ho, Wo, k, k]
     c = x.shape[0]
