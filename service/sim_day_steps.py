@@ -44,11 +44,12 @@ async def greet_driver(day: Day) -> Outcome:
     if greeting is None:
         return Outcome(False, f"no greeter.greeting within {day.step_timeout:.0f} s ({day.kinds_since(since)})")
     method = json.loads(greeting.payload_json or "{}").get("method", "?")
-    if "face" not in method:
-        method += " (the face on the left camera was not recognised before the fob came in range)"
     seat_action = any(a.startswith("seat_mirror_profile") for a in day.actions)
     if applied is None:
         return Outcome(False, f"greeted ({method}: {greeting.message!r}) but no greeter.profile_apply")
+    if "face" not in method:           # the walk-up is about the face: the fob alone is only the fallback
+        return Outcome(False, f"greeted and profile applied by {method} only: the driver's face on the left camera "
+                              f"was not recognised within 15 s ({greeting.message!r})")
     return Outcome(True, f"greeted by {method}: {greeting.message!r}; profile applied"
                          f"{' (gateway: seat_mirror_profile)' if seat_action else ''}")
 

@@ -86,17 +86,20 @@ def garage_with_sign(images: Path, level: str, bay: str) -> Scene:
 
 
 def driver_walks_up(images: Path, seconds: float = 4.0) -> Scene:
-    """The enrolled driver (with a friend behind) walking up to the car: their part of the group photo growing
-    until it fills the frame, then held."""
-    group = group_photo(images)[:, :520]
+    """The enrolled driver (with friends) walking up to the side camera: the group photo filling the frame, zooming
+    in towards the driver as they come closer. Never pasted with a border: a photo's edge around a face is what
+    Greeter's anti-spoofing refuses as a print held up to the camera."""
+    group = group_photo(images)                       # 960x640
+    gh, gw = group.shape[:2]
 
     def draw(t: float) -> np.ndarray:
-        frame = backdrop(int(t * 10))
-        grow = 0.6 + 0.4 * min(1.0, t / seconds)
-        h = int(HEIGHT * grow)
-        w = int(h * group.shape[1] / group.shape[0])
-        paste(frame, group, ((WIDTH - w) / 2, HEIGHT - h, (WIDTH + w) / 2, HEIGHT))
-        return frame
+        grow = min(1.0, t / seconds)
+        h = int(gh * (1.0 - 0.3 * grow))              # the view narrows as the driver nears
+        w = int(h * WIDTH / HEIGHT)
+        x = int((gw - w) * 0.25 * (1 - grow))         # drifting onto the driver (left of the group)
+        view = cv2.resize(group[gh - h:, x:x + w], (WIDTH, HEIGHT), interpolation=cv2.INTER_AREA)
+        noise = np.random.default_rng(int(t * 10)).normal(0, 2, view.shape)
+        return np.clip(view + noise, 0, 255).astype(np.uint8)
     return draw
 
 
