@@ -107,19 +107,23 @@ def _same_pads(n: int, k: int, s: int, auto: str) -> tuple[int, int]:
     return (small, total - small) if auto == "SAME_UPPER" else (total - small, small)
 
 
-def _patches(x: np.ndarray, node: onnx.NodeProto, k: int) -> np.ndarray:
-    """x [C, H, W] -> [C, k*k, P] input patches of the conv (its pads and strides)."""
+def _patches(x: np.ndarray, node: onnx.NodeProto, kh: int, kw: int) -> np.ndarray:
+    """x [C, H, W] -> [C, kh*kw, P] input patches of the conv (its pads, strides and dilations; kernels and
+    strides need not be square: PP-OCR's recogniser has 2x1 strides)."""
     top, left, bottom, right = (_attr(node, "pads") or [0, 0, 0, 0])
-    s = (_attr(node, "strides") or [1, 1])[0]
+    sh, sw = (_attr(node, "strides") or [1, 1])
+    dh, dw = (_attr(node, "dilations") or [1, 1])
+    eh, ew = (kh - 1) * dh + 1, (kw - 1) * dw + 1                  # the dilated kernel's extent
     auto = _attr(node, "auto_pad")
     if isinstance(auto, bytes):
         auto = auto.decode()
     if auto in ("SAME_UPPER", "SAME_LOWER"):   # TF's SAME (MoveNet): pad so that out = ceil(in / stride)
-        (top, bottom), (left, right) = (_same_pads(n, k, s, auto) for n in x.shape[1:3])
+        top, bottom = _same_pads(x.shape[1], eh, sh, auto)
+        left, right = _same_pads(x.shape[2], ew, sw, auto)
     xp = np.pad(x, ((0, 0), (top, bottom), (left, right)))
-    win = sliding_window_view(xp, (k, k), axis=(1, 2))[:, ::s, ::s]       # [C, Ho, Wo, k, k]
+    win = sliding_window_view(xp, (eh, ew), axis=(1, 2))[:, ::sh, ::sw, ::dh, ::dw]   # [C, Ho, Wo, kh, kw]
     c = x.shape[0]
-    return win.reshape(c, -1, k * k).transpose(0, 2, 1)
+    return win.reshape(c, -1, kh * kw).transpose(0, 2, 1)
 
 
 # ---------------------------------------------------------------------------------------- equalization
@@ -163,10 +167,10 @@ def _statistics(model, convs, feeds) -> dict[str, dict]:
         for n in convs:
             x = values[n.input[0]][0].astype(np.float64)              # [C, H, W]
             w_shape = {t.name: t.dims for t in model.graph.initializer}[n.input[1]]
-            k, group = w_shape[-1], _attr(n, "group", 1)
+            group = _attr(n, "group", 1)
             st = stats[n.name]
             st["mean"] = st["mean"] + x.mean(axis=(1, 2))
-            p = _patches(x, n, k)                                       # [C, kk, P]
+            p = _patches(x, n, w_shape[-2], w_shape[-1])                # [C, kh*kw, P]
             if p.shape[-1] > MAX_POSITIONS:      # a strided subset of positions: H of a wide 3x3 conv at
                 p = p[..., ::-(-p.shape[-1] // MAX_POSITIONS)]   # 184x184 would cost ~25 GFLOP per input
             if group == 1:
