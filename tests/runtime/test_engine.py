@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.runtime.serving_support import language_model
 
-from service.runtime.engine import (Done, GenerationEngine, GenerationRequest, IncrementalDetokenizer,
-                                    InvalidRequestError, StopStringFilter, TextDelta, default_describe_images)
+from service.runtime.decoding import IncrementalDetokenizer, StopStringFilter
+from service.runtime.engine import (GenerationEngine, GenerationRequest, InvalidRequestError, TextDelta,
+                                    default_describe_images)
 from service.runtime.scheduler import JobClass, NpuScheduler
 
 
