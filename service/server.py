@@ -24,17 +24,21 @@ from service.actions.queue import ActionQueue
 from service.actions.servicer import add_to_server as add_actions_service
 from service.cameras.hub import CameraHub
 from service.cameras.servicer import add_to_server as add_cameras_service
-from service.config import Config, ConfigError, load_config
+from service.config import Config, ConfigError, add_config_arguments, config_from_args
 from service.perception.cascade import Cascade
 from service.liveview import LiveView
 from service.liveview import add_to_server as add_liveview_service
+from service.mqtt.link import MqttLink
 from service.pipeline import AnalysisPipeline
 from service.power.manager import PowerManager
 from service.power.sources import record_busy
+from service.runtime import qnn_context
 from service.caller_role import role_resolver
 from service.runtime.assistant import AssistantService
 from service.runtime.conversations import ConversationStore
 from service.runtime.host import ModelHost
+from service.runtime.models_service import add_to_server as add_models_service
+from service.security.signing import verifier_from
 from service.security import integration as security
 from skills.base import SkillContext, SwitchableNarrator
 from skills.services import SkillHost, skills_data_dir
@@ -49,7 +53,7 @@ from service.telemetry.interceptors import TelemetryInterceptor
 from service.transport import server_options as transport_options
 from service.telemetry.logging import configure_logging
 from service.telemetry.metrics import BUILD_INFO, SERVICE_UP, start_metrics_server
-from service.vehicle import VehicleServicer, VehicleStateStore
+from service.vehicle import VehicleServicer, VehicleStateStore, vehicle_mode
 
 log = structlog.get_logger(__name__)
 
@@ -92,7 +96,7 @@ class SystemServicer(system_pb2_grpc.SystemServicer):
             components=[system_pb2.ComponentStatus(name=name, serving=s, reason=r)
                         for name, (s, r) in sorted(self.app.health.status.items()) if name],
             version=__version__, model=self.app.model_name, backend=self.app.backend_name,
-            vehicle_mode=self.app.vehicle.mode())
+            vehicle_mode=self.app.vehicle_mode())
 
 
 class Application:
@@ -110,6 +114,8 @@ class Application:
         data_dir = Path(config.server.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
+        # The machine's QNN context-binary target and compile cache, before any session opens.
+        qnn_context.configure(config.runtime.qnn_target, config.runtime.qnn_cache_dir or data_dir / "qnn-cache")
         self.db = Database(data_dir / "incar.db")
         self.events = EventLog(self.db)
         self.vehicle = VehicleStateStore(self.db, events=self.events)   # state + its events: one commit
@@ -121,9 +127,11 @@ class Application:
         self.cascade = Cascade(config.perception)
         self.pipeline = AnalysisPipeline(self.cameras, self.cascade)
         self.liveview = LiveView(self.cameras, config.cameras.watchdog_timeout_seconds)
-        self.models = ModelHost(config.runtime, describe_images=self.pipeline.describe_images, on_busy=record_busy)
+        self.models = ModelHost(config.runtime, describe_images=self.pipeline.describe_images,
+                                verifier=verifier_from(security.security_of(config)), on_busy=record_busy)
         self.cascade.use_scheduler(self.models.scheduler)   # one NPU: detectors and the model share it
-        self.power = PowerManager(config.power, config.runtime.backend, mode_provider=self.vehicle.mode,
+        self.models.on_switch(self._engine_swapped)
+        self.power = PowerManager(config.power, config.runtime.backend, mode_provider=self.vehicle_mode,
                                   set_analysis_rate=self.cameras.set_analysis_rate,
                                   set_cascade_depth=self.cascade.set_camera_depth,
                                   set_htp_performance_mode=self.models.set_htp_performance_mode)
@@ -134,7 +142,6 @@ class Application:
                          latency_observer=self.power.observe_latency,
                          latency_budget=self.power.budgets.latency_budget, actions=self.actions),
             config.skills, face_embedder=self.pipeline.embed_faces, read_signs=self.pipeline.read_signs)
-        self.vehicle.sentry_armed = lambda: self.skills.sentinel.armed
         # The safety lane: frames Safety needs now are analysed first, without the slow stages.
         self.pipeline.lane_of = lambda f: "safety" if self.skills.safety.needs_camera(f.role, f.position) else "general"
         # Skills' extra stages (Greeter: faces on the side cameras on approach; Sentinel: pose while armed).
@@ -147,6 +154,24 @@ class Application:
                                           tools=SkillTools(self.skills), role_of=role_resolver(config),
                                           answer_screen=ScreenReader(self.pipeline.read_signs),
                                           conversations=ConversationStore(config.runtime.conversations))
+        self.mqtt = MqttLink(config.mqtt, self.db, self.events, self.actions, data_dir=data_dir,
+                             tokens=security.security_of(config).load_tokens(), state=self._mqtt_state,
+                             set_sentinel_armed=self._set_sentinel_armed)
+
+    def _mqtt_state(self) -> dict:
+        sentinel = self.skills.sentinel
+        return {"vehicle_mode": self.vehicle_mode(), "locked": self.vehicle.current.locked,
+                "sentinel_armed": sentinel.armed, "sentinel_reason": sentinel.reason}
+
+    async def _set_sentinel_armed(self, armed: bool) -> dict:
+        async with self.skills._order:     # the order lock the Sentinel gRPC service takes too
+            status = self.skills.sentinel.arm() if armed else self.skills.sentinel.disarm()
+        return {"armed": status.armed, "reason": status.reason}
+
+    def vehicle_mode(self) -> str:
+        """The mode the power budgets follow: the vehicle's state and whether Sentinel is armed. Composed here,
+        where both are known, and injected into the power manager and the vehicle service: neither knows skills."""
+        return vehicle_mode(self.vehicle.current, sentry_armed=self.skills.sentinel.armed)
 
     def _frames_for(self, camera_ids):
         frames = []
@@ -185,6 +210,7 @@ class Application:
         cfg = self.config.server
         security.check(self.config)
         self.db.migrate()
+        self.mqtt.prepare()
         self.vehicle.load()
         await self.skills.start(self.vehicle.current)
         self.vehicle.add_listener(self.skills.vehicle_listener)
@@ -209,6 +235,7 @@ class Application:
                                             name="analysis"),
                         asyncio.create_task(self.power.run(), name="power"),
                         asyncio.create_task(self.escalator.run(), name="actions-escalator"),
+                        *self.mqtt.tasks(),
                         asyncio.create_task(self._load_model(), name="model-load")]
         log.info("serving", listen=cfg.listen, port=self.port, metrics_port=self.metrics_port, version=__version__)
         return self.port
@@ -216,7 +243,7 @@ class Application:
     def _register(self, server: grpc.aio.Server) -> list[str]:
         from incar.v1 import events_pb2_grpc, vehicle_pb2_grpc
         events_pb2_grpc.add_EventsServicer_to_server(EventsServicer(self.events), server)
-        vehicle_pb2_grpc.add_VehicleServicer_to_server(VehicleServicer(self.vehicle), server)
+        vehicle_pb2_grpc.add_VehicleServicer_to_server(VehicleServicer(self.vehicle, self.vehicle_mode), server)
         system_pb2_grpc.add_SystemServicer_to_server(SystemServicer(self), server)
         return [events_pb2.DESCRIPTOR.services_by_name["Events"].full_name,
                 vehicle_pb2.DESCRIPTOR.services_by_name["Vehicle"].full_name,
@@ -224,6 +251,7 @@ class Application:
                 add_cameras_service(self.cameras, server),
                 add_liveview_service(self.liveview, server),
                 add_assistant_service(self.assistant, server),
+                add_models_service(self.models, server),
                 add_actions_service(self.actions, server),
                 *self.skills.register(server)]
 
@@ -248,6 +276,12 @@ class Application:
             self.narrator.use(result.engine)
             BUILD_INFO.labels(__version__, self.model_name, self.backend_name).set(1)
 
+    def _engine_swapped(self, engine) -> None:
+        self.model_name, self.backend_name = engine.name, engine.backend
+        self.assistant.set_engine(engine)
+        self.narrator.use(engine)
+        BUILD_INFO.labels(__version__, self.model_name, self.backend_name).set(1)
+
     async def ready(self) -> None:
         """Wait until model loading has finished (serving, degraded, or failed with a reason)."""
         for task in self._tasks:
@@ -259,6 +293,7 @@ class Application:
         grace = self.config.server.shutdown_grace_seconds if grace is None else grace
         log.info("shutting_down", grace_s=grace)
         await self.health.shutdown()
+        await self.mqtt.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -267,6 +302,7 @@ class Application:
         await self.skills.stop()
         await self.cameras.stop()
         self.models.close()
+        self.mqtt.stop_broker()
         self.db.close()
         self._stopping.set()
 
@@ -293,20 +329,6 @@ async def _serve(config: Config) -> int:
 def add_assistant_service(servicer: AssistantService, server: grpc.aio.Server) -> str:
     assistant_pb2_grpc.add_AssistantServicer_to_server(servicer, server)
     return ASSISTANT
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", help="YAML config file (embedded defaults apply to what it leaves out)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one setting (repeatable); environment: INCAR_SECTION__KEY=VALUE")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    try:
-        return load_config(args.config, overrides=args.set)
-    except ConfigError as exc:
-        print(f"incar: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def serve_main(argv: list[str]) -> int:

@@ -6,7 +6,6 @@ wrapper around the real handler (`service.rpc_wrap.wrap_handler`), where `contex
 """
 from __future__ import annotations
 
-import contextvars
 import fnmatch
 import functools
 import hashlib
@@ -44,6 +43,7 @@ ROLE_METHODS: dict[str, tuple[str, ...]] = {
         "/incar.v1.Vehicle/GetState",         # the HMI shows the car's state; only the gateway writes it
         "/incar.v1.Cameras/ListCameras",      # camera status for the HMI; frames come from cameras only
         "/incar.v1.Cameras/GetCameraStatus",
+        "/incar.v1.LiveView/*",               # latest frames and what perception found: the HMI's camera tiles
     ),
     "camera": ("/incar.v1.Cameras/StreamFrames",),
     "vehicle": ("/incar.v1.Vehicle/UpdateState", "/incar.v1.Vehicle/GetState", "/incar.v1.VehicleActions/*"),
@@ -56,16 +56,6 @@ class Identity:
     name: str      # SAN URI, CN, or the token's configured identity
     role: str
     via: str       # "certificate", "token", "loopback"
-
-
-# The caller of the RPC being served (set by the check; a handler runs in the same task): tools that change
-# the car's state ask it for the caller's role.
-CALLER: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("incar_caller", default=None)
-
-
-def caller_role(default: str = "") -> str:
-    identity = CALLER.get()
-    return identity.role if identity is not None else default
 
 
 def allowed(role: str, method: str) -> bool:
@@ -152,7 +142,6 @@ class Authenticator:
             log.warning("auth.permission_denied", method=method, identity=identity.name, role=identity.role)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"{method}: role {identity.role!r} ({identity.name}) may not call this method")
-        CALLER.set(identity)
         return identity
 
 
