@@ -135,7 +135,7 @@ async def safe_exit(day: Day) -> Outcome:
         return Outcome(False, f"no safety.safe_exit_warning for the cyclist ({day.kinds_since(since)})")
     p = json.loads(warning.payload_json or "{}")
     return Outcome(True, f"{warning.message!r}: side {p.get('side')}, {p.get('object')}, decided in "
-                         f"{float(p.get('decision_s') or 0) * 1000:.0f} ms (budget {p.get('budget_s')} s)")
+                         f"{float(p.get('decision_s') or 0) * 1000:.1f} ms (budget {p.get('budget_s')} s)")
 
 
 async def camera_questions(day: Day) -> Outcome:
