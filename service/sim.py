@@ -26,7 +26,8 @@ import grpc
 
 from incar.v1 import (actions_pb2, actions_pb2_grpc, assistant_pb2, assistant_pb2_grpc, cameras_pb2,
                       cameras_pb2_grpc, common_pb2, events_pb2, events_pb2_grpc, vehicle_pb2, vehicle_pb2_grpc)
-from service.clients import DEFAULT_TARGET, Connection, check_health, format_event, open_channel
+from service.clients import (Connection, add_connection_args, check_health, connection_or_exit, format_event,
+                             open_channel)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = ROOT / "deploy" / "sim" / "images"
@@ -189,7 +190,8 @@ async def hmi(target: str, stop: asyncio.Event, ask_every: float) -> None:
     await asyncio.gather(print_events(), ask_questions())
 
 
-async def run_sim(target: str, images: Path, fps: float, duration: float, parts: set[str], ask_every: float) -> int:
+async def run_sim(target: str | Connection, images: Path, fps: float, duration: float, parts: set[str],
+                  ask_every: float) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -216,7 +218,7 @@ async def run_sim(target: str, images: Path, fps: float, duration: float, parts:
     return 0
 
 
-async def play_day(target: str, args: argparse.Namespace, server: subprocess.Popen | None) -> int:
+async def play_day(target: Connection, args: argparse.Namespace, server: subprocess.Popen | None) -> int:
     """The scripted day; the web HMI beside it. Returns the exit status (0: every step passed)."""
     from service.hmi_web.gateway import bound_port, serve
     from service.sim_day import DAY_CAMERAS, Day, run_day
@@ -232,7 +234,7 @@ async def play_day(target: str, args: argparse.Namespace, server: subprocess.Pop
     if args.hmi_listen != "off":
         host, _, port = args.hmi_listen.rpartition(":")
         try:
-            runner = await serve(Connection(target), host or "127.0.0.1", int(port))
+            runner = await serve(target, host or "127.0.0.1", int(port))
             say("sim", f"web HMI: http://{host or '127.0.0.1'}:{bound_port(runner)}/")
         except OSError as exc:                  # a port in use must not cost the day: say so and play on
             say("sim", f"web HMI not started on {args.hmi_listen}: {exc.strerror} (--hmi-listen HOST:PORT)")
@@ -245,7 +247,7 @@ async def play_day(target: str, args: argparse.Namespace, server: subprocess.Pop
             await asyncio.sleep(2.0)              # the cameras come up and the event stream is subscribed
             passed = await run_day(day, steps)
         if args.keep_running and not stop.is_set():
-            say("sim", f"the service keeps running on {target} for your own clients (e.g. `incar events`, "
+            say("sim", f"the service keeps running on {target.target} for your own clients (e.g. `incar events`, "
                        "`incar ask`); Ctrl-C stops it")
             await stop.wait()
     finally:
@@ -303,7 +305,7 @@ def start_server(args: argparse.Namespace) -> subprocess.Popen:
             output.close()                       # the child holds its own descriptor
 
 
-async def wait_serving(target: str, server: subprocess.Popen | None, timeout: float) -> bool:
+async def wait_serving(target: str | Connection, server: subprocess.Popen | None, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
@@ -323,7 +325,7 @@ async def wait_serving(target: str, server: subprocess.Popen | None, timeout: fl
 def sim_main(argv: list[str]) -> int:
     from service.sim_day_steps import STEPS, chosen_steps
     parser = argparse.ArgumentParser(prog="incar sim", description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default=DEFAULT_TARGET)
+    add_connection_args(parser)                 # --target, and --ca/--cert/--key/--token for a TLS server
     parser.add_argument("--with-server", action="store_true", help="start `incar serve` first (what make run does)")
     parser.add_argument("--config", "-c", help="config file for the started server")
     parser.add_argument("--set", action="append", default=[], help="config override for the started server")
@@ -346,6 +348,7 @@ def sim_main(argv: list[str]) -> int:
     only.add_argument("--vehicle-only", action="store_true", help="only the vehicle script")
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
+    connection = connection_or_exit(parser, args)
     parts = ({"cameras"} if args.cameras_only else {"hmi"} if args.hmi_only else {"vehicle"} if args.vehicle_only
              else {"cameras", "vehicle", "hmi"})
     free_run = args.free_run or parts != {"cameras", "vehicle", "hmi"}
@@ -353,12 +356,12 @@ def sim_main(argv: list[str]) -> int:
         chosen_steps(args.steps)       # an unknown step is refused before starting
     server = start_server(args) if args.with_server else None
     try:
-        if not asyncio.run(wait_serving(args.target, server, args.startup_timeout)):
+        if not asyncio.run(wait_serving(connection, server, args.startup_timeout)):
             print(f"incar sim: server at {args.target} did not become SERVING", file=sys.stderr)
             return 1
         if free_run:
-            return asyncio.run(run_sim(args.target, args.images, args.fps, args.duration, parts, args.ask_every))
-        return asyncio.run(play_day(args.target, args, server))
+            return asyncio.run(run_sim(connection, args.images, args.fps, args.duration, parts, args.ask_every))
+        return asyncio.run(play_day(connection, args, server))
     except KeyboardInterrupt:
         return 0
     finally:
