@@ -19,6 +19,7 @@ from service.cameras.hub import CameraHub
 from service.perception.types import FrameAnalysis
 
 JPEG_QUALITY = 80
+MAX_BOX_AGE_SECONDS = 0.5      # detections from an analysed frame further from the shown one are left out
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -58,7 +59,9 @@ class LiveView(liveview_pb2_grpc.LiveViewServicer):
                                    width=round(original.shape[1] * scale), height=round(original.shape[0] * scale)),
             capture_time=_timestamp(frame.capture_time))
         analysis = self.latest.get(frame.camera_id)
-        if analysis is not None:
+        # Boxes belong to the frame they were found in: drawn over a later frame they would show a cyclist who
+        # has gone. Within one analysis interval of the returned frame they still describe it.
+        if analysis is not None and abs(frame.capture_time - analysis.timestamp) <= MAX_BOX_AGE_SECONDS:
             # Analyses boxes are in the analysed frame's pixels; map them onto the returned image.
             fx = original.shape[1] * scale / analysis.frame.shape[1]
             fy = original.shape[0] * scale / analysis.frame.shape[0]

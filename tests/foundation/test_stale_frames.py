@@ -62,3 +62,40 @@ async def test_a_stale_frame_is_refused_not_described(server_process):
             await liveview_pb2_grpc.LiveViewStub(channel).GetSnapshot(
                 liveview_pb2.GetSnapshotRequest(camera_id="nowhere"))
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND and "nowhere" in unknown.value.details()
+
+
+def test_snapshot_boxes_belong_to_the_frame_shown():
+    """Detections found in an older frame are not drawn over a newer one (a cyclist who has gone)."""
+    import numpy as np
+
+    from service.cameras.ring import CameraFrame
+    from service.liveview import MAX_BOX_AGE_SECONDS, LiveView
+    from service.perception.types import Detection, FrameAnalysis
+
+    image = np.zeros((64, 64, 3), np.uint8)
+
+    class Hub:
+        def __init__(self, when):
+            self.frame = CameraFrame("left", "exterior", "left", when, when, image, image, 7)
+
+        def latest(self, camera_id):
+            return self.frame
+
+        def camera_ids(self):
+            return ["left"]
+
+    class Context:
+        async def abort(self, code, details):
+            raise AssertionError(details)
+
+    async def objects_when_shown(shown_at: float) -> list:
+        view = LiveView(Hub(shown_at), stale_after_seconds=1e9)
+        view.latest["left"] = FrameAnalysis("left", "exterior", "left", 100.0, image,
+                                            detections=(Detection("bicycle", 0.9, (1, 2, 30, 40)),))
+        snap = await view.GetSnapshot(liveview_pb2.GetSnapshotRequest(camera_id="left"), Context())
+        return [o.label for o in snap.objects]
+
+    async def both():
+        return await objects_when_shown(100.0), await objects_when_shown(100.0 + MAX_BOX_AGE_SECONDS * 4)
+    same, later = asyncio.run(both())
+    assert same == ["bicycle"] and later == []
