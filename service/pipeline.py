@@ -34,6 +34,7 @@ log = structlog.get_logger(__name__)
 
 LANES = ("safety", "general")
 LaneOf = Callable[[CameraFrame], str]
+RequestedStages = Callable[[str], set[str]]   # camera id -> the stages skills asked for on it now
 LANE_WAIT = Histogram("incar_pipeline_lane_wait_seconds", "Frame arrival to the start of its analysis, per lane",
                       ["lane"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 LANE_ANALYSIS = Histogram("incar_pipeline_lane_analysis_seconds", "Cascade time per frame, per lane", ["lane"],
@@ -68,8 +69,14 @@ class AnalysisPipeline:
         self.hub = hub
         self.cascade = cascade
         self.lane_of: LaneOf = lane_of or (lambda frame: "general")
+        self.requested_stages: RequestedStages = lambda camera_id: set()
         self.frame_cache = FrameCache()      # a frame asked about twice is described once
         self._executors = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"analysis-{lane}") for lane in LANES}
+
+    def route(self, lane_of: LaneOf, requested_stages: RequestedStages) -> None:
+        """The server's policies, once the skills exist: which lane a frame takes, and the stages skills asked
+        for on a camera (the safety lane keeps those: a driver touching the handle must still be recognised)."""
+        self.lane_of, self.requested_stages = lane_of, requested_stages
 
     def _lane(self, frame: CameraFrame) -> str:
         try:
@@ -94,9 +101,9 @@ class AnalysisPipeline:
 
         async def work(lane: str) -> None:
             loop = asyncio.get_running_loop()
-            skip = SLOW_STAGES if lane == "safety" else ()
             while True:
                 frame, since = await boxes[lane].get()
+                skip = tuple(set(SLOW_STAGES) - self.requested_stages(frame.camera_id)) if lane == "safety" else ()
                 started = time.perf_counter()
                 LANE_WAIT.labels(lane).observe(started - since)
                 try:

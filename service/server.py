@@ -142,10 +142,12 @@ class Application:
                          latency_observer=self.power.observe_latency,
                          latency_budget=self.power.budgets.latency_budget, actions=self.actions),
             config.skills, face_embedder=self.pipeline.embed_faces, read_signs=self.pipeline.read_signs)
-        # The safety lane: frames Safety needs now are analysed first, without the slow stages.
-        self.pipeline.lane_of = lambda f: "safety" if self.skills.safety.needs_camera(f.role, f.position) else "general"
         # Skills' extra stages (Greeter: faces on the side cameras on approach; Sentinel: pose while armed).
         stages = CameraStages(self.cascade)
+        # The safety lane: frames Safety needs now are analysed first, without the slow stages no skill asked for.
+        self.pipeline.route(
+            lane_of=lambda f: "safety" if self.skills.safety.needs_camera(f.role, f.position) else "general",
+            requested_stages=stages.requested)
         self.skills.greeter.connect_perception(
             liveness=cascade_liveness(config.perception.models_dir or None, config.perception.backend),
             face_stages=stages.switch("greeter", ("faces", "identity")))

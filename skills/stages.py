@@ -40,6 +40,10 @@ class CameraStages:
             self.cascade.set_stages(camera_id, base + tuple(sorted(extra - set(base))))
         log.info("skills.camera_stages", camera_id=camera_id, skill=skill, stages=stages, extra=sorted(extra))
 
+    def requested(self, camera_id: str) -> set[str]:
+        """The stages skills ask for on this camera now (the analysis pipeline keeps them in every lane)."""
+        return {s for wanted in self._wants.get(camera_id, {}).values() for s in wanted}
+
     def switch(self, skill: str, stages: tuple[str, ...]):
         """A (camera_id, on) callable for one skill's wish."""
         return lambda camera_id, on: self.want(camera_id, skill, stages if on else None)

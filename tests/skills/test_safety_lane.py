@@ -95,3 +95,21 @@ async def test_the_lane_follows_the_policy_and_a_failing_policy_means_safety(cas
     pipeline.lane_of = broken
     third, = await collect(pipeline, hub, [frame("ext-right", "exterior", "right", 26.0, sign)], 1)
     assert "objects" in third.stages_run and "text" not in third.stages_run
+
+
+async def test_the_safety_lane_keeps_a_stage_a_skill_asked_for(cascade):
+    """A driver touching the handle arms safe exit on that side (safety lane) while Greeter asks for faces and
+    identity there: the lane skips only the slow stages nobody asked for, so the driver is still recognised."""
+    from skills.stages import CameraStages
+    hub = ScriptedHub()
+    stages = CameraStages(cascade)
+    pipeline = AnalysisPipeline(hub, cascade)
+    pipeline.route(lane_of=lambda f: "safety", requested_stages=stages.requested)
+    face = cv2.resize(photo("faces1.jpg"), (640, 480))
+    stages.want("ext-handle", "greeter", ("faces", "identity"))
+    try:
+        seen, = await collect(pipeline, hub, [frame("ext-handle", "exterior", "left", 30.0, face)], 1)
+    finally:
+        stages.want("ext-handle", "greeter", None)
+    assert "identity" in seen.stages_run and "text" not in seen.stages_run
+    assert seen.faces and all(f.embedding is not None for f in seen.faces)
