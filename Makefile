@@ -15,6 +15,7 @@ run: setup models
 	$(BIN)/incar sim --with-server --set mqtt.enabled=true --set mqtt.local_broker=true
 
 test: setup models
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 setup: $(STAMP) $(GEN) debian

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         for variant in models.VARIANTS:
             sess = create_session(models.model_path(name, variant, args.models), "cpu", threads=args.threads)
             feed = {sess.get_inputs()[0].name: x}
-            row[f"{variant}_ms"] = round(_time(lambda: sess.run(None, feed), args.frames), 3)
+            row[f"{variant}_ms"] = round(_time(lambda sess=sess, feed=feed: sess.run(None, feed), args.frames), 3)
         row["qdq_over_float"] = round(row["qdq_ms"] / row["float_ms"], 2)
         per_model[name] = row
         print(f"{name:16} {row['float_ms']:9.2f} {row['qdq_ms']:9.2f} {row['qdq_over_float']:9.2f}")
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
                                          default_camera=CameraCascadeConfig(idle_refresh_seconds=1e9)))
             shift = [0]
 
-            def step():
+            def step(c=c, frame=frame, role=role, moving=moving, shift=shift):
                 f = np.roll(frame, shift[0] * 8, axis=1) if moving else frame
                 shift[0] += 1
                 c.analyze(f, Meta("cam", role, "front", shift[0] / 30))

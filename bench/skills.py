@@ -20,12 +20,12 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from incar.v1 import skills_pb2, vehicle_pb2  # noqa: E402
+from incar.v1 import vehicle_pb2  # noqa: E402
 from service.cameras.ring import CameraFrame  # noqa: E402
 from service.perception.cascade import Cascade, PerceptionConfig  # noqa: E402
 from service.store.db import Database  # noqa: E402

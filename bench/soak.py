@@ -139,7 +139,7 @@ async def hmi_client(channel, stop: asyncio.Event, stats: Stats, index: int, mou
                     stats.error("Assistant/Ask", err)
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
     finally:
         sub.cancel()
@@ -156,7 +156,7 @@ async def vehicle_gateway(channel, stop: asyncio.Event, stats: Stats, toggle_eve
         tick += 1
         try:
             await asyncio.wait_for(stop.wait(), 1.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 

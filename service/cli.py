@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     module_name = commands[argv[0]][0]
     module = importlib.import_module(module_name)
-    entry = getattr(module, f"{argv[0]}_main", None) or getattr(module, "main")
+    entry = getattr(module, f"{argv[0]}_main", None) or module.main
     return int(entry(argv[1:]) or 0)
 
 

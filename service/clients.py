@@ -43,7 +43,7 @@ class Connection:
             raise ValueError("--cert and --key go together")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "Connection":
+    def from_args(cls, args: argparse.Namespace) -> Connection:
         return cls(target=args.target, ca_file=args.ca, cert_file=args.cert, key_file=args.key, token=args.token,
                    server_name=args.server_name)
 
@@ -58,7 +58,7 @@ class Connection:
         return grpc.aio.secure_channel(self.target, creds, options=options)
 
 
-def open_channel(target: "str | Connection") -> grpc.aio.Channel:
+def open_channel(target: str | Connection) -> grpc.aio.Channel:
     """A channel to `target`: an address (plaintext) or a Connection (TLS, mTLS, token as it says)."""
     return (target if isinstance(target, Connection) else Connection(target)).open()
 
@@ -81,7 +81,7 @@ def connection_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error(str(exc))
 
 
-async def check_health(target: "str | Connection", service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
+async def check_health(target: str | Connection, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
     """(serving, text): the health status, and the reasons the System service gives."""
     async with open_channel(target) as channel:
         try:
@@ -135,7 +135,7 @@ def event_as_json(event: common_pb2.Event) -> dict:
     return data
 
 
-async def tail_events(target: "str | Connection", after: int, kinds: list[str], as_json: bool, limit: int = 0) -> int:
+async def tail_events(target: str | Connection, after: int, kinds: list[str], as_json: bool, limit: int = 0) -> int:
     """Follow the stream; on a dropped connection, reconnect with the last cursor so nothing is missed."""
     seen = 0
     cursor = after

@@ -88,7 +88,7 @@ class HealthBoard:
 
 
 class SystemServicer(system_pb2_grpc.SystemServicer):
-    def __init__(self, app: "Application"):
+    def __init__(self, app: Application):
         self.app = app
 
     async def GetStatus(self, request, context):

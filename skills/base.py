@@ -93,7 +93,7 @@ def accept_words(words: str, draft: str, must_keep: Sequence[str] = ()) -> str:
     return text
 
 
-async def narrate(narrator: "Narrator", *, task: str, draft: str, priority: str, must_keep: Sequence[str] = (),
+async def narrate(narrator: Narrator, *, task: str, draft: str, priority: str, must_keep: Sequence[str] = (),
                   images: Sequence[np.ndarray] = (), max_tokens: int = 48) -> str:
     """Word `draft` through the model at `priority`; falls back to the draft when the words are unusable."""
     system, prompt = narration_request(task, draft)

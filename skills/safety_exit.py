@@ -180,7 +180,7 @@ class SafeExit:
         age = max(0.0, self.skill.now - analysis.timestamp)
         for approach in self.watch.update(analysis, self.sides):
             self._warn(approach, analysis, arrived, age)
-        for key, side in self.watch.passed(analysis.camera_id, analysis.timestamp):
+        for key, _side in self.watch.passed(analysis.camera_id, analysis.timestamp):
             self._lift(key, "the object has passed")
         if self.needs(analysis.position):
             self.skill.record_latency(time.perf_counter() - arrived)

@@ -36,7 +36,7 @@ class ZoneThresholds:
     confirm_frames: int
 
     @classmethod
-    def of(cls, cfg: SentinelConfig, level: int) -> "ZoneThresholds":
+    def of(cls, cfg: SentinelConfig, level: int) -> ZoneThresholds:
         factor = 1 + cfg.false_positive_step * level
         return cls(cfg.linger_seconds * factor, cfg.near_distance_m / factor,
                    cfg.approach_alert_distance_m / factor, cfg.touch_distance_m / factor,

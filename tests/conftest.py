@@ -42,7 +42,7 @@ class ServerProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> "ServerProcess":
+    def start(self, timeout: float = 60.0) -> ServerProcess:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
         import grpc
         env = dict(os.environ, PYTHONPATH=str(ROOT))

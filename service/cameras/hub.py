@@ -106,7 +106,7 @@ class CameraHub:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self._pool, self._watchdog, self._loop = None, None, None
 
-    async def __aenter__(self) -> "CameraHub":
+    async def __aenter__(self) -> CameraHub:
         await self.start()
         return self
 

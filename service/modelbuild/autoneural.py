@@ -15,7 +15,7 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -52,7 +52,7 @@ class NBitsWeight:
             w = w + self.offsets[..., None]
         return w.reshape(n, k)
 
-    def rows(self, index: np.ndarray) -> "NBitsWeight":
+    def rows(self, index: np.ndarray) -> NBitsWeight:
         return NBitsWeight(self.codes[index], self.scales[index],
                            None if self.offsets is None else self.offsets[index],
                            self.bits, self.block_size, self.source_type)

@@ -65,7 +65,7 @@ class VisionConfig:
             sizes.append(size)
         return sizes
 
-    def validate(self) -> "VisionConfig":
+    def validate(self) -> VisionConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation: {self.activation!r} is not one of {ACTIVATIONS}")
         if not self.stages:
@@ -85,7 +85,7 @@ class VisionConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "VisionConfig":
+    def from_dict(cls, data: dict) -> VisionConfig:
         data = dict(data)
         data["stages"] = tuple(BlockSpec(**s) for s in data.get("stages", ()))
         for key in ("fusion_stages", "mean", "std"):

@@ -128,7 +128,7 @@ class MqttBridge:
                 metrics.BACKLOG.labels(source).set(value)
             try:
                 await asyncio.wait_for(self._wake.wait(), 1.0)   # 1 s: the state topic also follows skills
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def _published(self, batch) -> None:

@@ -80,7 +80,7 @@ class LocalBroker:
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 15.0) -> "LocalBroker":
+    def start(self, timeout: float = 15.0) -> LocalBroker:
         self.proc = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
@@ -114,7 +114,7 @@ class LocalBroker:
     def _log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
 
-    def __enter__(self) -> "LocalBroker":
+    def __enter__(self) -> LocalBroker:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -151,7 +151,7 @@ class LanguageModel:
         return embeds
 
     def new_sequence(self, prompt_ids: list[int], image_embeds: Sequence[np.ndarray] = (),
-                     prefix: DecoderState | None = None) -> "DecodeSequence | SharedSequence":
+                     prefix: DecoderState | None = None) -> DecodeSequence | SharedSequence:
         """A sequence over `prompt_ids`; with `prefix` (a snapshot whose tokens begin the prompt, shared-state
         bundles only) only the rest of the prompt is prefilled."""
         if self.shared_state:
@@ -165,7 +165,7 @@ class LanguageModel:
 class _Step:
     """One graph's preallocated inputs/outputs for one sequence, bound once."""
 
-    def __init__(self, graph: _Graph, seq: "DecodeSequence"):
+    def __init__(self, graph: _Graph, seq: DecodeSequence):
         self.graph = graph
         self.binding = graph.session.io_binding()
         T, L, H = graph.tokens, seq.L, seq.model.hidden_size

@@ -8,7 +8,8 @@ See /work/notes/lm-graph-api.md for the contract.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -56,7 +57,7 @@ _bind_input, _bind_output = bind_input, bind_output
 class SequenceBase:
     """What every sequence kind shares: the prompt checks and embeddings, and the logits view."""
 
-    def __init__(self, model: "LanguageModel", prompt_ids: list[int], image_embeds: Sequence[np.ndarray]):
+    def __init__(self, model: LanguageModel, prompt_ids: list[int], image_embeds: Sequence[np.ndarray]):
         if not prompt_ids:
             raise ValueError("prompt_ids: empty prompt")
         self.model = model
@@ -92,7 +93,7 @@ class SequenceBase:
 class SharedSequence(SequenceBase):
     """One sequence: prefill in chunks (`prefill_step`), then one token per `append`; same API as DecodeSequence."""
 
-    def __init__(self, model: "LanguageModel", prompt_ids: list[int], image_embeds: Sequence[np.ndarray] = (),
+    def __init__(self, model: LanguageModel, prompt_ids: list[int], image_embeds: Sequence[np.ndarray] = (),
                  prefix: DecoderState | None = None):
         super().__init__(model, prompt_ids, image_embeds)
         graph = model._graphs["decoder_decode"]

@@ -84,7 +84,7 @@ class Database:
             versions[namespace] = len(migrations)
         return versions
 
-    def transaction(self) -> "_Transaction":
+    def transaction(self) -> _Transaction:
         return _Transaction(self.connect())
 
     def pragma_everywhere(self, pragma: str) -> None:
@@ -112,7 +112,7 @@ class _Transaction:
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
 
-    def __enter__(self) -> "_Transaction":
+    def __enter__(self) -> _Transaction:
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:

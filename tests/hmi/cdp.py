@@ -31,7 +31,7 @@ class Browser:
         self.ws = None
         self.ids = itertools.count(1)
 
-    async def __aenter__(self) -> "Browser":
+    async def __aenter__(self) -> Browser:
         self.proc = subprocess.Popen(
             [chromium_binary(), "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
              "--no-first-run", "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",

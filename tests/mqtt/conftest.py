@@ -35,7 +35,7 @@ class Subscriber:
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
 
-    async def __aenter__(self) -> "Subscriber":
+    async def __aenter__(self) -> Subscriber:
         self._task = asyncio.create_task(self._run())
         await asyncio.wait_for(self.connected.wait(), 30)
         return self
@@ -78,5 +78,5 @@ class Subscriber:
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), min(remaining, 0.5))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from tests.runtime.serving_support import language_model
 
-from service.runtime.engine import EngineConfig, GenerationEngine, GenerationRequest
+from service.runtime.engine import EngineConfig, GenerationEngine
 from service.runtime.scheduler import NpuScheduler
 
 COCKPIT_QUESTIONS = [

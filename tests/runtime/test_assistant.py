@@ -128,7 +128,7 @@ async def test_cancelled_stream_stops_decoding_within_one_step():
         call = h.stub.Ask(assistant_pb2.AskRequest(question="Tell me a very long story about a road trip.",
                                                    max_tokens=400))
         received = 0
-        async for response in call:
+        async for _response in call:
             received += 1
             if received == 4:
                 break

@@ -116,7 +116,7 @@ def _closed_by_server(sock: socket.socket) -> bool:
         return True
     except ConnectionResetError:
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
 
 
