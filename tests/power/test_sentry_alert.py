@@ -62,7 +62,7 @@ async def test_sentry_minute_under_budget_and_the_approaching_person_raises_an_a
         clock.now = done
         detections = (Detection("person", 0.9, person_box(captured - car.t0)),) if person else ()
         await sentinel.on_frame(FrameAnalysis("front", "exterior", "front", captured, frame,
-                                              detections=detections, stages_run=("motion", "detector")))
+                                              detections=detections, stages_run=("motion", "objects")))
     await sentinel.drain()
     alerts = [e for e in events.after(0, 100, ["sentinel.alert", "sentinel.alarm"])]
     assert alerts, f"no Sentinel alert; state {sentinel.state}, governor levels {car.levels}"
