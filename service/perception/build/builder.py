@@ -14,7 +14,7 @@ import structlog
 
 from service.perception.build.catalog import SPECS
 from service.perception.build.convert import convert_float
-from service.perception.build.quantize import RECIPE, quantize_w8a16
+from service.perception.build.quantize import quantize_w8a16, recipe_name
 from service.perception.build.spec import ModelSpec
 from service.perception.models import MANIFEST, VARIANTS, model_path, models_dir
 from service.runtime.bundle import sha256_file
@@ -42,7 +42,7 @@ def _keys(spec: ModelSpec) -> dict[str, str]:
         "onnx": onnx.__version__}, sort_keys=True).encode()).hexdigest()
     qdq = hashlib.sha256(json.dumps({
         "float": base, "ort": onnxruntime.__version__, "photos": photos_digest(CALIBRATION_PHOTOS),
-        "recipe": RECIPE}, sort_keys=True).encode()).hexdigest()
+        "recipe": recipe_name(spec)}, sort_keys=True).encode()).hexdigest()
     return {"float": base, "qdq": qdq}
 
 
