@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-IMAGES = ROOT / "tests" / "cameras" / "data"
+IMAGES = ROOT / "deploy" / "sim" / "images"   # the repository's photo set (sources in its README)
 MAX_MESSAGE = 8 * 1024 * 1024
 
 

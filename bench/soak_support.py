@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGES = [ROOT / "tests" / "perception" / "data"]
+IMAGES = [ROOT / "deploy" / "sim" / "images"]   # the repository's photo set (sources in its README)
 
 
 def free_port() -> int:

@@ -12,8 +12,8 @@ from prometheus_client import REGISTRY
 from incar.v1 import cameras_pb2, cameras_pb2_grpc, common_pb2
 from service.cameras.hub import CameraHub
 
-DATA = Path(__file__).parent / "data"
-IMAGES = sorted(DATA.glob("*.jpg"))
+DATA = Path(__file__).resolve().parents[2] / "deploy" / "sim" / "images"   # the repository's photo set
+IMAGES = [DATA / name for name in ("dog.jpg", "horses.jpg", "person.jpg")]   # the camera tests' three scenes
 MAX_MESSAGE = 8 * 1024 * 1024
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from service.cameras.ring import CameraFrame, FrameRing
 from service.perception.types import Detection, FrameAnalysis, Motion
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[2] / "deploy" / "sim" / "images"   # the repository's photo set
 
 # Regions of the photos (x1, y1, x2, y2) holding the subject, measured on the originals.
 PERSON_CROP = (170, 80, 290, 390)       # person.jpg: the standing person
