@@ -8,7 +8,6 @@ the handler task, which lands on the step in flight).
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -20,10 +19,10 @@ import structlog
 from incar.v1 import assistant_pb2, assistant_pb2_grpc, common_pb2
 from service.cameras.decoding import DecodeOverloadError, decode_off_loop
 from service.cameras.frames import FrameError
+from service.runtime.answer_stream import answer_stream
 from service.runtime.conversation_service import ConversationRpcs
 from service.runtime.conversations import ConversationStore
-from service.runtime.engine import (Done, GenerationEngine, GenerationRequest, InvalidRequestError, ModelFailure,
-                                    TextDelta)
+from service.runtime.engine import (GenerationEngine, GenerationRequest)
 from service.runtime.scheduler import QueueFullError
 from service.runtime.tool_answer import ToolAnswerer, word_result
 from service.runtime.tooling import ToolRegistry, ToolResult
@@ -106,16 +105,7 @@ class AssistantService(ConversationRpcs, assistant_pb2_grpc.AssistantServicer):
 
     async def Ask(self, request: assistant_pb2.AskRequest, context: grpc.aio.ServicerContext):
         engine = self._engine
-        question = request.question.strip()
-        if not question:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "question: empty")
-        if len(question) > self.config.max_question_chars:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"question: {len(question)} characters, the limit is {self.config.max_question_chars}")
-        if len(request.images) + len(request.camera_ids) > self.config.max_images:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"{len(request.images)} images and {len(request.camera_ids)} cameras: at most "
-                                f"{self.config.max_images} in total")
+        question = await self._checked_text("question", request.question, request, context)
         if request.route_to_skill and self.tools is not None:
             started = time.monotonic()
             try:
@@ -156,34 +146,22 @@ class AssistantService(ConversationRpcs, assistant_pb2_grpc.AssistantServicer):
             top_k=request.sampling.top_k, seed=request.sampling.seed, stop=list(request.stop),
             json_schema=request.json_schema or None, priority=self.config.priority,
             deadline=deadline, is_cancelled=context.cancelled)
-        try:
-            # aclosing: an abort mid-stream still closes the generator now, freeing the scheduler slot at once.
-            async with contextlib.aclosing(engine.stream(gen)) as stream:
-                async for item in stream:
-                    if isinstance(item, TextDelta):
-                        yield assistant_pb2.AskResponse(text=item.text)
-                    elif isinstance(item, Done):
-                        if item.finish_reason == "deadline":
-                            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                                f"deadline passed after {item.timings.generated_tokens} tokens")
-                        if item.finish_reason == "cancelled":
-                            return
-                        t = item.timings
-                        yield assistant_pb2.AskResponse(done=assistant_pb2.AskDone(
-                            answer=item.text, finish_reason=item.finish_reason, handled_by="model",
-                            model=engine.name, backend=engine.backend,
-                            timings=common_pb2.Timings(
-                                queue_s=t.queue_s, preprocess_s=t.preprocess_s, vision_encode_s=t.vision_encode_s,
-                                time_to_first_token_s=t.time_to_first_token_s, tokens_per_second=t.tokens_per_second,
-                                end_to_end_s=t.end_to_end_s, prompt_tokens=t.prompt_tokens,
-                                generated_tokens=t.generated_tokens)))
-        except InvalidRequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except QueueFullError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except ModelFailure as exc:
-            # Not the caller's fault and not lasting: the engine serves the next request, so retrying is right.
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        async for response in answer_stream(engine, gen, context):
+            yield response
+
+    async def _checked_text(self, field: str, text: str, request, context) -> str:
+        """The question (or a conversation's message) stripped, and its images within the limits."""
+        text = text.strip()
+        if not text:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: empty")
+        if len(text) > self.config.max_question_chars:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{field}: {len(text)} characters, the limit is {self.config.max_question_chars}")
+        if len(request.images) + len(request.camera_ids) > self.config.max_images:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{len(request.images)} images and {len(request.camera_ids)} cameras: at most "
+                                f"{self.config.max_images} in total")
+        return text
 
     async def _gather_images(self, request: assistant_pb2.AskRequest, context) -> list[np.ndarray]:
         images: list[np.ndarray] = []

@@ -28,16 +28,7 @@ class ConversationRpcs:
 
     async def Converse(self, request, context):
         engine = self._engine
-        message = request.message.strip()
-        if not message:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "message: empty")
-        if len(message) > self.config.max_question_chars:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"message: {len(message)} characters, the limit is {self.config.max_question_chars}")
-        if len(request.images) + len(request.camera_ids) > self.config.max_images:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"{len(request.images)} images and {len(request.camera_ids)} cameras: at most "
-                                f"{self.config.max_images} in total")
+        message = await self._checked_text("message", request.message, request, context)
         if engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, self._loading_reason)
         try:
