@@ -10,16 +10,10 @@ log = structlog.get_logger(__name__)
 
 
 class CameraStages:
-    """Over `service.perception.cascade.Cascade.set_stages`."""
+    """Over `service.perception.cascade.Cascade.set_requested`: the union of the skills' wishes per camera."""
 
-    def __init__(self, cascade, base_for=None):
-        from service.perception.cascade import DEFAULT_STAGES
+    def __init__(self, cascade):
         self.cascade = cascade
-        # A camera's usual stages: its configuration, else its role's default (exterior here).
-        self._base_for = base_for or (lambda camera_id: cascade.config.cameras[camera_id].stages
-                                      if camera_id in cascade.config.cameras
-                                      and cascade.config.cameras[camera_id].stages is not None
-                                      else DEFAULT_STAGES["exterior"])
         self._wants: dict[str, dict[str, tuple[str, ...]]] = {}
 
     def want(self, camera_id: str, skill: str, stages: tuple[str, ...] | None) -> None:
@@ -29,15 +23,11 @@ class CameraStages:
         else:
             wants.pop(skill, None)
         extra = {s for wanted in wants.values() for s in wanted}
-        if not extra:
-            self.cascade.set_stages(camera_id, None)
-        else:
-            base = tuple(self._base_for(camera_id))
-            if "pose" in extra and "objects" not in base:
-                extra.add("objects")      # pose rides with the object detector
-            if "identity" in extra:
-                extra.add("faces")
-            self.cascade.set_stages(camera_id, base + tuple(sorted(extra - set(base))))
+        if "pose" in extra:
+            extra.add("objects")          # pose rides with the object detector
+        if "identity" in extra or "age" in extra:
+            extra.add("faces")
+        self.cascade.set_requested(camera_id, tuple(sorted(extra)))
         log.info("skills.camera_stages", camera_id=camera_id, skill=skill, stages=stages, extra=sorted(extra))
 
     def requested(self, camera_id: str) -> set[str]:

@@ -119,7 +119,8 @@ class _CameraState:
     motion: MotionDetector
     stages: tuple[str, ...] | None
     tracker: IouTracker = field(default_factory=IouTracker)
-    depth_limit: int | None = None    # the governor's per-camera cap on the stages that would run
+    depth_limit: int | None = None    # the governor's per-camera cap on the camera's usual stages
+    requested: tuple[str, ...] = ()   # stages skills ask for now, on top of the usual ones (never capped)
     last_detectors_run: float = -1e18
     last_identity_run: float = -1e18
     last_face_count: int = -1
@@ -158,9 +159,19 @@ class Cascade:
         state = self._camera(camera_id)
         state.stages = tuple(stages) if stages is not None else state.config.stages
 
+    def set_requested(self, camera_id: str, stages: tuple[str, ...]) -> None:
+        """Stages skills ask for on one camera now (Greeter's faces and identity while someone walks up), run on
+        top of its usual stages. The governor's depth cap trims only the usual ones: a skill's wish is a purpose,
+        and in a sentry-mode power rung the cap would otherwise leave motion + faces and cut identity (and the
+        object detector Sentinel relies on) from the exterior camera the driver is walking towards."""
+        stages = tuple(stages)
+        if stages:
+            CameraCascadeConfig(stages=stages).validate()
+        self._camera(camera_id).requested = stages
+
     def set_camera_depth(self, camera_id: str, depth: int) -> None:
-        """The power governor's per-camera knob: only the first `depth` of the stages this camera would run
-        (by its configuration, run-time stages or role), in STAGES order."""
+        """The power governor's per-camera knob: only the first `depth` of the stages this camera usually runs
+        (by its configuration, run-time stages or role), in STAGES order; stages skills request come on top."""
         if not 0 <= depth <= len(STAGES):
             raise ValueError(f"depth: must be in [0, {len(STAGES)}], got {depth}")
         self._camera(camera_id).depth_limit = depth
@@ -168,12 +179,14 @@ class Cascade:
     def stages_for(self, camera_id: str, role: str) -> tuple[str, ...]:
         state = self._camera(camera_id)
         configured = state.stages if state.stages is not None else DEFAULT_STAGES.get(role, ("motion",))
-        wanted = tuple(s for s in STAGES if s in configured)
+        usual = tuple(s for s in STAGES if s in configured)
         if state.depth_limit is not None:
-            wanted = wanted[: state.depth_limit]
+            usual = usual[: state.depth_limit]
+        wanted = set(usual) | set(state.requested)
         allowed = STAGES[: self._depth]
-        base = tuple(s for s in wanted if s in allowed)
-        return base + tuple(s for s, rides_with in EXTRA_STAGES.items() if s in configured and rides_with in base)
+        base = tuple(s for s in STAGES if s in wanted and s in allowed)
+        riders = set(configured) | set(state.requested)
+        return base + tuple(s for s, rides_with in EXTRA_STAGES.items() if s in riders and rides_with in base)
 
     # --- models (opened on first use, shared by all cameras) -------------------------------------------------
     def use_scheduler(self, scheduler: NpuScheduler) -> None:

@@ -94,3 +94,22 @@ def test_skills_extra_stages_merge_on_the_cascade():
                                                                                                        "exterior")
     sentinel("ext-left", False)
     assert cascade.stages_for("ext-left", "exterior") == ("motion", "objects", "text")
+
+
+def test_a_skills_wish_survives_the_governors_depth_cap():
+    """Sentry mode's power rung caps an exterior camera at two stages. Counted over the merged stages that left
+    motion + faces on the camera the driver walks towards: no identity, so no greeting by face, and no object
+    detector for Sentinel. The cap trims only the usual stages; what a skill asks for comes on top."""
+    from service.perception.cascade import Cascade, PerceptionConfig
+    from skills.stages import CameraStages
+    cascade = Cascade(PerceptionConfig())
+    stages = CameraStages(cascade)
+    cascade.set_camera_depth("ext-left", 2)
+    assert cascade.stages_for("ext-left", "exterior") == ("motion", "objects")
+    stages.want("ext-left", "greeter", ("faces", "identity"))
+    assert cascade.stages_for("ext-left", "exterior") == ("motion", "faces", "objects", "identity")
+    stages.want("ext-left", "sentinel", ("pose",))
+    assert cascade.stages_for("ext-left", "exterior") == ("motion", "faces", "objects", "identity", "pose")
+    stages.want("ext-left", "greeter", None)
+    stages.want("ext-left", "sentinel", None)
+    assert cascade.stages_for("ext-left", "exterior") == ("motion", "objects")
