@@ -354,6 +354,12 @@ def sim_main(argv: list[str]) -> int:
     free_run = args.free_run or parts != {"cameras", "vehicle", "hmi"}
     if not free_run:
         chosen_steps(args.steps)       # an unknown step is refused before starting
+    if args.with_server:
+        from service.config import ConfigError, load_config
+        try:                           # the server's settings, checked before it starts: an error, not a traceback
+            load_config(args.config, overrides=args.set)
+        except ConfigError as exc:
+            parser.error(f"configuration: {exc}")
     server = start_server(args) if args.with_server else None
     try:
         if not asyncio.run(wait_serving(connection, server, args.startup_timeout)):

@@ -46,6 +46,14 @@ def test_an_unknown_step_is_refused_by_name(tmp_path):
     assert result.returncode != 0 and "unknown step(s) fly" in result.stderr
 
 
+def test_a_bad_setting_is_refused_before_the_server_starts(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "service.cli", "sim", "--with-server", "--set", "data_dir=/tmp/x"],
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "data_dir: unknown section" in result.stderr and "starting incar serve" not in result.stdout
+
+
 def test_free_run_streams_parks_and_answers(tmp_path):
     """The endless loop (compose's camera-sim and hmi services), bounded by --duration."""
     result, where = run_sim(tmp_path, "--free-run", "--duration", "25", "--fps", "2", "--ask-every", "10",
