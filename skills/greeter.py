@@ -23,10 +23,9 @@ import numpy as np
 import structlog
 
 from incar.v1 import common_pb2, skills_pb2
-from service.cameras.frames import FrameError, decode_checked
 from service.perception.types import Face, FrameAnalysis
 from service.runtime.scheduler import JobClass
-from skills.base import (FaceEmbedder, InvalidRequestError, Skill, SkillContext, area, centre, inside, is_moving,
+from skills.base import (FaceEmbedder, Skill, SkillContext, area, centre, inside, is_moving,
                          narrate, to_pixels)
 from skills.config import GreeterConfig
 from skills.greeter_profiles import ProfileStore, TemplateCipher  # noqa: F401  (TemplateCipher: public name)
@@ -243,14 +242,6 @@ class Greeter(Skill):
                  key=f"greeter:{profile_id}:{event.cursor}")
 
 
-def decode_image(image: common_pb2.Image, max_pixels: int) -> np.ndarray:
-    """An uploaded `incar.v1.Image` as BGR (header-checked first); raises InvalidRequestError naming the field."""
-    try:
-        return decode_checked(image, max_pixels)
-    except FrameError as exc:
-        raise InvalidRequestError(str(exc)) from None
-
-
 def cascade_liveness(models_dir=None, backend: str = "cpu") -> LivenessCheck | None:
     """The liveness check on the built anti-spoof and liveness models, or None when they are not built (then a
     face greets but never applies a profile while `require_liveness` is on)."""
@@ -264,4 +255,4 @@ def cascade_liveness(models_dir=None, backend: str = "cpu") -> LivenessCheck | N
     return FaceLiveness(*paths, backend, disable_cpu_fallback=backend != "cpu").check
 
 
-__all__ = ["Greeter", "TemplateCipher", "cascade_liveness", "decode_image"]
+__all__ = ["Greeter", "TemplateCipher", "cascade_liveness"]

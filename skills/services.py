@@ -14,13 +14,14 @@ import grpc
 import structlog
 
 from incar.v1 import skills_pb2, skills_pb2_grpc, vehicle_pb2
+from service.cameras.decoding import decode_for_call
 from service.perception.types import FrameAnalysis
 from service.store.db import StoreUnavailableError
 from skills.base import (FaceEmbedder, InvalidRequestError, NotFoundError, PreconditionError, SignReader,
                          SkillContext, SkillError)
 from skills.car_finder import CarFinder
 from skills.config import SkillsConfig
-from skills.greeter import Greeter, decode_image
+from skills.greeter import Greeter
 from skills.router import SkillRouter
 from skills.safety import Safety
 from skills.sentinel import Sentinel
@@ -210,8 +211,7 @@ class GreeterServicer(skills_pb2_grpc.GreeterServicer):
                 raise PreconditionError(f"camera {request.camera_id!r} has no frame to enrol from")
             image = frame.original
         elif source == "image":
-            img = request.image
-            image = decode_image(img, self.host.config.greeter.max_image_pixels)
+            image = await decode_for_call(request.image, self.host.config.greeter.max_image_pixels, context, "image")
         profile = await self.greeter.enroll(request.name, request.consent, image=image,
                                             key_fob_id=request.key_fob_id, preferences_json=request.preferences_json)
         del image   # never kept: only the template is stored

@@ -13,10 +13,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import numpy as np
 
 from incar.v1 import common_pb2
-from service.cameras.frames import check_image, decode
+from service.cameras.frames import FrameError, check_image, decode
 
 DECODE_THREADS = max(1, min(4, (os.cpu_count() or 2) // 2))
 MAX_QUEUED = 32
@@ -52,3 +53,22 @@ async def decode_off_loop(image: common_pb2.Image, max_pixels: int, deadline: fl
         return await asyncio.wait_for(future, timeout)
     finally:
         _queued -= 1
+
+
+async def decode_for_call(image: common_pb2.Image, max_pixels: int, context, field: str,
+                          max_bytes: int | None = None) -> np.ndarray:
+    """An RPC's inline image (`field` names it: "image", "images[2]"), decoded off the loop within the call's
+    deadline; a bad or oversized image, a passed deadline or a full decode queue aborts the call with
+    INVALID_ARGUMENT, DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED and a message naming the field."""
+    if max_bytes is not None and len(image.data) > max_bytes:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{field}: {len(image.data)} bytes, the limit is {max_bytes}")
+    remaining = context.time_remaining()
+    try:
+        return await decode_off_loop(image, max_pixels, None if remaining is None else time.monotonic() + remaining)
+    except FrameError as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}.{exc}")
+    except TimeoutError:
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{field}: deadline passed while decoding")
+    except DecodeOverloadError as exc:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{field}: {exc}")

@@ -17,8 +17,7 @@ import numpy as np
 import structlog
 
 from incar.v1 import assistant_pb2, assistant_pb2_grpc, common_pb2
-from service.cameras.decoding import DecodeOverloadError, decode_off_loop
-from service.cameras.frames import FrameError
+from service.cameras.decoding import decode_for_call
 from service.runtime.answer_stream import answer_stream
 from service.runtime.conversation_service import ConversationRpcs
 from service.runtime.conversations import ConversationStore
@@ -61,20 +60,6 @@ class AssistantConfig:
         from service.runtime.tool_choice import MODES
         if self.tool_choice not in MODES:
             raise ValueError(f"tool_choice: expected one of {', '.join(MODES)}, got {self.tool_choice!r}")
-
-
-class ImageError(ValueError):
-    pass
-
-
-async def decode_image(index: int, image: common_pb2.Image, max_pixels: int, context) -> np.ndarray:
-    """An inline `Image` to BGR uint8, decoded off the event loop within the call's deadline; ImageError names the
-    index and what is wrong."""
-    remaining = context.time_remaining()
-    try:
-        return await decode_off_loop(image, max_pixels, None if remaining is None else time.monotonic() + remaining)
-    except FrameError as exc:
-        raise ImageError(f"images[{index}].{exc}") from None
 
 
 class AssistantService(ConversationRpcs, assistant_pb2_grpc.AssistantServicer):
@@ -166,17 +151,8 @@ class AssistantService(ConversationRpcs, assistant_pb2_grpc.AssistantServicer):
     async def _gather_images(self, request: assistant_pb2.AskRequest, context) -> list[np.ndarray]:
         images: list[np.ndarray] = []
         for i, image in enumerate(request.images):
-            if len(image.data) > self.config.max_image_bytes:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"images[{i}]: {len(image.data)} bytes, the limit is {self.config.max_image_bytes}")
-            try:
-                images.append(await decode_image(i, image, self.config.max_image_pixels, context))
-            except ImageError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            except TimeoutError:
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"images[{i}]: deadline passed while decoding")
-            except DecodeOverloadError as exc:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"images[{i}]: {exc}")
+            images.append(await decode_for_call(image, self.config.max_image_pixels, context, f"images[{i}]",
+                                                max_bytes=self.config.max_image_bytes))
         if request.camera_ids:
             if self._frames_for is None:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,

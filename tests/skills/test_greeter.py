@@ -82,6 +82,10 @@ async def test_enrolment_consent_quality_encryption_delete_and_restart(harness, 
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await greeter.Enroll(skills_pb2.EnrollRequest(name=NAME, consent=True, image=jpeg(small)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "px" in err.value.details()
+    broken = common_pb2.Image(encoding=upload.encoding, data=upload.data[:200])   # decoded off the loop, refused
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await greeter.Enroll(skills_pb2.EnrollRequest(name=NAME, consent=True, image=broken))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("image.")
 
     profile = await enrol(r)
     assert profile.name == NAME and profile.face and 0 <= profile.enrol_yaw <= 0.35
