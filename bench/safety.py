@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import structlog  # noqa: E402
 
 from bench.safety_scenarios import run_scenarios  # noqa: E402
+from service.pipeline import SAFETY_LANE_THREADS  # noqa: E402
 
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
 PHOTOS = Path(__file__).resolve().parents[1] / "deploy" / "sim" / "images"
@@ -85,32 +86,48 @@ class ScriptedHub:
 
 
 def model_load(stop: threading.Event, counter: list[int]) -> str:
-    """The default language model answering back to back on its own thread; returns what ran."""
-    try:
-        from service.runtime.bundle import load_bundle
-        from service.runtime.engine import Done, GenerationEngine, GenerationRequest
-        from service.runtime.generator import LanguageModel
-        from service.runtime.scheduler import NpuScheduler
-        bundle = load_bundle("build/models/smollm2-135m-instruct")
-        engine = GenerationEngine(LanguageModel(bundle, "cpu", threads=2), None, NpuScheduler())
-    except Exception as exc:   # no bundle built: say so, measure without
-        return f"no model ({exc})"
+    """The default language model, loaded by the server's ModelHost (same threads, same priorities), answering
+    back to back on its own thread and event loop; returns what ran."""
+    from service.runtime.config import RuntimeConfig
+    from service.runtime.engine import Done, GenerationRequest
+    from service.runtime.host import ModelHost
+    host, loop = ModelHost(RuntimeConfig(fallback_backend="")), asyncio.new_event_loop()
+
+    async def status(serving: bool, note: str) -> None:
+        pass
+    loaded = loop.run_until_complete(host.load(status))
+    if loaded.engine is None:   # no bundle built: say so, measure without
+        return f"no model ({loaded.reason})"
 
     def run():
-        loop = asyncio.new_event_loop()
-
         async def answer():
             request = GenerationRequest(prompt="Describe a safe way to park a car.", system="", max_tokens=48)
-            async for item in engine.stream(request):
+            async for item in host.engine.stream(request):
                 if isinstance(item, Done):
                     counter[0] += item.timings.generated_tokens
         while not stop.is_set():
             loop.run_until_complete(answer())
     threading.Thread(target=run, daemon=True).start()
-    return "smollm2-135m-instruct on cpu"
+    return f"{host.engine.name} on {loaded.backend}"
 
 
-async def measure(lanes: bool, seconds: float, fps: float, cascade) -> dict:
+class TimedCascade:
+    """The real cascade, with each frame's analysis start and end noted (wall clock) for the stage breakdown."""
+
+    def __init__(self, cascade):
+        self.cascade, self.spans = cascade, {}
+
+    def __getattr__(self, name):
+        return getattr(self.cascade, name)
+
+    def analyze(self, bgr, meta, *args):
+        started = time.time()
+        analysis = self.cascade.analyze(bgr, meta, *args)
+        self.spans[(meta.camera_id, meta.capture_time)] = (started, time.time())
+        return analysis
+
+
+async def measure(lanes: bool, seconds: float, fps: float, cascade, safety_threads: int) -> dict:
     from incar.v1 import vehicle_pb2
     from service.actions import ActionQueue
     from service.pipeline import AnalysisPipeline
@@ -133,20 +150,28 @@ async def measure(lanes: bool, seconds: float, fps: float, cascade) -> dict:
         await host.on_vehicle(vehicle_pb2.VehicleState(), state)
         safety = host.safety
         policy = (lambda f: "safety" if safety.needs_camera(f.role, f.position) else "general") if lanes else None
-        pipeline = AnalysisPipeline(ScriptedHub(fps, seconds), cascade, lane_of=policy)
-        decisions, warnings, seen = [], [], {}
+        timed = TimedCascade(cascade)
+        pipeline = AnalysisPipeline(ScriptedHub(fps, seconds), timed, lane_of=policy,
+                                    safety_threads=safety_threads)
+        decisions, warnings, seen, stages = [], [], {}, {"wait": [], "analysis": [], "handover": []}
         async for analysis in pipeline.analyses():
             before = len(safety.exit.warnings)
             await host.on_analysis(analysis)
             done = time.time()
             seen[analysis.camera_id] = seen.get(analysis.camera_id, 0) + 1
-            if analysis.position in ("left", "right", "rear") and "objects" in analysis.stages_run:
+            # A safe-exit decision: a frame of a camera watching an armed door's path, the detector run on it
+            # (the right camera watches no armed door here: its frames are nobody's safe-exit decision).
+            if safety.exit.needs(analysis.position) and "objects" in analysis.stages_run:
                 decisions.append(done - analysis.timestamp)
+                started, ended = timed.spans[(analysis.camera_id, analysis.timestamp)]
+                stages["wait"].append(started - analysis.timestamp)
+                stages["analysis"].append(ended - started)
+                stages["handover"].append(done - ended)   # to the skills, and Safety's decision
                 if len(safety.exit.warnings) > before:
                     warnings.append(done - analysis.timestamp)
         await host.stop()
         db.close()
-    return {"decisions": decisions, "warnings": warnings, "frames": seen}
+    return {"decisions": decisions, "warnings": warnings, "frames": seen, "stages": stages}
 
 
 def p95(values: list[float]) -> float | None:
@@ -158,6 +183,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=15.0, help="per contender (serial loop, safety lane)")
     ap.add_argument("--fps", type=float, default=10.0)
     ap.add_argument("--no-model", action="store_true")
+    ap.add_argument("--safety-threads", type=int, default=SAFETY_LANE_THREADS,
+                    help="intra-op threads of the safety lane's own detector sessions")
     args = ap.parse_args()
 
     from service.perception.build import build
@@ -172,7 +199,7 @@ def main() -> int:
     results = {}
     for name, lanes in (("serial", False), ("lanes", True)):
         t0 = tokens[0]
-        r = asyncio.run(measure(lanes, args.seconds, args.fps, cascade))
+        r = asyncio.run(measure(lanes, args.seconds, args.fps, cascade, args.safety_threads))
         r["tokens"] = tokens[0] - t0
         results[name] = r
         d = r["decisions"]
@@ -181,6 +208,8 @@ def main() -> int:
               f"  p95 {1000 * (p95(d) or float('nan')):7.1f} ms  warnings {len(r['warnings'])}"
               f"  (p95 {1000 * (p95(r['warnings']) or float('nan')):.1f} ms)  frames/camera {r['frames']}"
               f"  model tokens {r['tokens']}")
+        print("        " + "  ".join(f"{k} p50 {1000 * statistics.median(v):.1f} p95 {1000 * p95(v):.1f} ms"
+                                      for k, v in r["stages"].items() if v))
     stop.set()
     scen = run_scenarios()
     print(f"scenarios: {scen['approaches']} approaches, missed {len(scen['missed'])} {scen['missed']}, "
@@ -201,6 +230,8 @@ def main() -> int:
         "safe_exit_target_s": 0.05,
         "model_answering": not args.no_model and not model.startswith("no model"),
         "model_tokens_during_lanes": results["lanes"]["tokens"],
+        **{f"safety_lane_{k}_p95_s": round(p95(v), 4) for k, v in results["lanes"]["stages"].items() if v},
+        "loadavg_1m": float(Path("/proc/loadavg").read_text().split()[0]),
         "approaches": scen["approaches"], "missed_approaches": len(scen["missed"]),
         "late_warnings": len(scen["late"]), "quiet_scenarios": scen["quiet_scenarios"],
         "false_warnings": len(scen["false"]), "box_jitter": 0.03,

@@ -5,7 +5,14 @@ cameras while someone may get out, cabin cameras while an occupant may be left b
 stages (dlib identity, OCR), so a safe-exit frame never waits behind them or behind the general lane's work;
 the general lane analyses every other camera with all its stages. Which lane a camera is in is asked per frame
 (`lane_of`, wired by the server to Safety), so it follows the vehicle state. In each lane the newest frame per
-camera wins while the worker is busy, and the camera that has waited longest goes next.
+camera wins while the worker is busy (a safety decision on an old frame is worse than one on the newest), and
+the camera that has waited longest goes next.
+
+On the CPU backend the lanes also differ in priority: the general lane's thread (and the shared models' pools,
+the dlib worker process it starts) run below the process's priority, as the language model does
+(service.runtime.thread_priority), while the safety lane runs at the process's priority on its own sessions of
+the small detectors (`Cascade.lane_models`), so the OS preempts the slower work for a safety frame. Analysed
+safety frames are handed to the skills before waiting general ones.
 
 Also the perception services other parts use on single images (enrolment, sign reading, the description a
 text-only model gets of an image), so every part shares one set of loaded perception models.
@@ -13,6 +20,7 @@ text-only model gets of an image), so every part shares one set of loaded percep
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -29,10 +37,13 @@ from service.perception.types import Face, FrameAnalysis, TextLine
 from service.power.sources import record_busy
 from service.runtime.frame_cache import FrameCache
 from service.runtime.scheduler import JobClass
+from service.runtime.thread_priority import lower_current_thread
 
 log = structlog.get_logger(__name__)
 
 LANES = ("safety", "general")
+# Intra-op threads of the safety lane's own detector sessions: both cores for the one frame that matters now.
+SAFETY_LANE_THREADS = 2
 LaneOf = Callable[[CameraFrame], str]
 RequestedStages = Callable[[str], set[str]]   # camera id -> the stages skills asked for on it now
 LANE_WAIT = Histogram("incar_pipeline_lane_wait_seconds", "Frame arrival to the start of its analysis, per lane",
@@ -65,13 +76,17 @@ class _Mailbox:
 
 
 class AnalysisPipeline:
-    def __init__(self, hub: CameraHub, cascade: Cascade, lane_of: LaneOf | None = None):
+    def __init__(self, hub: CameraHub, cascade: Cascade, lane_of: LaneOf | None = None,
+                 safety_threads: int = SAFETY_LANE_THREADS):
         self.hub = hub
         self.cascade = cascade
         self.lane_of: LaneOf = lane_of or (lambda frame: "general")
         self.requested_stages: RequestedStages = lambda camera_id: set()
         self.frame_cache = FrameCache()      # a frame asked about twice is described once
-        self._executors = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"analysis-{lane}") for lane in LANES}
+        self._executors = {
+            "safety": ThreadPoolExecutor(1, thread_name_prefix="analysis-safety"),
+            "general": ThreadPoolExecutor(1, thread_name_prefix="analysis-general", initializer=lower_current_thread)}
+        self._models = {"safety": cascade.lane_models(safety_threads), "general": cascade.model}
 
     def route(self, lane_of: LaneOf, requested_stages: RequestedStages) -> None:
         """The server's policies, once the skills exist: which lane a frame takes, and the stages skills asked
@@ -89,7 +104,9 @@ class AnalysisPipeline:
     async def analyses(self) -> AsyncIterator[FrameAnalysis]:
         """Analysed frames from both lanes, as each is ready."""
         boxes = {lane: _Mailbox() for lane in LANES}
-        out: asyncio.Queue[FrameAnalysis] = asyncio.Queue(maxsize=16)
+        # Ranked by lane, then by arrival: a safety frame analysed while general ones wait is handed over first.
+        out: asyncio.PriorityQueue[tuple[int, int, FrameAnalysis]] = asyncio.PriorityQueue(maxsize=16)
+        order = itertools.count()
 
         async def feed() -> None:
             async for frame in self.hub.frames():
@@ -110,14 +127,14 @@ class AnalysisPipeline:
                     # On an NPU the lane is the job class its detector runs are ranked by.
                     job = JobClass.CRITICAL if lane == "safety" else JobClass.ALERT
                     analysis = await loop.run_in_executor(self._executors[lane], self.cascade.analyze,
-                                                          frame.original, frame, skip, job)
+                                                          frame.original, frame, skip, job, self._models[lane])
                 except Exception:
                     log.exception("pipeline.analysis_failed", camera_id=frame.camera_id, lane=lane)
                     continue
                 spent = time.perf_counter() - started
                 LANE_ANALYSIS.labels(lane).observe(spent)
                 record_busy("cpu", spent)
-                await out.put(analysis)
+                await out.put((LANES.index(lane), next(order), analysis))
 
         tasks = [asyncio.create_task(feed(), name="analysis-feed"),
                  *(asyncio.create_task(work(lane), name=f"analysis-{lane}") for lane in LANES)]
@@ -126,11 +143,11 @@ class AnalysisPipeline:
                 getter = asyncio.ensure_future(out.get())
                 done, _ = await asyncio.wait([getter, tasks[0]], return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    yield getter.result()
+                    yield getter.result()[2]
                     continue
                 getter.cancel()
                 while not out.empty():       # the camera stream ended: hand over what was analysed
-                    yield out.get_nowait()
+                    yield out.get_nowait()[2]
                 return
         finally:
             for task in tasks:

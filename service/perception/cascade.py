@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -21,6 +22,7 @@ from service.perception.scheduled import job_class, schedule_sessions
 from service.perception.types import FrameAnalysis
 from service.runtime.providers import QNN_BACKENDS
 from service.runtime.scheduler import JobClass, NpuScheduler
+from service.runtime.thread_priority import call_in_background_thread
 
 log = structlog.get_logger(__name__)
 
@@ -33,6 +35,8 @@ ALL_STAGES = (*STAGES, *EXTRA_STAGES)
 # The slow stages: a frame in the safety lane skips them (a safe-exit or child-presence decision must not wait
 # behind dlib or OCR; nobody needs greeting in a locked car, and Car Finder reads signs itself).
 SLOW_STAGES = ("identity", "text")
+# The small detectors a lane may hold its own sessions of (identity is a worker process, OCR stays shared).
+LANE_MODELS = ("faces", "objects", "pose", "age")
 # Cabin: who is there (Greeter), who is left (Safety: faces, ages, bodies) and what was left behind (phones,
 # bags); exterior: what approaches (Safety: tracks, time to collision) and where we parked (Car Finder: signs).
 # On exterior cameras pose runs only on frames with a person detected (Sentinel: crouching, reaching).
@@ -43,6 +47,9 @@ STAGE_SECONDS = Histogram("incar_perception_stage_seconds", "Time per perception
                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
 FRAMES = Counter("incar_perception_frames_total", "Frames analysed, by whether motion let the detectors run",
                  ["camera_id", "gated"])
+
+
+ModelSource = Callable[[str], object]   # model name -> a loaded model (Cascade.model, or a lane's own)
 
 
 class CameraMeta(Protocol):
@@ -204,15 +211,34 @@ class Cascade:
         and shared with single-image callers (enrolment, sign reading, image descriptions)."""
         with self._model_lock:
             if name not in self._models:
-                model = self._open(name)
+                # On the CPU its pool threads start lowered: a lane that must preempt opens its own (lane_models).
+                model = call_in_background_thread(lambda: self._open(name)) if self.config.backend == "cpu" \
+                    else self._open(name)
                 self._models[name] = schedule_sessions(model, self._scheduler, name) if self._scheduler else model
             return self._models[name]
 
-    def _open(self, name: str):
+    def lane_models(self, threads: int) -> ModelSource:
+        """`model` for one analysis lane: on the CPU backend its own sessions of the small detectors (LANE_MODELS),
+        opened on first use by the calling thread with `threads` intra-op threads, so they run at that thread's
+        priority and never queue in another lane's pool; the rest, and everything on a QNN backend (ranked by
+        the NPU scheduler), are the shared models."""
+        if self.config.backend != "cpu":
+            return self.model
+        own: dict[str, object] = {}
+
+        def model(name: str):
+            if name not in LANE_MODELS:
+                return self.model(name)
+            if name not in own:
+                own[name] = self._open(name, threads)
+            return own[name]
+        return model
+
+    def _open(self, name: str, threads: int | None = None):
         cfg = self.config
         base = Path(cfg.models_dir) if cfg.models_dir else models_dir()
         variant = cfg.resolved_variant
-        kw = dict(threads=cfg.threads, disable_cpu_fallback=cfg.backend != "cpu")
+        kw = dict(threads=threads or cfg.threads, disable_cpu_fallback=cfg.backend != "cpu")
         if name == "faces":
             from service.perception.faces import FaceDetector
             return FaceDetector(model_path(f"face_{cfg.face_range}", variant, base), cfg.face_range, cfg.backend, **kw)
@@ -245,13 +271,15 @@ class Cascade:
 
     # --- the cascade ------------------------------------------------------------------------------------------
     def analyze(self, bgr: np.ndarray, meta: CameraMeta, skip: tuple[str, ...] = (),
-                job: JobClass = JobClass.ALERT) -> FrameAnalysis:
+                job: JobClass = JobClass.ALERT, models: ModelSource | None = None) -> FrameAnalysis:
         """Run this camera's stages on one frame (`skip`: stages to leave out this time, e.g. SLOW_STAGES for a
-        frame in the safety lane; `job`: the job class of its NPU runs on a QNN backend)."""
+        frame in the safety lane; `job`: the job class of its NPU runs on a QNN backend; `models`: a lane's
+        own (`lane_models`), default the shared ones)."""
         with job_class(job):
-            return self._analyze(bgr, meta, skip)
+            return self._analyze(bgr, meta, skip, models or self.model)
 
-    def _analyze(self, bgr: np.ndarray, meta: CameraMeta, skip: tuple[str, ...]) -> FrameAnalysis:
+    def _analyze(self, bgr: np.ndarray, meta: CameraMeta, skip: tuple[str, ...], model: ModelSource
+                 ) -> FrameAnalysis:
         if not isinstance(bgr, np.ndarray) or bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
             raise ValueError(f"cascade: expected a uint8 BGR frame HxWx3, got "
                              f"{getattr(bgr, 'dtype', type(bgr))} {getattr(bgr, 'shape', '')}")
@@ -278,26 +306,26 @@ class Cascade:
             if detectors_allowed and detector_stages:
                 state.last_detectors_run = meta.capture_time
                 if "faces" in stages:
-                    fields["faces"] = self._faces(bgr, meta, state, stages, timed)
+                    fields["faces"] = self._faces(bgr, meta, state, stages, timed, model)
                 if "objects" in stages:
-                    found = timed("objects", lambda: self.model("objects").detect(bgr))
+                    found = timed("objects", lambda: model("objects").detect(bgr))
                     fields["detections"] = detections = tuple(state.tracker.update(found, meta.capture_time))
                     # Outside, bodies matter only when the detector saw a person (cheap gate for a 25 ms stage).
                     if "pose" in stages and (meta.role == "cabin" or any(d.label == "person" for d in detections)):
-                        fields["poses"] = tuple(timed("pose", lambda: self.model("pose").estimate(bgr)))
+                        fields["poses"] = tuple(timed("pose", lambda: model("pose").estimate(bgr)))
                 if "text" in stages:
-                    fields["texts"] = tuple(timed("text", lambda: self.model("text").read(bgr)))
+                    fields["texts"] = tuple(timed("text", lambda: model("text").read(bgr)))
         return FrameAnalysis(camera_id=meta.camera_id, role=meta.role, position=meta.position,
                              timestamp=float(meta.capture_time), frame=bgr, stages_run=tuple(ran), **fields)
 
-    def _faces(self, bgr, meta, state: _CameraState, stages, timed) -> tuple:
-        faces = timed("faces", lambda: self.model("faces").detect(bgr))
+    def _faces(self, bgr, meta, state: _CameraState, stages, timed, model: ModelSource) -> tuple:
+        faces = timed("faces", lambda: model("faces").detect(bgr))
         identity_due = (len(faces) != state.last_face_count
                         or meta.capture_time - state.last_identity_run >= state.config.identity_refresh_seconds)
         state.last_face_count = len(faces)
         if faces and "age" in stages:
-            faces = timed("age", lambda: self.model("age").annotate(bgr, faces))
+            faces = timed("age", lambda: model("age").annotate(bgr, faces))
         if "identity" in stages and faces and identity_due:
             state.last_identity_run = meta.capture_time
-            faces = timed("identity", lambda: self.model("identity").embed_faces(bgr, faces))
+            faces = timed("identity", lambda: model("identity").embed_faces(bgr, faces))
         return tuple(faces)

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from service.rpc_errors import ExhaustedError
 from service.runtime import metrics
 
 log = structlog.get_logger(__name__)
@@ -61,7 +62,7 @@ def job_class(value: JobClass | str) -> JobClass:
 T = TypeVar("T")
 
 
-class QueueFullError(RuntimeError):
+class QueueFullError(ExhaustedError, RuntimeError):
     """The waiting queue of a priority is full; the gRPC layer maps it to RESOURCE_EXHAUSTED."""
 
     def __init__(self, priority: str, limit: int):
@@ -158,6 +159,11 @@ class NpuScheduler:
         self.steps_total = 0   # every step run, for tests and the bench
         self._thread = threading.Thread(target=self._run, name=f"{name}-executor", daemon=True)
         self._thread.start()
+
+    @property
+    def thread_id(self) -> int | None:
+        """The executor thread's OS id (the model host lowers its priority on the CPU backend)."""
+        return self._thread.native_id
 
     # ---- admission -------------------------------------------------------------------------------
     def waiting(self, priority: str) -> int:
