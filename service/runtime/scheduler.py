@@ -34,7 +34,6 @@ from typing import Any, TypeVar
 
 import structlog
 
-from service.rpc_errors import ExhaustedError
 from service.runtime import metrics
 
 log = structlog.get_logger(__name__)
@@ -62,7 +61,7 @@ def job_class(value: JobClass | str) -> JobClass:
 T = TypeVar("T")
 
 
-class QueueFullError(ExhaustedError, RuntimeError):
+class QueueFullError(RuntimeError):
     """The waiting queue of a priority is full; the gRPC layer maps it to RESOURCE_EXHAUSTED."""
 
     def __init__(self, priority: str, limit: int):
