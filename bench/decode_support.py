@@ -2,12 +2,16 @@
 multi-turn time to first token at the generator level."""
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 
 import numpy as np
 
-# Greedy agreement prompts (chat questions a cockpit assistant gets, and a few general ones).
+from service.runtime.prompts import build_prompt
+
+# Greedy agreement prompts (chat questions a cockpit assistant gets, and general ones): 16, since a median over 8
+# near-tie-prone continuations moved by several tokens from one prompt's flip.
 AGREEMENT_PROMPTS = (
     "What is the capital of France?",
     "Give me three tips for driving safely in the rain.",
@@ -17,6 +21,14 @@ AGREEMENT_PROMPTS = (
     "How far is the Moon from the Earth?",
     "Why do cars need oil changes?",
     "Name three famous painters and one painting by each.",
+    "What is the capital of Italy?",
+    "How do I turn on the windscreen wipers?",
+    "Tell me a fun fact about electric cars.",
+    "What does the check engine light mean?",
+    "Suggest a good song for a morning drive.",
+    "How can I save fuel on the motorway?",
+    "What is the boiling point of water?",
+    "Explain how a seat belt protects you in a crash.",
 )
 CONVERSATION = (
     "Hi! I am planning a drive from Munich to Vienna tomorrow.",
@@ -123,10 +135,11 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def greedy_agreement(models: dict, llm, tokenizer, eos: np.ndarray, tokens: int = 48) -> dict[str, list[int]]:
+def greedy_agreement(models: dict, llm, tokenizer, eos: np.ndarray, tokens: int = 48,
+                     prompts: tuple[str, ...] = AGREEMENT_PROMPTS) -> dict[str, list[int]]:
     """Per variant: common prefix (tokens) of its greedy continuation and llama.cpp's, per prompt."""
     out: dict[str, list[int]] = {name: [] for name in models}
-    for prompt in AGREEMENT_PROMPTS:
+    for prompt in prompts:
         ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
         reference = llama_run(llm, ids, tokens, eos)[2]
         for name, model in models.items():
@@ -134,27 +147,51 @@ def greedy_agreement(models: dict, llm, tokenizer, eos: np.ndarray, tokens: int 
     return out
 
 
-def cached_prefix_ttft(model, system: str, question: str, repeats: int = 5) -> tuple[float, float, int]:
-    """(median TTFT with the system prompt restored from a snapshot, without, question tokens)."""
-    tok = model.tokenizer
-    sys_ids = tok.encode(tok.apply_chat_template([{"role": "system", "content": system}], add_generation_prompt=False))
-    ids = tok.encode(tok.apply_chat_template([{"role": "system", "content": system},
-                                              {"role": "user", "content": question}]))
-    assert ids[:len(sys_ids)] == sys_ids, "the chat template does not extend the system prompt's tokens"
-    seq = model.new_sequence(sys_ids)
-    while not seq.prefill_step():
-        pass
-    state = seq.snapshot()
-    timings = {True: [], False: []}
+def cached_prefix_ttft(model, question: str, repeats: int = 7) -> dict:
+    """Time to first token of a short question through the engine (chat template, tokenization, admission, the
+    scheduler's executor thread and back to the event loop: the request path), with the system prompt's state
+    restored from the prompt cache and, alternately, with the cache off (whole prompt prefilled); medians. Also the
+    generator alone restoring the same state and prefilling the same suffix (what the engine adds is the rest)."""
+    from service.runtime.engine import Done, EngineConfig, GenerationEngine, GenerationRequest
+    from service.runtime.scheduler import NpuScheduler
+
+    scheduler = NpuScheduler()
+    engines = {True: GenerationEngine(model, None, scheduler),
+               False: GenerationEngine(model, None, scheduler, config=EngineConfig(prompt_cache_bytes=0))}
+
+    async def ask(engine):
+        done = None
+        async for item in engine.stream(GenerationRequest(question, max_tokens=1)):
+            if isinstance(item, Done):
+                done = item
+        return done.timings
+
+    loop = asyncio.new_event_loop()
+    try:
+        first = loop.run_until_complete(ask(engines[True]))          # prefills the system prompt, keeps its state
+        runs = {True: [], False: []}
+        for _ in range(repeats):
+            for cached in (True, False):
+                runs[cached].append(loop.run_until_complete(ask(engines[cached])))
+    finally:
+        scheduler.close()
+        loop.close()
+    (head, state), = engines[True].prefixes._states.items()
+    ids = build_prompt(model.tokenizer, engines[True].config.system_prompt, question).ids
+    bare = []
     for _ in range(repeats):
-        for cached in (True, False):
-            t0 = time.perf_counter()
-            seq = model.new_sequence(ids, prefix=state if cached else None)
-            while not seq.prefill_step():
-                pass
-            int(np.argmax(seq.logits))
-            timings[cached].append(time.perf_counter() - t0)
-    return statistics.median(timings[True]), statistics.median(timings[False]), len(ids) - len(sys_ids)
+        t0 = time.perf_counter()
+        seq = model.new_sequence(ids, prefix=state)
+        while not seq.prefill_step():
+            pass
+        int(np.argmax(seq.logits))
+        bare.append(time.perf_counter() - t0)
+    last = runs[True][-1]
+    assert last.cached_prompt_tokens == len(head) == first.cached_prompt_tokens and ids[:len(head)] == list(head)
+    return {"cached": statistics.median(t.time_to_first_token_s for t in runs[True]),
+            "uncached": statistics.median(t.time_to_first_token_s for t in runs[False]),
+            "generator": statistics.median(bare), "cached_tokens": last.cached_prompt_tokens,
+            "prefilled_tokens": last.prompt_tokens - last.cached_prompt_tokens}
 
 
 def multi_turn_ttft(model, system: str, reply_tokens: int = 32) -> list[float]:

@@ -18,7 +18,7 @@ import structlog
 from .backends import create_session
 from .bundle import Bundle, BundleError
 from .qnn_context import context_binary
-from .shared_sequence import ContextOverflowError, DecoderState, SequenceBase, SharedSequence
+from .shared_sequence import CacheSlots, ContextOverflowError, DecoderState, SequenceBase, SharedSequence
 from .shared_sequence import bind_input as _bind_input
 from .shared_sequence import bind_output as _bind_output
 from .tokenizer import Tokenizer
@@ -98,6 +98,10 @@ class LanguageModel:
             self._graphs[component] = _Graph(session, entry, tokens, entry.get("state_update", "append"))
         self.prefill_chunk = self._graphs["decoder_prefill"].tokens
         self.shared_state = self._graphs["decoder_decode"].mode == "shared"
+        if self.shared_state:                   # sequences reuse their bound caches (shared_sequence.CacheSlots)
+            decode = self._graphs["decoder_decode"]
+            self.cache_slots = CacheSlots(decode.session, decode.entry["state"], self.vocab_size, self.hidden_size,
+                                          self.context_length)
         self.spin_within_run = bool(spin_within_run) and backend == "cpu"
         self.state_key = (str(bundle.path.resolve()), self.variant)
         log.info("language_model_loaded", name=self.name, variant=self.variant, backend=backend,

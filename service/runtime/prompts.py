@@ -1,10 +1,11 @@
 """Prompts as token ids with a reusable head, and the decoder states of those heads.
 
-A prompt is the chat template rendered over [system, user]. Its head, the system turn, is the same for every
-request that uses that system prompt (the Assistant's, each skill's), so its decoder state is prefilled once per
-loaded model and restored per request, as llama.cpp's prompt cache and vLLM's prefix caching do; only the user
-turn is prefilled. The head is tokenized on its own and the rest appended, so the head's ids are exactly the ids
-the state was made from (a chat template's turns end on a special token, where tokenization splits anyway).
+A prompt is the chat template rendered over [system, user]. Its head, everything before the user's text (the
+system turn and the user turn's opening, "<|im_start|>user\n" in ChatML), is the same for every request with that
+system prompt (the Assistant's, each skill's), so its decoder state is prefilled once per loaded model and restored
+per request, as llama.cpp's prompt cache and vLLM's prefix caching do; only the user's text and the template's
+closing are prefilled. The prompt is tokenized whole, and a head is used only when those ids begin with the
+head's own ids, so a restored state always holds exactly the prompt's first tokens.
 """
 from __future__ import annotations
 
@@ -24,18 +25,29 @@ class Prompt:
     messages: tuple[dict, ...] = ()          # a conversation turn: the messages this prompt renders
 
 
+# Stands for the user's text while the template is rendered once to find where that text begins.
+_PROBE = "\x00incar-user-text\x00"
+
+
 def build_prompt(tokenizer, system: str, content: str) -> Prompt:
-    """[system, user] through the chat template, with the system turn as the cacheable head."""
-    user = {"role": "user", "content": content}
-    if not system:
-        return Prompt(tokenizer.encode(tokenizer.apply_chat_template([user], add_generation_prompt=True)))
-    messages = [{"role": "system", "content": system}, user]
-    head_text = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=False)
+    """[system, user] through the chat template. The cacheable head is everything the template renders before the
+    user's text (the system turn and the user turn's opening), when the whole prompt's own tokenization begins
+    with that head's; else the system turn alone, on the same condition; else none."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
     full = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    if not full.startswith(head_text):      # a template that renders the system turn differently with a user turn
-        return Prompt(tokenizer.encode(full))
-    head = tokenizer.encode(head_text)
-    return Prompt(head + tokenizer.encode(full[len(head_text):], add_bos=False), head_len=len(head))
+    ids = tokenizer.encode(full)
+    probe = tokenizer.apply_chat_template(messages[:-1] + [{"role": "user", "content": _PROBE}],
+                                          add_generation_prompt=True)
+    heads = []
+    if probe.count(_PROBE) == 1 and probe.replace(_PROBE, content) == full:
+        heads.append(probe[:probe.index(_PROBE)])
+    if system:
+        heads.append(tokenizer.apply_chat_template(messages[:1], add_generation_prompt=False))
+    for head_text in heads:
+        head = tokenizer.encode(head_text)
+        if full.startswith(head_text) and ids[:len(head)] == head:
+            return Prompt(ids, head_len=len(head))
+    return Prompt(ids)
 
 
 class PrefixStates:

@@ -7,6 +7,8 @@ See /work/notes/lm-graph-api.md for the contract.
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from collections.abc import Sequence
@@ -84,14 +86,83 @@ class SequenceBase:
 
     @property
     def logits(self) -> np.ndarray:
-        """Next-token logits [vocab]: a view of the step's output buffer, valid until the next step (copy to keep)."""
+        """Next-token logits [vocab]: a view of the step's output buffer, valid until the next step or until the
+        sequence is dropped (its buffers then serve another sequence): copy to keep."""
         if self._logits is None:
             raise RuntimeError("no logits yet: run prefill_step() until it returns True")
         return self._logits
 
 
+class CacheSlot:
+    """One sequence's bound buffers: the K/V cache, the step counters, the logits row and the IO binding over them."""
+
+    def __init__(self, session: ort.InferenceSession, state: list[dict], capacity: int, vocab: int, hidden: int):
+        self.state, self.capacity = state, capacity
+        self.cache = {s["input"]: _zeros(s, capacity) for s in state}
+        self.seqlens = np.zeros(1, np.int32)
+        self.total = np.zeros((), np.int32)
+        self.logits = np.zeros((1, 1, vocab), np.float32)
+        self.one = np.zeros((1, 1, hidden), np.float32)
+        self.binding = session.io_binding()
+        _bind_input(self.binding, "seqlens_k", self.seqlens)
+        _bind_input(self.binding, "total_sequence_length", self.total)
+        _bind_output(self.binding, "logits", self.logits)
+        self._bind_cache()
+
+    def grow(self, capacity: int, keep: int) -> None:
+        """Larger cache buffers holding the first `keep` rows of the old ones."""
+        for s in self.state:
+            grown = _zeros(s, capacity)
+            grown[:, :, :keep] = self.cache[s["input"]][:, :, :keep]
+            self.cache[s["input"]] = grown
+        self.capacity = capacity
+        self._bind_cache()
+
+    def _bind_cache(self) -> None:
+        for s in self.state:
+            buf = self.cache[s["input"]]
+            _bind_input(self.binding, s["input"], buf)
+            _bind_output(self.binding, s["output"], buf)     # the same memory: the kernel appends in place
+
+
+class CacheSlots:
+    """A model's free CacheSlots, handed to the next sequence: allocating and binding a fresh cache (60 buffers for
+    SmolLM2) cost ~5 ms per request here, more than restoring a cached system prompt. Rows past a sequence's length
+    are never read (GroupQueryAttention attends to `total_sequence_length` slots), so a slot is reused unzeroed.
+    At most `keep` slots of up to `keep_capacity` cache slots each are kept; thread-safe."""
+
+    def __init__(self, session: ort.InferenceSession, state: list[dict], vocab: int, hidden: int, context: int,
+                 keep: int = 4, keep_capacity: int = 1024):
+        self._new = lambda capacity: CacheSlot(session, state, capacity, vocab, hidden)
+        self.context, self.keep, self.keep_capacity = context, keep, keep_capacity
+        self._free: list[CacheSlot] = []
+        self._lock = threading.Lock()
+
+    def bucket(self, slots: int) -> int:
+        return min(self.context, -(-slots // CACHE_BUCKET) * CACHE_BUCKET)
+
+    def take(self, slots: int) -> CacheSlot:
+        """A slot holding at least `slots` cache rows: the smallest free one that does, else a new one."""
+        with self._lock:
+            fitting = [s for s in self._free if s.capacity >= slots]
+            if fitting:
+                slot = min(fitting, key=lambda s: s.capacity)
+                self._free.remove(slot)
+                return slot
+        return self._new(self.bucket(slots))
+
+    def give(self, slot: CacheSlot) -> None:
+        with self._lock:
+            if slot.capacity <= self.keep_capacity and len(self._free) < self.keep:
+                self._free.append(slot)
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+
 class SharedSequence(SequenceBase):
-    """One sequence: prefill in chunks (`prefill_step`), then one token per `append`; same API as DecodeSequence."""
+    """One sequence: prefill in chunks (`prefill_step`), then one token per `append`; same API as DecodeSequence.
+    Its buffers come from the model's CacheSlots and go back there when the sequence is dropped."""
 
     def __init__(self, model: LanguageModel, prompt_ids: list[int], image_embeds: Sequence[np.ndarray] = (),
                  prefix: DecoderState | None = None):
@@ -99,19 +170,17 @@ class SharedSequence(SequenceBase):
         graph = model._graphs["decoder_decode"]
         self._session, self._state = graph.session, graph.entry["state"]
         self._chunk = model.prefill_chunk
-        self.capacity = self._bucket(len(prompt_ids) + 1)
-        self._cache = {s["input"]: self._zeros(s, self.capacity) for s in self._state}
-        self._seqlens = np.zeros(1, np.int32)
-        self._total = np.zeros((), np.int32)
-        self._out_logits = np.zeros((1, 1, model.vocab_size), np.float32)
-        self._one = np.zeros((1, 1, model.hidden_size), np.float32)
-        self._binding = self._session.io_binding()
-        _bind_input(self._binding, "seqlens_k", self._seqlens)
-        _bind_input(self._binding, "total_sequence_length", self._total)
-        _bind_output(self._binding, "logits", self._out_logits)
-        self._bind_cache()
+        slots = model.cache_slots
+        self._slot = slot = slots.take(len(prompt_ids) + 1)
+        weakref.finalize(self, slots.give, slot)
+        self._binding, self._cache = slot.binding, slot.cache
+        self._seqlens, self._total, self._out_logits, self._one = slot.seqlens, slot.total, slot.logits, slot.one
         if prefix is not None:
             self._restore(prefix)
+
+    @property
+    def capacity(self) -> int:
+        return self._slot.capacity
 
     # -- public API (as DecodeSequence) ---------------------------------------------------------
     @property
@@ -175,27 +244,13 @@ class SharedSequence(SequenceBase):
         self.length = start + n
         self._logits = self._out_logits[0, -1]
 
-    def _zeros(self, entry: dict, slots: int) -> np.ndarray:
-        shape = list(entry["shape"])
-        shape[entry.get("axis", 2)] = slots
-        return np.zeros(shape, np.float32)
-
-    def _bucket(self, slots: int) -> int:
-        return min(self.L, -(-slots // CACHE_BUCKET) * CACHE_BUCKET)
-
-    def _bind_cache(self) -> None:
-        for s in self._state:
-            buf = self._cache[s["input"]]
-            _bind_input(self._binding, s["input"], buf)
-            _bind_output(self._binding, s["output"], buf)     # the same memory: the kernel appends in place
-
     def _ensure_capacity(self, slots: int) -> None:
-        if slots <= self.capacity:
-            return
-        new = self._bucket(slots)
-        for s in self._state:
-            grown = self._zeros(s, new)
-            grown[:, :, :self.length] = self._cache[s["input"]][:, :, :self.length]
-            self._cache[s["input"]] = grown
-        self.capacity = new
-        self._bind_cache()
+        if slots > self._slot.capacity:
+            self._slot.grow(self.model.cache_slots.bucket(slots), self.length)
+            self._cache = self._slot.cache
+
+
+def _zeros(entry: dict, slots: int) -> np.ndarray:
+    shape = list(entry["shape"])
+    shape[entry.get("axis", 2)] = slots
+    return np.zeros(shape, np.float32)

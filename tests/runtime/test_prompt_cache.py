@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from service.runtime.conversations import ConversationConfig, ConversationNotFound, ConversationStore
 from service.runtime.engine import Done, EngineConfig, GenerationEngine, GenerationRequest, InvalidRequestError
+from service.runtime.prompts import build_prompt
 from service.runtime.scheduler import NpuScheduler
+from service.runtime.shared_sequence import CacheSlots
 from tests.runtime.serving_support import language_model
 
 QUESTION = "What is the capital of France?"
@@ -99,3 +102,48 @@ async def test_a_conversation_outlives_a_bundle_swap():
     done = await answer(engine, GenerationRequest("What colour is my car?", max_tokens=16, conversation=talk))
     assert done.finish_reason in ("stop", "length") and done.timings.cached_prompt_tokens < 20   # system head only
     assert talk.turns == 2 and talk.state.model_key == engine.model.state_key
+
+
+@pytest.mark.parametrize("content", ["Is the boot open?", " \n\nleading blank lines", "x"])
+def test_the_cached_head_ends_where_the_users_text_begins(content):
+    """The head is the template up to the user's text (system turn and the user turn's opening), and only when the
+    prompt's own tokenization begins with it: a restored head always holds exactly the prompt's first ids."""
+    tok = language_model().tokenizer
+    system = EngineConfig().system_prompt
+    prompt = build_prompt(tok, system, content)
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": content}]
+    assert prompt.ids == tok.encode(tok.apply_chat_template(messages))
+    head_text = tok.apply_chat_template(messages[:1], add_generation_prompt=False) + "<|im_start|>user\n"
+    assert prompt.ids[:prompt.head_len] == tok.encode(head_text)
+    plain = build_prompt(tok, "", content)         # the template's own default system turn is a head too
+    assert plain.head_len > 0 and plain.ids == tok.encode(tok.apply_chat_template(messages[1:]))
+
+
+def test_a_dropped_sequence_lends_its_buffers_to_the_next_unchanged():
+    """Cache buffers are reused unzeroed: what an earlier, longer sequence left there changes nothing."""
+    model = language_model()
+    tok = model.tokenizer
+    long_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Tell me about cars. " * 20}]))
+    short_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": QUESTION}]))
+
+    def first_logits(seq):
+        while not seq.prefill_step():
+            pass
+        seq.append(int(np.argmax(seq.logits)))
+        return seq.logits.copy()
+
+    old = model.new_sequence(long_ids)
+    first_logits(old)
+    slot = old._slot
+    del old                                        # its buffers go back to the model's free slots
+    reused = model.new_sequence(short_ids)
+    assert reused._slot is slot
+    got = first_logits(reused)
+    model.cache_slots = CacheSlots(model._graphs["decoder_decode"].session, model._graphs["decoder_decode"].entry[
+        "state"], model.vocab_size, model.hidden_size, model.context_length)
+    try:
+        fresh = model.new_sequence(short_ids)
+        assert fresh._slot is not slot
+        np.testing.assert_array_equal(got, first_logits(fresh))
+    finally:
+        model.cache_slots.give(slot)
