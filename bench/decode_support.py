@@ -151,7 +151,8 @@ def cached_prefix_ttft(model, question: str, repeats: int = 7) -> dict:
     """Time to first token of a short question through the engine (chat template, tokenization, admission, the
     scheduler's executor thread and back to the event loop: the request path), with the system prompt's state
     restored from the prompt cache and, alternately, with the cache off (whole prompt prefilled); medians. Also the
-    generator alone restoring the same state and prefilling the same suffix (what the engine adds is the rest)."""
+    generator alone restoring the same state and prefilling the same suffix (what the engine adds is the rest), and
+    the CPU seconds a cached request costs (all threads; one token, so about its TTFT's work)."""
     from service.runtime.engine import Done, EngineConfig, GenerationEngine, GenerationRequest
     from service.runtime.scheduler import NpuScheduler
 
@@ -169,10 +170,13 @@ def cached_prefix_ttft(model, question: str, repeats: int = 7) -> dict:
     loop = asyncio.new_event_loop()
     try:
         first = loop.run_until_complete(ask(engines[True]))          # prefills the system prompt, keeps its state
-        runs = {True: [], False: []}
+        runs, cpu = {True: [], False: []}, []
         for _ in range(repeats):
             for cached in (True, False):
+                c0 = time.process_time()
                 runs[cached].append(loop.run_until_complete(ask(engines[cached])))
+                if cached:          # every thread of this process: the request's own CPU work, whatever the load
+                    cpu.append(time.process_time() - c0)
     finally:
         scheduler.close()
         loop.close()
@@ -190,7 +194,7 @@ def cached_prefix_ttft(model, question: str, repeats: int = 7) -> dict:
     assert last.cached_prompt_tokens == len(head) == first.cached_prompt_tokens and ids[:len(head)] == list(head)
     return {"cached": statistics.median(t.time_to_first_token_s for t in runs[True]),
             "uncached": statistics.median(t.time_to_first_token_s for t in runs[False]),
-            "generator": statistics.median(bare), "cached_tokens": last.cached_prompt_tokens,
+            "generator": statistics.median(bare), "cpu": statistics.median(cpu), "cached_tokens": last.cached_prompt_tokens,
             "prefilled_tokens": last.prompt_tokens - last.cached_prompt_tokens}
 
 

@@ -35,6 +35,7 @@ class DecoderState:
     tokens: tuple[int, ...]       # the token ids the state holds, in order (cache slot = position)
     kv: tuple[np.ndarray, ...]    # per state entry: [1, kv_heads, length, head_dim] float32, read-only
     logits: np.ndarray | None     # next-token logits after the last token (None if not computed)
+    block: np.ndarray | None = None  # kv as one array [entries, 1, kv_heads, length, head_dim] (kv are its views)
 
     @property
     def length(self) -> int:
@@ -98,7 +99,8 @@ class CacheSlot:
 
     def __init__(self, session: ort.InferenceSession, state: list[dict], capacity: int, vocab: int, hidden: int):
         self.state, self.capacity = state, capacity
-        self.cache = {s["input"]: _zeros(s, capacity) for s in state}
+        self.block: np.ndarray | None = None      # every entry's buffer in one array when they share a shape
+        self._allocate(capacity)
         self.seqlens = np.zeros(1, np.int32)
         self.total = np.zeros((), np.int32)
         self.logits = np.zeros((1, 1, vocab), np.float32)
@@ -111,12 +113,24 @@ class CacheSlot:
 
     def grow(self, capacity: int, keep: int) -> None:
         """Larger cache buffers holding the first `keep` rows of the old ones."""
+        old = self.cache
+        self._allocate(capacity)
         for s in self.state:
-            grown = _zeros(s, capacity)
-            grown[:, :, :keep] = self.cache[s["input"]][:, :, :keep]
-            self.cache[s["input"]] = grown
+            self.cache[s["input"]][:, :, :keep] = old[s["input"]][:, :, :keep]
         self.capacity = capacity
         self._bind_cache()
+
+    def _allocate(self, capacity: int) -> None:
+        shapes = {tuple(s["shape"]) for s in self.state}
+        if len(shapes) == 1 and all(s.get("axis", 2) == 2 for s in self.state):
+            # One array: a snapshot or a restore is one copy, not one per entry.
+            shape = list(shapes.pop())
+            shape[2] = capacity
+            self.block = np.zeros([len(self.state), *shape], np.float32)
+            self.cache = {s["input"]: self.block[i] for i, s in enumerate(self.state)}
+        else:
+            self.block = None
+            self.cache = {s["input"]: _zeros(s, capacity) for s in self.state}
 
     def _bind_cache(self) -> None:
         for s in self.state:
@@ -210,13 +224,17 @@ class SharedSequence(SequenceBase):
     # -- state ----------------------------------------------------------------------------------
     def snapshot(self) -> DecoderState:
         """A copy of the state after every token fed so far (the prompt must be prefilled up to here)."""
-        kv = []
-        for s in self._state:
-            rows = self._cache[s["input"]][:, :, :self.length].copy()
-            rows.flags.writeable = False
-            kv.append(rows)
+        block = None
+        if self._slot.block is not None:
+            block = self._slot.block[:, :, :, :self.length].copy()
+            block.flags.writeable = False
+            kv = list(block)
+        else:
+            kv = [self._cache[s["input"]][:, :, :self.length].copy() for s in self._state]
+            for rows in kv:
+                rows.flags.writeable = False
         logits = None if self._logits is None else self._logits.copy()
-        return DecoderState(self.model.state_key, tuple(self.tokens), tuple(kv), logits)
+        return DecoderState(self.model.state_key, tuple(self.tokens), tuple(kv), logits, block)
 
     def _restore(self, state: DecoderState) -> None:
         if state.model_key != self.model.state_key:
@@ -227,8 +245,11 @@ class SharedSequence(SequenceBase):
         if n == len(self.prompt_ids) and state.logits is None:
             n -= 1                           # the last token must run again to give logits
         self._ensure_capacity(max(n, 1) + 1)
-        for s, rows in zip(self._state, state.kv):
-            self._cache[s["input"]][:, :, :n] = rows[:, :, :n]
+        if state.block is not None and self._slot.block is not None:
+            self._slot.block[:, :, :, :n] = state.block[:, :, :, :n]
+        else:
+            for s, rows in zip(self._state, state.kv):
+                self._cache[s["input"]][:, :, :n] = rows[:, :, :n]
         self.length = n
         self.tokens = list(state.tokens[:n])
         if n == len(self.prompt_ids):
