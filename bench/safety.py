@@ -6,11 +6,13 @@ approach warned, no warning from a parked car's 3 % box jitter). Prints figures,
     nice -n -5 .venv/bin/python bench/safety.py [--seconds 15] [--no-model] [--fps 10] [--safety-threads 2]
         [--autogroup-nice -5]
 
-Latency is measured on the real path: scripted cameras (five, 640x480: cabin, front with a parking sign, left
-with a bicycle approaching again and again, right, rear) -> AnalysisPipeline -> the real cascade -> SkillHost
-with Safety; the left door's handle is pulled. A decision is a frame of a camera that watches an armed door's
-path (left, rear) with the object detector run on it: its arrival (the hub's hand-over) -> Safety done with it,
-split into the wait for the lane's worker, the analysis, and the hand-over to the skills with Safety's decision;
+Latency is measured on the real path: scripted cameras (five, 640x480 JPEG: cabin, front with a parking sign,
+left with a bicycle approaching again and again, right, rear) -> CameraHub.submit, as the Cameras service calls
+it (decode, ingest lanes) -> AnalysisPipeline -> the real cascade -> SkillHost with Safety; the left door's
+handle is pulled. A decision is a frame of a camera that watches an armed door's path (left, rear) with the
+object detector run on it: its arrival at the server (submit, before decoding) -> Safety done with it, split
+into the wait until the lane's worker takes it (decode included), the analysis, and the hand-over to the
+skills with Safety's decision;
 for each safe-exit warning, arrival -> committed warning. The language model (the default bundle, loaded by the
 server's ModelHost on the CPU, so with the server's thread priorities) answers back to back meanwhile.
 
@@ -75,23 +77,51 @@ def scenes() -> dict[str, list[np.ndarray]]:
             "rear": [photo("person.jpg")]}
 
 
-class ScriptedHub:
-    """Every camera at `fps`, stamped with the wall clock as it is handed over (latest wins downstream)."""
+class IngestHub:
+    """The server's CameraHub, fed as the Cameras service feeds it: every camera's JPEG frames at `fps`, sent
+    without a camera clock, so a frame's timestamp is its arrival at the server; the decode, the ingest lanes and
+    the hub's latest-wins hand-over are on the measured path. Ends after `seconds`."""
 
     def __init__(self, fps: float, seconds: float):
-        self.fps, self.seconds, self.frames_by_camera = fps, seconds, scenes()
+        self.fps, self.seconds = fps, seconds
+        self.jpegs = {camera: [cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+                               for image in images] for camera, images in scenes().items()}
 
-    async def frames(self):
-        from service.cameras.ring import CameraFrame
-        start, n = time.monotonic(), 0
+    async def _feed(self, hub) -> None:
+        from incar.v1 import cameras_pb2, common_pb2
+        from service.cameras.admission import POSITION_VALUES, ROLE_VALUES
+        start, n, pending = time.monotonic(), 0, set()
         while time.monotonic() - start < self.seconds:
             for camera_id, role, position in CAMERAS:
-                images = self.frames_by_camera[camera_id]
-                image = images[n % len(images)]
-                now = time.time()
-                yield CameraFrame(camera_id, role, position, now, now, image, image, n)
+                jpegs = self.jpegs[camera_id]
+                frame = cameras_pb2.Frame(camera_id=camera_id, role=ROLE_VALUES[role],
+                                          position=POSITION_VALUES[position], sequence=n,
+                                          image=common_pb2.Image(encoding=common_pb2.IMAGE_ENCODING_JPEG,
+                                                                 data=jpegs[n % len(jpegs)]))
+                task = asyncio.ensure_future(hub.submit(frame))   # acknowledged once decoded: don't wait
+                pending.add(task)
+                task.add_done_callback(pending.discard)
             n += 1
             await asyncio.sleep(max(0.0, start + n / self.fps - time.monotonic()))
+
+    async def frames(self):
+        from service.cameras.hub import CameraHub
+        hub = CameraHub()
+        await hub.start()
+        feeder = asyncio.create_task(self._feed(hub))
+        stream = hub.frames()
+        try:
+            while not feeder.done():
+                following = asyncio.ensure_future(stream.__anext__())
+                done, _ = await asyncio.wait([following, feeder], return_when=asyncio.FIRST_COMPLETED)
+                if following in done:
+                    yield following.result()
+                else:
+                    following.cancel()
+        finally:
+            feeder.cancel()
+            await stream.aclose()
+            await hub.stop()
 
 
 def model_load(stop: threading.Event, counter: list[int]) -> str:
@@ -160,7 +190,7 @@ async def measure(lanes: bool, seconds: float, fps: float, cascade, safety_threa
         safety = host.safety
         policy = (lambda f: "safety" if safety.needs_camera(f.role, f.position) else "general") if lanes else None
         timed = TimedCascade(cascade)
-        pipeline = AnalysisPipeline(ScriptedHub(fps, seconds), timed, lane_of=policy,
+        pipeline = AnalysisPipeline(IngestHub(fps, seconds), timed, lane_of=policy,
                                     safety_threads=safety_threads)
         decisions, warnings, seen, stages = [], [], {}, {"wait": [], "analysis": [], "handover": []}
         async for analysis in pipeline.analyses():
