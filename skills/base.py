@@ -22,6 +22,8 @@ from prometheus_client import Histogram
 
 from incar.v1 import common_pb2, vehicle_pb2
 from service.perception.types import Face, FrameAnalysis, TextLine
+# The errors a skill raises for its caller (each carries its gRPC status; services abort with it).
+from service.rpc_errors import InvalidRequestError, NotFoundError, PreconditionError  # noqa: F401
 from service.store.db import Database
 from service.vehicle import MOVING_KMH, is_moving  # noqa: F401  (skills import them from here)
 
@@ -140,23 +142,6 @@ class SwitchableNarrator:
                 log.warning("narrator.model_failed", priority=priority, error=str(exc))
         return await self._fallback.complete(prompt, priority=priority, max_tokens=max_tokens,
                                              json_schema=json_schema, images=images, system=system)
-
-
-# ------------------------------------------------------------------ errors the services map to gRPC codes
-class SkillError(Exception):
-    """Base of the errors a skill raises for its caller."""
-
-
-class PreconditionError(SkillError):
-    """The vehicle (or the skill) is in the wrong state for this request -> FAILED_PRECONDITION."""
-
-
-class InvalidRequestError(SkillError):
-    """The request itself is bad -> INVALID_ARGUMENT."""
-
-
-class NotFoundError(SkillError):
-    """The thing asked for does not exist -> NOT_FOUND."""
 
 
 # ------------------------------------------------------------------ vehicle helpers

@@ -16,9 +16,8 @@ import structlog
 from incar.v1 import skills_pb2, skills_pb2_grpc, vehicle_pb2
 from service.cameras.decoding import decode_for_call
 from service.perception.types import FrameAnalysis
-from service.store.db import StoreUnavailableError
-from skills.base import (FaceEmbedder, InvalidRequestError, NotFoundError, PreconditionError, SignReader,
-                         SkillContext, SkillError)
+from service.rpc_errors import RequestError, abort_for
+from skills.base import FaceEmbedder, InvalidRequestError, NotFoundError, PreconditionError, SignReader, SkillContext
 from skills.car_finder import CarFinder
 from skills.config import SkillsConfig
 from skills.greeter import Greeter
@@ -33,27 +32,14 @@ HEALTH_NAMES = {name: _SERVICES[svc].full_name for name, svc in
                 (("sentinel", "Sentinel"), ("greeter", "Greeter"), ("car_finder", "CarFinder"), ("safety", "Safety"))}
 CLIP_CHUNK_BYTES = 256 * 1024
 
-_CODES = ((PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
-          (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-          (NotFoundError, grpc.StatusCode.NOT_FOUND))
-
-
-async def _abort_for(context, exc: Exception):
-    if isinstance(exc, StoreUnavailableError):
-        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-    for cls, code in _CODES:
-        if isinstance(exc, cls):
-            await context.abort(code, str(exc))
-    raise exc
-
-
 def maps_skill_errors(method):
+    """A skill's errors (and the store refusing writes) become the call's status, with their message."""
     @functools.wraps(method)
     async def wrapper(self, request, context):
         try:
             return await method(self, request, context)
-        except (SkillError, StoreUnavailableError) as exc:
-            await _abort_for(context, exc)
+        except RequestError as exc:
+            await abort_for(context, exc)
     return wrapper
 
 
@@ -139,7 +125,7 @@ class SkillHost:
         # One skill's bug must not starve the others (Safety in particular).
         try:
             await coro
-        except SkillError as exc:
+        except RequestError as exc:
             log.info("skill.input_refused", skill=skill.name, reason=str(exc))
         except Exception:
             log.exception("skill.failed", skill=skill.name)
@@ -182,7 +168,7 @@ class SentinelServicer(skills_pb2_grpc.SentinelServicer):
         try:
             files = self.sentinel.clip_files(request.clip_id, request.camera_id)
         except (NotFoundError, PreconditionError) as exc:
-            await _abort_for(context, exc)
+            await abort_for(context, exc)
         for name, camera_id, path in files:
             async for chunk in _file_chunks(path):
                 yield skills_pb2.ClipChunk(data=chunk, name=name, camera_id=camera_id)
@@ -255,7 +241,7 @@ class CarFinderServicer(skills_pb2_grpc.CarFinderServicer):
         try:
             path = self.car_finder.snapshot_path(request.record_id)
         except NotFoundError as exc:
-            await _abort_for(context, exc)
+            await abort_for(context, exc)
         async for chunk in _file_chunks(path):
             yield skills_pb2.SnapshotChunk(data=chunk, name=path.name)
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from incar.v1 import actions_pb2, common_pb2, vehicle_pb2
+from service.rpc_errors import InvalidRequestError
 
 KINDS = {name.removeprefix("ACTION_KIND_").lower(): value
          for name, value in actions_pb2.ActionKind.items() if value}
@@ -24,7 +25,7 @@ MAX_REASON = 512
 MAX_PARAMETERS = 16
 
 
-class ActionRequestError(ValueError):
+class ActionRequestError(InvalidRequestError):
     """A request names an unknown kind, priority or target, or lacks what its kind needs; the message says which."""
 
 

@@ -18,6 +18,7 @@ import structlog
 from incar.v1 import actions_pb2, common_pb2
 from service.actions import metrics
 from service.actions.config import ActionsConfig
+from service.rpc_errors import NotFoundError, PreconditionError
 from service.actions.model import (MAX_REASON, ActionRequestError, cause_of, check_parameters, delivery_from_row,
                                    kind_name, priority_value, resolve_target, status_from_row)
 from service.store.db import Database
@@ -77,11 +78,11 @@ DELIVERY_SELECT = """
 LATEST = "d.cursor = (SELECT MAX(cursor) FROM action_deliveries WHERE action_id = a.id)"
 
 
-class ActionNotFound(LookupError):
+class ActionNotFound(NotFoundError):
     """No action with that id."""
 
 
-class ActionConflict(RuntimeError):
+class ActionConflict(PreconditionError):
     """The action cannot take this answer (expired, cancelled, or already answered otherwise)."""
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 import grpc
 
 from incar.v1 import actions_pb2, actions_pb2_grpc
-from service.actions.model import ActionRequestError
-from service.actions.queue import ActionConflict, ActionNotFound, ActionQueue
-from service.store.db import StoreUnavailableError
+from service.actions.queue import ActionQueue
+from service.rpc_errors import RequestError, abort_for
 
 SERVICE = actions_pb2.DESCRIPTOR.services_by_name["VehicleActions"].full_name
 MAX_CURSOR = 2**63 - 1
@@ -30,21 +29,15 @@ class VehicleActionsServicer(actions_pb2_grpc.VehicleActionsServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"detail: at most {MAX_DETAIL} characters")
         try:
             return self.queue.acknowledge(request.id, request.result, request.detail)
-        except ActionRequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except ActionNotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        except ActionConflict as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except StoreUnavailableError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except RequestError as exc:      # a bad result, an unknown id, a conflicting answer, the store refusing
+            await abort_for(context, exc)
 
     async def GetAction(self, request, context):
         await _check_id(request.id, context)
         try:
             return self.queue.get(request.id)
-        except ActionNotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except RequestError as exc:
+            await abort_for(context, exc)
 
 
 async def _check_id(action_id: str, context) -> None:

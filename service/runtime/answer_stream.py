@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from incar.v1 import assistant_pb2, common_pb2
-from service.runtime.engine import Done, GenerationEngine, GenerationRequest, InvalidRequestError, ModelFailure, TextDelta
-from service.runtime.scheduler import QueueFullError
+from service.rpc_errors import RequestError, abort_for
+from service.runtime.engine import Done, GenerationEngine, GenerationRequest, TextDelta
 
 
 def timings_proto(t) -> common_pb2.Timings:
@@ -37,10 +37,5 @@ async def answer_stream(engine: GenerationEngine, request: GenerationRequest,
                     yield assistant_pb2.AskResponse(done=assistant_pb2.AskDone(
                         answer=item.text, finish_reason=item.finish_reason, handled_by="model",
                         model=engine.name, backend=engine.backend, timings=timings_proto(item.timings)))
-    except InvalidRequestError as exc:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    except QueueFullError as exc:
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-    except ModelFailure as exc:
-        # Not the caller's fault and not lasting: the engine serves the next request, so retrying is right.
-        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    except RequestError as exc:    # a bad request, a full queue, a failed model step (the next one is served)
+        await abort_for(context, exc)

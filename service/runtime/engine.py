@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import structlog
 
+from service.rpc_errors import InvalidRequestError, UnavailableError
 from service.runtime import metrics
 from service.runtime.constrained import JsonConstraint, JsonConstraintFactory, SchemaError
 from service.runtime.conversations import Conversation
@@ -38,11 +39,7 @@ log = structlog.get_logger(__name__)
 DescribeImages = Callable[[Sequence[np.ndarray]], "str | asyncio.Future[str]"]
 
 
-class InvalidRequestError(ValueError):
-    """The request cannot be served as given (bad parameters, schema, context overflow); gRPC INVALID_ARGUMENT."""
-
-
-class ModelFailure(RuntimeError):
+class ModelFailure(UnavailableError, RuntimeError):
     """A model step raised (a driver or session fault): this request fails, the engine keeps serving."""
 
 

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from service.rpc_errors import ExhaustedError
 from service.runtime import metrics
 
 log = structlog.get_logger(__name__)
@@ -61,7 +62,7 @@ def job_class(value: JobClass | str) -> JobClass:
 T = TypeVar("T")
 
 
-class QueueFullError(RuntimeError):
+class QueueFullError(ExhaustedError, RuntimeError):
     """The waiting queue of a priority is full; the gRPC layer maps it to RESOURCE_EXHAUSTED."""
 
     def __init__(self, priority: str, limit: int):

@@ -9,6 +9,8 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from service.rpc_errors import UnavailableError
+
 _CORE = "core"
 
 
@@ -16,7 +18,7 @@ class StoreError(RuntimeError):
     """The store cannot do what was asked (disk full, read-only, newer schema); the message says why."""
 
 
-class StoreUnavailableError(StoreError):
+class StoreUnavailableError(StoreError, UnavailableError):
     """Writes are refused (disk full or read-only); reads may still work."""
 
 
