@@ -10,12 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from service.htp_modes import HTP_MODES
+
 VEHICLE_MODES = ("driving", "parked_awake", "sentry", "off")
 SKILLS = ("safety", "sentinel", "greeter", "car_finder", "chat")
 
-# QNN HTP performance modes (onnxruntime QNN EP `htp_performance_mode`), most power first.
-HTP_MODES = ("burst", "sustained_high_performance", "high_performance", "balanced", "low_balanced",
-             "high_power_saver", "power_saver", "low_power_saver", "extreme_power_saver")
 
 
 @dataclass

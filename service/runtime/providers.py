@@ -12,11 +12,11 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from service.htp_modes import SESSION_MODES
+
 BACKENDS = ("cpu", "qnn-htp", "qnn-emulator")
 QNN_BACKENDS = ("qnn-htp", "qnn-emulator")
-# QNN HTP performance modes (onnxruntime-qnn `htp_performance_mode`), fastest/most power first.
-PERFORMANCE_MODES = ("burst", "sustained_high_performance", "high_performance", "balanced", "low_balanced",
-                     "high_power_saver", "power_saver", "low_power_saver", "extreme_power_saver", "default")
+PERFORMANCE_MODES = SESSION_MODES       # QNN HTP performance modes a session accepts
 
 _QNN_LOCK = threading.Lock()
 _QNN_REGISTERED = False
