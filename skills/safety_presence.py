@@ -5,6 +5,11 @@ apart; a face's estimated age makes the occupant a child, an adult or "not sure"
 `child_confirm_frames` of its camera's last `child_confirm_window` evidence frames had a cue there. Frames on
 which the cascade gated the detectors (nothing moved) are no evidence either way: a still, sleeping child is
 found on the frames the detectors did analyse, and the count does not reset on the frames in between.
+
+Not verified: the child side of the age estimate. The repository's photos (deploy/sim/images) show adults
+only, and no openly licensed photo of a child is in any package installed here; the tests check that the
+adults in them are estimated adults (tests/skills/test_safety.py, tests/perception/test_perception_cascade.py),
+and the child threshold (`child_age_years`) is checked on stated ages only.
 """
 from __future__ import annotations
 
