@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import external_data_helper
 
+from service.runtime.bundle import sha256_file
+
 from .decoder import DecoderSpec, build_decoder, io_description
 from .gqa_decoder import build_gqa_decoder, shared_io_description
 
@@ -44,14 +46,6 @@ REPLACE_VARIANT = VariantSpec("float_replace", "float", "replace")
 KNOWN_VARIANTS = {v.name: v for v in (*DEFAULT_VARIANTS, VariantSpec("int8", "int8", "shared"), REPLACE_VARIANT)}
 
 Progress = Callable[[str], None]
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_shared(models: list[tuple[Path, onnx.ModelProto]], data_path: Path) -> None:

@@ -46,7 +46,8 @@ def _cached_hash(out: Path) -> str | None:
 
 
 def build(args: argparse.Namespace) -> int:
-    from .bundle_writer import KNOWN_VARIANTS, PREFILL_CHUNK, sha256_file, swap_in, write_bundle
+    from .bundle_writer import KNOWN_VARIANTS, PREFILL_CHUNK, swap_in, write_bundle
+    from service.runtime.bundle import sha256_file
     from .gguf_blocks import TranscodeError
     from .gguf_llama import DEFAULT_CONTEXT, default_gguf, load_gguf
 
