@@ -46,9 +46,11 @@ models: setup
 
 # Benchmarks: the bench extra and llama-cpp-python built from source with SIMD flags read from /proc/cpuinfo (the
 # registry wheel and GGML_NATIVE pick AMX, which traps with SIGILL in sandboxes like these), then each script in
-# BENCHES (every bench/*.py that is a benchmark; helpers add theirs). Each prints figures and a final JSON line.
+# BENCHES (every bench/*.py that is a benchmark; the others are their support modules). Each prints figures
+# and a final JSON line.
 LLAMA_CPP := llama-cpp-python==0.3.36
-BENCHES   := bench/decode.py
+BENCHES   := bench/decode.py bench/route.py bench/safety.py bench/skills.py bench/perception.py bench/ingest.py \
+             bench/soak.py bench/swap.py bench/mqtt_outbox.py bench/quant.py
 bench: setup models
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[bench]' --config-settings editable_mode=compat
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || { echo "building $(LLAMA_CPP) with $$($(BIN)/python bench/llama_cpp_flags.py)"; \
