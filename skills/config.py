@@ -140,6 +140,9 @@ class GreeterConfig:
     # a person approaches there or the key fob is in range, for this long after the last such sign.
     approach_positions: list[str] = field(default_factory=lambda: ["left", "right"])
     approach_face_seconds: float = 30.0
+    # ... or stands at the door: a person box this tall (share of the frame height) is within about 2 m. A driver
+    # who walks up and stops at the handle no longer looms; they are the one to recognise.
+    at_door_box_height: float = 0.6
     fusion_window_seconds: float = 60.0    # a face and the same profile's fob this close in time: both present
     face_only_applies_profile: bool = False   # policy: a recognised face without its fob greets; applies if true
     fob_only_applies_profile: bool = True     # a fob linked to a profile applies it (classic key memory)
@@ -169,6 +172,8 @@ class GreeterConfig:
             raise ValueError("min_enrol_face_px: must be >= 1; max_enrol_yaw > 0")
         if self.approach_face_seconds <= 0 or self.fusion_window_seconds <= 0:
             raise ValueError("approach_face_seconds, fusion_window_seconds: must be > 0")
+        if not 0 < self.at_door_box_height <= 1:
+            raise ValueError("at_door_box_height: expected a share of the frame height in (0, 1]")
         validate_norm_boxes("driver_seat_zones", list(self.driver_seat_zones.values()))
 
 

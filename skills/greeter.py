@@ -2,7 +2,8 @@
 name and apply their seat and mirror profile (a vehicle action).
 
 - Approach: while parked and locked, the side cameras (`approach_positions`) run the face stages when a person
-  approaches there or a key fob comes into range, until `approach_face_seconds` after the last such sign
+  approaches there (box growing), stands at the door (box taller than `at_door_box_height`) or a key fob comes
+  into range, until `approach_face_seconds` after the last such sign
   (the switch: `skills.stages.CameraStages`, wired by the service).
 - Fusion: a recognised face and the same profile's key fob within `fusion_window_seconds`: greet and apply.
   A face alone greets, and applies only when `face_only_applies_profile`; a fob alone applies when
@@ -134,14 +135,20 @@ class Greeter(Skill):
                 self._greet(row["profile_id"], row["name"], method, "", {},
                             apply=face_recent or self.config.fob_only_applies_profile)
 
+    def _someone_coming(self, analysis: FrameAnalysis) -> bool:
+        """A person walking up to this side (their box growing) or standing at the door (their box tall)."""
+        height = analysis.frame.shape[0] if analysis.frame is not None else 0
+        return any(d.label == "person" and (d.looming >= APPROACH_LOOMING or
+                                            (height and (d.box[3] - d.box[1]) >= self.config.at_door_box_height * height))
+                   for d in analysis.detections)
+
     # ------------------------------------------------------------------ faces
     async def on_frame(self, analysis: FrameAnalysis) -> None:
         if is_moving(self.vehicle):
             return
         if analysis.role == "exterior" and analysis.position in self.config.approach_positions:
             self._side_cameras.add(analysis.camera_id)
-            if self._parked_locked() and any(d.label == "person" and d.looming >= APPROACH_LOOMING
-                                             for d in analysis.detections):
+            if self._parked_locked() and self._someone_coming(analysis):
                 self._want_faces()
             elif self._faces_on != (self._side_cameras if self.now < self._faces_until else set()):
                 self._update_stages()

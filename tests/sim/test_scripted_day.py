@@ -1,5 +1,6 @@
-"""`incar sim --with-server`, what `make run` does: the scripted day (shortened to two steps here: Car Finder with
-its routed question, and Safety's safe-exit warning) and the free-running loop the compose services use."""
+"""`incar sim --with-server`, what `make run` does: the scripted day (shortened here: the driver enrolled and
+greeted by face on the side camera, Car Finder with its routed question, and Safety's safe-exit warning) and the
+free-running loop the compose services use."""
 from __future__ import annotations
 
 import json
@@ -23,13 +24,15 @@ def run_sim(tmp_path, *extra: str, timeout: float = 400) -> tuple[subprocess.Com
 
 
 def test_the_scripted_day_checks_each_step_and_keeps_server_logs_in_a_file(tmp_path):
-    result, where = run_sim(tmp_path, "--steps", "park,exit", "--hmi-listen", "127.0.0.1:0", "--fps", "4")
+    result, where = run_sim(tmp_path, "--steps", "enrol,greet,park,exit", "--hmi-listen", "127.0.0.1:0", "--fps", "4")
     out = result.stdout
     assert re.search(r"web HMI: http://127\.0\.0\.1:\d+/", out), where
-    step_lines = re.findall(r"step +\d/2 (\w+) (PASS|FAIL) \(", out)
-    assert [name for name, _ in step_lines] == ["park", "exit"], where
+    step_lines = re.findall(r"step +\d/4 (\w+) (PASS|FAIL) \(", out)
+    assert [name for name, _ in step_lines] == ["enrol", "greet", "park", "exit"], where
     assert all(mark == "PASS" for _, mark in step_lines), where
-    assert "scenario: 2/2 steps passed" in out and result.returncode == 0, where
+    assert "scenario: 4/4 steps passed" in out and result.returncode == 0, where
+    # In sentry mode's power rung, on the side camera the driver walks towards: by face, not only the fob.
+    assert "greet PASS" in out and "greeted by face" in out, where
     assert "level='U1' bay='230'" in out and "[car_finder]" in out, where   # the sign read at parking, answered
     assert "safety.safe_exit_warning" in out and "door_lock_hold" in out, where
     # The timeline is readable: no server JSON on the console; the log file named on it holds JSON lines.

@@ -146,6 +146,22 @@ async def test_driver_walks_up_recognised_face_and_fob_apply_the_profile(harness
     assert switched[-1] == ("ext-left", False)
 
 
+async def test_someone_standing_at_the_door_switches_the_face_stages_on(harness, clock):
+    """A driver who has walked up and stopped at the handle no longer looms; a still passer-by far off is not
+    worth dlib's time."""
+    switched = []
+    r = await harness.start()
+    r.host.greeter.connect_perception(face_stages=lambda cam, on: switched.append((cam, on)))
+    await r.set_vehicle(vehicle(locked=True))
+    frame = live_scene(head_and_shoulders(), 200)
+    far = Detection("person", 0.9, (300, 300, 340, 400), looming=0.0)          # a fifth of the frame, still
+    await r.frame(side(clock, frame, detections=[far]))
+    assert switched == []
+    at_door = Detection("person", 0.9, (150, 40, 470, 480), looming=0.0)       # nine tenths of the frame, still
+    await r.frame(side(clock, frame, detections=[at_door]))
+    assert switched == [("ext-left", True)]
+
+
 async def test_printed_photo_replay_is_refused(harness, clock):
     harness.face_embedder = embed_faces
     r = await harness.start()
