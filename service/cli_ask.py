@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 
 from incar.v1 import assistant_pb2, assistant_pb2_grpc, common_pb2
-from service.clients import Connection, add_connection_args, connection_or_exit
+from service.clients import Connection, add_connection_args, connection_or_exit, run_call
 
 HISTORY_TURNS = 3          # earlier (question, answer) pairs resent by `chat`
 HISTORY_CHARS = 1500       # and at most this much of them: the question limit is the server's
@@ -127,26 +127,15 @@ async def _chat(conn: Connection, args, lines=None) -> int:
                 history.append((question, done.answer))
 
 
-def _run(coro) -> int:
-    try:
-        return asyncio.run(coro)
-    except grpc.aio.AioRpcError as exc:
-        print(f"incar: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"incar: {exc}", file=sys.stderr)
-        return 2
-
-
 def ask_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="incar ask", description="Ask the Assistant; the answer streams")
     _arguments(parser, question=True)
     args = parser.parse_args(argv)
-    return _run(_ask(connection_or_exit(parser, args), args))
+    return run_call("incar ask", _ask(connection_or_exit(parser, args), args))
 
 
 def chat_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="incar chat", description="An interactive session with the Assistant")
     _arguments(parser, question=False)
     args = parser.parse_args(argv)
-    return _run(_chat(connection_or_exit(parser, args), args))
+    return run_call("incar chat", _chat(connection_or_exit(parser, args), args))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 from pathlib import Path
 from collections.abc import Awaitable, Callable
 
@@ -21,7 +20,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from incar.v1 import common_pb2, skills_pb2, skills_pb2_grpc
-from service.clients import add_connection_args, connection_or_exit, open_channel
+from service.clients import add_connection_args, connection_or_exit, open_channel, run_call
 
 Action = Callable[[grpc.aio.Channel, argparse.Namespace], Awaitable[object]]
 
@@ -196,16 +195,9 @@ def run(skill: str, argv: list[str]) -> int:
     async def call():
         async with open_channel(connection) as channel:
             return await asyncio.wait_for(actions[args.task](channel, args), args.timeout)
-    try:
-        reply = asyncio.run(call())
-    except grpc.aio.AioRpcError as exc:
-        print(f"incar {skill} {args.task}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"incar {skill} {args.task}: {exc}", file=sys.stderr)
-        return 1
-    _print(reply, args.json)
-    return 0
+    async def call_and_print():
+        _print(await call(), args.json)
+    return run_call(f"incar {skill} {args.task}", call_and_print())
 
 
 def greeter_main(argv: list[str]) -> int:

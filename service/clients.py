@@ -81,6 +81,19 @@ def connection_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error(str(exc))
 
 
+def run_call(prog: str, coro) -> int:
+    """Run a client command's coroutine; the exit status every client command uses: its own (0 done), 1 when the
+    call failed (the gRPC status and details, or the OS error, on stderr after the command's name). Usage errors
+    exit 2 through argparse before anything runs."""
+    try:
+        return int(asyncio.run(coro) or 0)
+    except grpc.aio.AioRpcError as exc:
+        print(f"{prog}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    except OSError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+    return 1
+
+
 async def check_health(target: str | Connection, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
     """(serving, text): the health status, and the reasons the System service gives."""
     async with open_channel(target) as channel:
