@@ -1,5 +1,5 @@
-"""Pieces of bench/decode.py: the bare session.run loop, llama.cpp drivers, greedy agreement, cached-prefix and
-multi-turn time to first token at the generator level."""
+"""Pieces of bench/decode.py: the bare session.run loop, llama.cpp drivers, greedy agreement, the cached-prompt
+time to first token through the engine, and multi-turn time to first token at the generator level."""
 from __future__ import annotations
 
 import asyncio
