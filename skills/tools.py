@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from service.runtime.tooling import NONE, ToolCall, ToolRefused, ToolResult, ToolSpec
+from service.runtime.tooling import ToolCall, ToolRefused, ToolResult, ToolSpec
 from service.security.auth import allowed
 from skills.base import InvalidRequestError, NotFoundError, PreconditionError, is_moving
 from skills.router import route_tool
 from skills import tools_answers as answers
+# What the model learns to route from (kept apart from tests/data/routing.jsonl: the bench checks it).
+from skills.tool_examples import EXAMPLES
 
 _NAME_ARG = {"type": "object", "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 64}},
              "required": ["name"], "additionalProperties": False}
@@ -54,87 +56,6 @@ ACTION_ROLES = ("hmi", "admin")
 UNSAFE_WHILE_DRIVING = {"greeter.enrol": "enrolment needs the driver to look into the cabin camera",
                         "sentinel.arm": "Sentinel guards a parked car",
                         "vehicle.flash_lights": "flashing headlights at other drivers is a signal to them"}
-
-# Few-shot examples for the model (kept apart from tests/data/routing.jsonl: the bench must not test on them).
-EXAMPLES: list[tuple[str, str, dict]] = [
-    ("Where did I leave the car?", "car_finder.where_is_my_car", {}),
-    ("What floor is my car on?", "car_finder.where_is_my_car", {}),
-    ("Find the nearest charging station", NONE, {}),
-    ("Is sentry mode on?", "sentinel.status", {}),
-    ("Please arm the surveillance", "sentinel.arm", {}),
-    ("Switch off Sentinel", "sentinel.disarm", {}),
-    ("Did anybody come close to the car?", "sentinel.recent_clips", {}),
-    ("Show me the last 2 recordings", "sentinel.recent_clips", {"limit": 2}),
-    ("Set an alarm for 6 am", NONE, {}),
-    ("Enrol my face, I am Maria", "greeter.enrol", {"name": "Maria"}),
-    ("Delete the profile of Tom", "greeter.forget", {"name": "Tom"}),
-    ("Which drivers does the car know?", "greeter.who_is_here", {}),
-    ("Play my favourite song", NONE, {}),
-    ("Are there any safety warnings?", "safety.status", {}),
-    ("Can I get out of the car now?", "safety.is_it_safe_to_exit", {}),
-    ("Did I leave my bag in the car?", "safety.left_behind", {}),
-    ("Book a table at an Italian restaurant", NONE, {}),
-    ("What is the capital of Spain?", NONE, {}),
-    ("Is my son still in the back seat?", "safety.left_behind", {}),
-    ("How far is the next parking garage?", NONE, {}),
-    ("My car is where?", "car_finder.where_is_my_car", {}),
-    ("Which bay did we park in?", "car_finder.where_is_my_car", {}),
-    ("I lost my car in this garage", "car_finder.where_is_my_car", {}),
-    ("Is Sentinel armed?", "sentinel.status", {}),
-    ("Is the car protected while parked?", "sentinel.status", {}),
-    ("Start sentry mode", "sentinel.arm", {}),
-    ("Keep an eye on the car", "sentinel.arm", {}),
-    ("Disable the surveillance mode", "sentinel.disarm", {}),
-    ("Turn sentry off", "sentinel.disarm", {}),
-    ("Did Sentinel record anything?", "sentinel.recent_clips", {}),
-    ("Was someone at my car last night?", "sentinel.recent_clips", {}),
-    ("Remember me as a driver, my name is Leo", "greeter.enrol", {"name": "Leo"}),
-    ("Scan my face for the profile", "greeter.enrol", {"name": "driver"}),
-    ("Remove my face from the car", "greeter.forget", {"name": "driver"}),
-    ("Who does the car recognise?", "greeter.who_is_here", {}),
-    ("Is any safety alert active?", "safety.status", {}),
-    ("Is a bike coming if I open the door?", "safety.is_it_safe_to_exit", {}),
-    ("Can I open the door, is traffic coming?", "safety.is_it_safe_to_exit", {}),
-    ("Is the child still in the car?", "safety.left_behind", {}),
-    ("Did I leave anything on the seat?", "safety.left_behind", {}),
-    ("Which level is the food court on?", NONE, {}),
-    ("Where can I charge my car?", NONE, {}),
-    ("Wake me at 8 tomorrow", NONE, {}),
-    ("What's the name of this song?", NONE, {}),
-    ("Turn up the radio", NONE, {}),
-    ("How is the weather in Paris?", NONE, {}),
-    ("Tell me a story", NONE, {}),
-    ("Take me home", NONE, {}),
-    ("Who won the football game?", NONE, {}),
-    ("Warm up the car to 22 degrees", "vehicle.climate_on", {"temperature_c": 22}),
-    ("Switch the air conditioning on", "vehicle.climate_on", {}),
-    ("Flash the lights so I can see the car", "vehicle.flash_lights", {}),
-    ("Let some fresh air in", "vehicle.vent_windows", {}),
-    ("Tell me the parking level and the bay number", "car_finder.where_is_my_car", {}),
-    ("Where exactly is my vehicle standing?", "car_finder.where_is_my_car", {}),
-    ("Is the car guarded right now?", "sentinel.status", {}),
-    ("Sentry status?", "sentinel.status", {}),
-    ("Protect the car while I'm away", "sentinel.arm", {}),
-    ("Enable sentry", "sentinel.arm", {}),
-    ("No more surveillance, turn it off", "sentinel.disarm", {}),
-    ("Did the cameras catch anyone near the car?", "sentinel.recent_clips", {}),
-    ("Play back what Sentinel saw", "sentinel.recent_clips", {}),
-    ("Set up face recognition for me", "greeter.enrol", {"name": "driver"}),
-    ("Stop recognising me and delete my data", "greeter.forget", {"name": "driver"}),
-    ("Which people are registered as drivers?", "greeter.who_is_here", {}),
-    ("Do any safety warnings need my attention?", "safety.status", {}),
-    ("Is traffic coming before I step out?", "safety.is_it_safe_to_exit", {}),
-    ("Is someone still sitting in the back?", "safety.left_behind", {}),
-    ("Did I leave my wallet in the car?", "safety.left_behind", {}),
-    ("Make it warmer in here", "vehicle.climate_on", {}),
-    ("Open the windows", "vehicle.vent_windows", {}),
-    ("Where is the next fast charger?", NONE, {}),
-    ("Which floor has the shoe shop?", NONE, {}),
-    ("Set a timer for ten minutes", NONE, {}),
-    ("Skip this track", NONE, {}),
-    ("What time is it in Tokyo?", NONE, {}),
-    ("Send a message to Paul", NONE, {}),
-]
 
 
 class SkillTools:

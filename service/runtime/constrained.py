@@ -37,6 +37,7 @@ class JsonConstraint:
 
     def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str, eos_token_ids: list[int]):
         self._matcher = llguidance.LLMatcher(tokenizer, grammar)
+        self._tokenizer = tokenizer
         if self._matcher.is_error():
             raise SchemaError(f"json_schema: {self._matcher.get_error()}")
         self._words = (tokenizer.vocab_size + 31) // 32
@@ -66,6 +67,24 @@ class JsonConstraint:
 
     def is_complete(self) -> bool:
         return self._matcher.is_accepting()
+
+    def forced(self) -> list[int]:
+        """The tokens the grammar allows only one way from here (e.g. `{"name`), consumed: a caller feeds them
+        to the model in one chunk instead of one decode step each."""
+        out: list[int] = []
+        while not self._matcher.is_stopped():
+            tokens = self._matcher.compute_ff_tokens()
+            if not tokens:
+                # Forced bytes that are one token of their own (`":"` after a key) are forced too; a single
+                # byte (`{`) is left to the model, which may merge it with what follows (`{}`, `{"`).
+                forced = self._matcher.compute_ff_bytes()
+                tokens = self._tokenizer.tokenize_bytes(forced) if len(forced) > 1 else []
+                if len(tokens) != 1 or self._matcher.try_consume_tokens(tokens) != 1:
+                    break
+            elif not self._matcher.consume_tokens(tokens):
+                break
+            out += tokens
+        return out
 
 
 class JsonConstraintFactory:

@@ -1,19 +1,25 @@
-"""The model chooses the tool: a few-shot prompt of tool descriptions and examples, prefilled once and reused.
+"""The model chooses the tool: the question's last hidden state goes through a routing head trained on examples.
 
-The fixed prefix (every tool's one-line description and the examples) is prefilled once when the chooser is
-prepared; a question then costs only its own ~20 tokens plus the few tokens of a tool name, because the
-sequence is rewound to the end of the prefix after each question. The choice is decoded under a constraint:
-only tokens that continue some tool's name (or "none") are allowed, as an llguidance enum grammar would allow,
-and the choice ends as soon as one name is left (`mode="greedy"`). `mode="likelihood"` instead scores every
-name's whole token sequence by the model's log-probability and takes the best (costs one step per trie node).
-Arguments (a name to enrol, a clip count) are then decoded with the llguidance JSON-schema constraint.
+Mode `head` (the default): the fixed prefix, the chat template's system turn listing every tool's one-line
+description, is prefilled once when the chooser is prepared; a question then costs one chunked prefill of its
+own ~15 tokens (the user turn and the assistant turn's opening). The decoder's last hidden state there
+(recovered from the logits: `routing_head.HiddenState`) goes through a softmax-regression head trained at
+prepare time on the registry's examples, "none" being one of its classes (`routing_head.RoutingHead`).
+`mode="nearest"` takes the tool of the nearest example (cosine) over the same vectors instead. `mode="greedy"`
+and `mode="likelihood"` decode or score the tools' names after a few-shot prompt: only tokens that continue
+some tool's name (or "none") are allowed, as an llguidance enum grammar would allow (worse on SmolLM2-135M:
+bench/route.py has the figures of every mode).
+Arguments (a name to enrol, a clip count) are then decoded with the llguidance JSON-schema constraint; the
+tool's name, `Args:` and the tokens the grammar forces (`{"name`) go in as one chunk, not one step each.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+from collections import Counter
 from collections.abc import Sequence
+from itertools import zip_longest
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,21 +27,20 @@ import structlog
 
 from service.runtime.constrained import JsonConstraintFactory
 from service.runtime.generator import MASK_VALUE
+from service.runtime.routing_head import HiddenState, RoutingHead
 from service.runtime.scheduler import NpuScheduler
 from service.runtime.tooling import NONE, ToolCall, ToolSpec
 
 log = structlog.get_logger(__name__)
 
-MODES = ("nearest", "greedy", "likelihood")
+MODES = ("head", "nearest", "greedy", "likelihood")
+REPRESENTED = ("head", "nearest")        # the modes that classify the question's hidden state
 MAX_ARGUMENT_TOKENS = 32
+FEW_SHOT_PER_TOOL = 3                    # greedy/likelihood: the first examples of each tool make the prompt
 CONTENT_FREE = "N/A"
-# `nearest`: a short chat-template context; the question's representation is the model's next-token
-# log-probabilities where its answer would start (on bench/route.py the chat form beat a plain-text one).
-# (A worked example in it, for the arguments, cost 5 points of accuracy: 0.80 -> 0.75.)
-NEAREST_SYSTEM = "You are the in-car assistant. Pick the car tool for the driver's request."
+CHAT_SYSTEM = "You are the in-car assistant. Pick the car tool for the driver's request, or none."
 NONE_DESCRIPTION = ("anything else: navigation, charging stations, restaurants, music, alarm clocks, weather, "
                     "phone calls, general knowledge")
-
 
 class RewindableSequence:
     """A prefilled sequence that can go back to an earlier point: the prefix is computed once.
@@ -49,8 +54,8 @@ class RewindableSequence:
     def __init__(self, model, prompt_ids: list[int]):
         self.model = model
         self.seq = model.new_sequence(prompt_ids)
-        self._snapshots = hasattr(self.seq, "snapshot")
-        if not self._snapshots and any(s["kind"] == "conv" for s in model._graphs["decoder_decode"].entry["state"]):
+        self.snapshots = hasattr(self.seq, "snapshot")
+        if not self.snapshots and any(s["kind"] == "conv" for s in model._graphs["decoder_decode"].entry["state"]):
             raise ValueError("tool choice needs an attention-only decoder (convolution states cannot be rewound)")
 
     def prefill_step(self) -> bool:
@@ -70,7 +75,7 @@ class RewindableSequence:
     def feed(self, ids: list[int], start) -> np.ndarray:
         """From mark `start`, the tokens `ids` (a question): prefilled in chunks on graphs that restore state
         (one graph run instead of one per token), appended one by one otherwise. Returns the next logits."""
-        if not self._snapshots:
+        if not self.snapshots:
             self.rewind(start)
             for token in ids:
                 self.seq.append(token)
@@ -80,11 +85,20 @@ class RewindableSequence:
             pass
         return np.array(self.seq.logits, np.float32)
 
+    def extend(self, ids: list[int]) -> np.ndarray:
+        """The tokens `ids` after the current point: one chunk where the graph restores state (a snapshot and
+        a restore cost less than a second decode step), one append per token otherwise."""
+        if len(ids) > 1 and self.snapshots:
+            return self.feed(ids, self.mark())
+        for token in ids:
+            self.seq.append(token)
+        return np.array(self.seq.logits, np.float32)
+
     def mark(self):
-        return self.seq.snapshot() if self._snapshots else self.seq.length
+        return self.seq.snapshot() if self.snapshots else self.seq.length
 
     def rewind(self, mark) -> None:
-        if self._snapshots:
+        if self.snapshots:
             if self.seq.length != mark.length or tuple(self.seq.tokens) != tuple(mark.tokens):
                 self.seq = self.model.new_sequence(list(mark.tokens), prefix=mark)
             return
@@ -108,6 +122,7 @@ class Choice:
     call: ToolCall
     seconds: float
     steps: int
+    confidence: float | None = None      # the head's probability of its choice (mode "head")
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -117,7 +132,7 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 class ToolChooser:
     def __init__(self, model, scheduler: NpuScheduler, specs: Sequence[ToolSpec],
-                 examples: Sequence[tuple[str, str, dict]], *, mode: str = "nearest", priority: str = "chat",
+                 examples: Sequence[tuple[str, str, dict]], *, mode: str = "head", priority: str = "chat",
                  calibrate: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
@@ -127,16 +142,32 @@ class ToolChooser:
         self.specs = {s.name: s for s in specs}
         self.tokenizer = model.tokenizer
         self.examples = list(examples)
-        self.prefix = self._chat_prefix() if mode == "nearest" else self._prefix_text(specs, examples)
-        self._nearest: np.ndarray | None = None      # one unit vector per example (mode "nearest")
         self.names = [*self.specs, NONE]
+        unknown = sorted({name for _, name, _ in self.examples} - set(self.names))
+        if unknown:
+            raise ValueError(f"examples: unknown tools {unknown}")
+        self.system = "\n".join([CHAT_SYSTEM, "Tools:", *(f"- {s.name}: {s.description}" for s in specs),
+                                 f"- {NONE}: {NONE_DESCRIPTION}"])
+        self.prefix = self._chat_prefix() if mode in REPRESENTED else self._prefix_text(specs, self._few_shot())
+        self._hidden: HiddenState | None = None
+        self._head: RoutingHead | None = None
+        self._vectors: np.ndarray | None = None      # one unit vector per example (mode "nearest")
         self._candidates = {name: self.tokenizer.encode(f" {name}\n") for name in self.names}
         self._newline = self.tokenizer.encode("\n")
         self._json: JsonConstraintFactory | None = None
+        self._argument_contexts: dict[str, tuple[RewindableSequence, object]] = {}
         self._seq: RewindableSequence | None = None
-        self._base = 0
-        self._base_logits: np.ndarray | None = None
+        self._base = None
         self._lock = asyncio.Lock()
+
+    def _few_shot(self) -> list[tuple[str, str, dict]]:
+        taken: Counter[str] = Counter()
+        shots = []
+        for example in self.examples:
+            if taken[example[1]] < FEW_SHOT_PER_TOOL:
+                taken[example[1]] += 1
+                shots.append(example)
+        return shots
 
     @staticmethod
     def _prefix_text(specs: Sequence[ToolSpec], examples: Sequence[tuple[str, str, dict]]) -> str:
@@ -153,8 +184,14 @@ class ToolChooser:
     def prefix_tokens(self) -> int:
         return len(self.tokenizer.encode(self.prefix))
 
+    @property
+    def training_accuracy(self) -> float | None:
+        return self._head.training_accuracy if self._head is not None else None
+
     async def prepare(self) -> None:
-        """Prefill the fixed prefix once (seconds on a CPU; the server does it in the background)."""
+        """Prefill the fixed prefix once and, for the head, learn from every example: one short prefill each,
+        each its own admission, so a chat waits for at most one of them (seconds in all on a CPU; the server
+        does it in the background)."""
         async with self._lock:
             if self._seq is not None:
                 return
@@ -163,57 +200,76 @@ class ToolChooser:
                 seq = await ticket.step(RewindableSequence, self.model, ids, kind="prefill")
                 while not await ticket.step(seq.prefill_step, kind="prefill"):
                     pass
-                self._base_logits = await ticket.step(seq.logits, kind="prefill")
+                base = await ticket.step(seq.mark, kind="prefill")
                 if self.calibrate:
                     # Contextual calibration: the names' log-probabilities for a content-free question are
                     # the prompt's own bias (a small model favours some names whatever is asked); choices
                     # subtract them.
-                    base = await ticket.step(seq.mark, kind="prefill")
-                    logits = self._base_logits
-                    for token in self.tokenizer.encode(f"Q: {CONTENT_FREE}\nA:"):
+                    logits = await ticket.step(seq.logits, kind="prefill")
+                    for token in self.tokenizer.encode(f"Q: {CONTENT_FREE}\nA:", add_bos=False):
                         logits = await ticket.step(seq.append, token, kind="prefill")
                     self._priors, _ = await self._trie_logps(ticket, seq, logits)
-                    await ticket.step(seq.rewind, base, kind="prefill")
-                if self.mode == "nearest":
-                    self._nearest = np.stack([await self._represent(ticket, seq, q) for q, _, _ in self.examples])
-            self._seq, self._base = seq, await self._marked(seq)
-            log.info("tool_choice.ready", prefix_tokens=len(ids), tools=len(self.specs), mode=self.mode)
+            if self.mode in REPRESENTED:
+                await self._learn(seq, base)
+            for spec in self.specs.values():
+                if spec.takes_arguments:
+                    async with self.scheduler.admit(self.priority) as ticket:
+                        self._argument_contexts[spec.name] = await self._argument_context(ticket, seq, spec)
+            self._seq, self._base = seq, base
+            log.info("tool_choice.ready", prefix_tokens=len(ids), tools=len(self.specs), mode=self.mode,
+                     examples=len(self.examples), training_accuracy=self.training_accuracy)
+
+    async def _learn(self, seq: RewindableSequence, base) -> None:
+        hidden = await asyncio.to_thread(HiddenState.of_model, self.model)
+        raw = []
+        for question, _, _ in self.examples:
+            async with self.scheduler.admit(self.priority) as ticket:
+                logits = await ticket.step(seq.feed, self._query(" ".join(question.split())), base,
+                                           kind="prefill")
+            raw.append(hidden.raw(logits))
+        hidden.fit(np.stack(raw))
+        features = hidden.features(np.stack(raw))
+        if self.mode == "head":
+            labels = [name for _, name, _ in self.examples]
+            self._head = await asyncio.to_thread(RoutingHead, features, labels)
+        else:
+            self._vectors = features
+        self._hidden = hidden
 
     async def choose(self, question: str) -> Choice:
         await self.prepare()
         started = time.perf_counter()
         question = " ".join(question.split())
         query = self._query(question)
+        confidence = None
         async with self._lock:
             seq = self._seq
             async with self.scheduler.admit(self.priority) as ticket:
-                steps = 0
-                try:
-                    logits = await ticket.step(seq.feed, query, self._base, kind="prefill")
-                    steps += 1
-                    query_end = seq.length
-                    if self.mode == "nearest":
-                        name, used = self._closest(logits), 0
-                    elif self.mode == "greedy":
-                        name, used = await self._greedy(ticket, seq, logits)
+                # Every question starts from the prefix's mark (`feed`): nothing to rewind afterwards.
+                logits = await ticket.step(seq.feed, query, self._base, kind="prefill")
+                steps = 1
+                if self.mode in REPRESENTED:
+                    features = self._hidden.features(self._hidden.raw(logits))
+                    if self.mode == "head":
+                        name = self._head.predict(features)
+                        confidence = self._head.probabilities(features)[name]
                     else:
-                        name, used = await self._likelihood(ticket, seq, logits)
+                        name = self.examples[int(np.argmax(self._vectors @ features))][1]
+                    used = 0
+                elif self.mode == "greedy":
+                    name, used = await self._greedy(ticket, seq, logits)
+                else:
+                    name, used = await self._likelihood(ticket, seq, logits)
+                steps += used
+                arguments = {}
+                spec = self.specs.get(name)
+                if spec is not None and spec.takes_arguments:
+                    arguments, used = await self._arguments(ticket, spec, question)
                     steps += used
-                    arguments = {}
-                    spec = self.specs.get(name)
-                    if spec is not None and spec.takes_arguments:
-                        arguments, used = await self._arguments(ticket, seq, name, spec, query_end)
-                        steps += used
-                finally:
-                    await ticket.step(seq.rewind, self._base, kind="decode")
-        return Choice(ToolCall(name, arguments, "model"), time.perf_counter() - started, steps)
-
-    async def _marked(self, seq: RewindableSequence):
-        async with self.scheduler.admit(self.priority) as ticket:
-            return await ticket.step(seq.mark, kind="prefill")
+        return Choice(ToolCall(name, arguments, "model"), time.perf_counter() - started, steps, confidence)
 
     def _chat(self, question: str) -> str:
-        return self.tokenizer.apply_chat_template([{"role": "system", "content": NEAREST_SYSTEM},
+        return self.tokenizer.apply_chat_template([{"role": "system", "content": self.system},
                                                    {"role": "user", "content": question}])
 
     def _chat_prefix(self) -> str:
@@ -222,26 +278,9 @@ class ToolChooser:
         return a[:next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)]
 
     def _query(self, question: str) -> list[int]:
-        if self.mode == "nearest":
-            return self.tokenizer.encode(self._chat(question)[len(self.prefix):])
-        return self.tokenizer.encode(f"Q: {question}\nA:")
-
-    @staticmethod
-    def _unit(logits: np.ndarray) -> np.ndarray:
-        x = _log_softmax(logits)
-        x = x - x.mean()
-        return x / max(float(np.linalg.norm(x)), 1e-9)
-
-    async def _represent(self, ticket, seq: RewindableSequence, question: str) -> np.ndarray:
-        """An example question's representation (the sequence is rewound after it)."""
-        mark = await ticket.step(seq.mark, kind="prefill")
-        logits = await ticket.step(seq.feed, self._query(" ".join(question.split())), mark, kind="prefill")
-        await ticket.step(seq.rewind, mark, kind="prefill")
-        return self._unit(logits)
-
-    def _closest(self, logits: np.ndarray) -> str:
-        """The tool of the example whose representation is nearest (cosine) to the question's."""
-        return self.examples[int(np.argmax(self._nearest @ self._unit(logits)))][1]
+        if self.mode in REPRESENTED:
+            return self.tokenizer.encode(self._chat(question)[len(self.prefix):], add_bos=False)
+        return self.tokenizer.encode(f"Q: {question}\nA:", add_bos=False)
 
     def _prior(self, prefix: tuple[int, ...]) -> np.ndarray | float:
         return self._priors.get(prefix, 0.0) if self.calibrate else 0.0
@@ -295,33 +334,51 @@ class ToolChooser:
                                for d, t in enumerate(ids))
         return max(scores, key=scores.get), steps
 
-    async def _arguments(self, ticket, seq: RewindableSequence, name: str, spec: ToolSpec,
-                         query_end: int) -> tuple[dict, int]:
-        """The chosen name is written out, then `Args: {...}` under the tool's JSON schema."""
+    def _argument_prompt(self, spec: ToolSpec) -> str:
+        """A few-shot prompt of the tool's own examples (with `{}` where they give no argument). No space after
+        `Args:`: the JSON's first token is then `{"` both here and under the constraint."""
+        given = [(q, a) for q, name, a in self.examples if name == spec.name and a]
+        plain = [(q, a) for q, name, a in self.examples if name == spec.name and not a][:max(len(given), 1)]
+        # As many without arguments as with, alternating: a run of `{}` would teach the model to write only that.
+        shots = [s for pair in zip_longest(given, plain) for s in pair if s is not None]
+        lines = [f"Write the arguments of {spec.name} ({spec.description}) as JSON.", ""]
+        for question, args in shots:
+            lines += [f"Request: {question}", "Args:" + json.dumps(args, separators=(",", ":"))]
+        return "\n".join(lines) + "\n"
+
+    async def _argument_context(self, ticket, seq: RewindableSequence, spec: ToolSpec):
+        """The tool's argument prompt, prefilled once. Where the graph restores state its mark serves on the
+        chooser's one sequence (a feed starts from any mark); otherwise it keeps a sequence of its own."""
+        ids = self.tokenizer.encode(self._argument_prompt(spec))
+        own = await ticket.step(RewindableSequence, self.model, ids, kind="prefill")
+        while not await ticket.step(own.prefill_step, kind="prefill"):
+            pass
+        return (seq if own.snapshots else own), await ticket.step(own.mark, kind="prefill")
+
+    async def _arguments(self, ticket, spec: ToolSpec, question: str) -> tuple[dict, int]:
+        """`Request: <question>` after the tool's argument prompt, then `Args: {...}` under its JSON schema;
+        the question, `Args:` and what the grammar forces (`{"name`) go in as one chunk."""
         if self._json is None:
             manifest = self.model.bundle.manifest
             self._json = JsonConstraintFactory(self.model.bundle.file(manifest["tokenizer"]["file"]),
                                                int(manifest["text"]["vocab_size"]),
                                                sorted(self.model.eos_token_ids))
         constraint = self._json.for_schema(json.dumps(spec.parameters))
-        # The choice left the sequence at the end of the question plus the first tokens of the name (greedy);
-        # the rest of the name, then the argument line's opening.
-        name_ids = self._candidates[name]
-        fed = seq.length - query_end
-        logits, steps = None, 0
-        for token in [*name_ids[fed:], *self.tokenizer.encode("Args:")]:
-            logits = await ticket.step(seq.append, token, kind="decode")
-            steps += 1
-        out: list[int] = []
+        seq, mark = self._argument_contexts[spec.name]
+        out = constraint.forced()
+        lead = self.tokenizer.encode(f"Request: {question}\nArgs:", add_bos=False)
+        logits = await ticket.step(seq.feed, [*lead, *out], mark, kind="decode")
+        steps = 1
         for _ in range(MAX_ARGUMENT_TOKENS):
             token = int(np.argmax(constraint.mask(logits)))
             if token in self.model.eos_token_ids or token in self._newline:
                 break
             constraint.advance(token)
-            out.append(token)
+            forced = constraint.forced()
+            out += [token, *forced]
             if constraint.is_complete() and self.tokenizer.decode(out).rstrip().endswith("}"):
                 break
-            logits = await ticket.step(seq.append, token, kind="decode")
+            logits = await ticket.step(seq.extend, [token, *forced], kind="decode")
             steps += 1
         try:
             value = json.loads(self.tokenizer.decode(out))

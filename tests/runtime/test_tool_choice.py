@@ -22,15 +22,22 @@ def scheduler():
     s.close()
 
 
-async def test_examples_choose_their_own_tool_and_the_prefix_is_reused(scheduler):
-    chooser = ToolChooser(language_model(), scheduler, SPECS, EXAMPLES, mode="nearest")
+async def test_the_head_routes_from_the_prefilled_prefix_and_decodes_arguments(scheduler):
+    chooser = ToolChooser(language_model(), scheduler, SPECS, EXAMPLES, mode="head")
     await chooser.prepare()
-    base = chooser._seq.length
+    base = chooser._base
+    assert chooser.training_accuracy >= 0.95          # the head fits the examples it learned from
     for question, tool, _args in EXAMPLES[:6]:
         first = await chooser.choose(question)
         again = await chooser.choose(question)
         assert first.call.name == again.call.name == tool, question
-        assert first.call.chosen_by == "model" and chooser._seq.length == base
+        assert first.call.chosen_by == "model" and 0 < first.confidence <= 1
+        if not chooser.specs.get(tool) or not chooser.specs[tool].takes_arguments:
+            assert first.steps == 1                   # the question's own prefill, nothing more
+    # Every question starts from the same prefix state: the mark is untouched by the choices.
+    assert chooser._base is base and chooser._base.length == chooser.prefix_tokens
+    choice = await chooser.choose("Please enrol my face, my name is Anna")
+    assert choice.call.name == "greeter.enrol" and choice.call.arguments == {"name": "Anna"}
 
 
 async def test_greedy_choice_is_one_of_the_tools_or_none(scheduler):
