@@ -146,7 +146,7 @@ class CacheSlots:
     At most `keep` slots of up to `keep_capacity` cache slots each are kept; thread-safe."""
 
     def __init__(self, session: ort.InferenceSession, state: list[dict], vocab: int, hidden: int, context: int,
-                 keep: int = 4, keep_capacity: int = 1024):
+                 keep: int = 4, keep_capacity: int = 512):
         self._new = lambda capacity: CacheSlot(session, state, capacity, vocab, hidden)
         self.context, self.keep, self.keep_capacity = context, keep, keep_capacity
         self._free: list[CacheSlot] = []
