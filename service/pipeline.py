@@ -8,11 +8,10 @@ the general lane analyses every other camera with all its stages. Which lane a c
 camera wins while the worker is busy (a safety decision on an old frame is worse than one on the newest), and
 the camera that has waited longest goes next.
 
-On the CPU backend the lanes also differ in priority: the general lane's thread (and the shared models' pools,
-the dlib worker process it starts) run below the process's priority, as the language model does
-(service.runtime.thread_priority), while the safety lane runs at the process's priority on its own sessions of
-the small detectors (`Cascade.lane_models`), so the OS preempts the slower work for a safety frame. Analysed
-safety frames are handed to the skills before waiting general ones.
+On the CPU backend the safety lane also runs above the process's priority where the OS allows it
+(service.runtime.thread_priority), on its own sessions of the small detectors (`Cascade.lane_models`, their
+pool threads inheriting that priority), so the OS preempts the language model and the general lane for a
+safety frame. Analysed safety frames are handed to the skills before waiting general ones.
 
 Also the perception services other parts use on single images (enrolment, sign reading, the description a
 text-only model gets of an image), so every part shares one set of loaded perception models.
@@ -37,7 +36,7 @@ from service.perception.types import Face, FrameAnalysis, TextLine
 from service.power.sources import record_busy
 from service.runtime.frame_cache import FrameCache
 from service.runtime.scheduler import JobClass
-from service.runtime.thread_priority import lower_current_thread
+from service.runtime.thread_priority import raise_current_thread
 
 log = structlog.get_logger(__name__)
 
@@ -84,8 +83,8 @@ class AnalysisPipeline:
         self.requested_stages: RequestedStages = lambda camera_id: set()
         self.frame_cache = FrameCache()      # a frame asked about twice is described once
         self._executors = {
-            "safety": ThreadPoolExecutor(1, thread_name_prefix="analysis-safety"),
-            "general": ThreadPoolExecutor(1, thread_name_prefix="analysis-general", initializer=lower_current_thread)}
+            "safety": ThreadPoolExecutor(1, thread_name_prefix="analysis-safety", initializer=raise_current_thread),
+            "general": ThreadPoolExecutor(1, thread_name_prefix="analysis-general")}
         self._models = {"safety": cascade.lane_models(safety_threads), "general": cascade.model}
 
     def route(self, lane_of: LaneOf, requested_stages: RequestedStages) -> None:

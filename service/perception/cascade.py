@@ -22,7 +22,6 @@ from service.perception.scheduled import job_class, schedule_sessions
 from service.perception.types import FrameAnalysis
 from service.runtime.providers import QNN_BACKENDS
 from service.runtime.scheduler import JobClass, NpuScheduler
-from service.runtime.thread_priority import call_in_background_thread
 
 log = structlog.get_logger(__name__)
 
@@ -211,17 +210,15 @@ class Cascade:
         and shared with single-image callers (enrolment, sign reading, image descriptions)."""
         with self._model_lock:
             if name not in self._models:
-                # On the CPU its pool threads start lowered: a lane that must preempt opens its own (lane_models).
-                model = call_in_background_thread(lambda: self._open(name)) if self.config.backend == "cpu" \
-                    else self._open(name)
+                model = self._open(name)
                 self._models[name] = schedule_sessions(model, self._scheduler, name) if self._scheduler else model
             return self._models[name]
 
     def lane_models(self, threads: int) -> ModelSource:
         """`model` for one analysis lane: on the CPU backend its own sessions of the small detectors (LANE_MODELS),
-        opened on first use by the calling thread with `threads` intra-op threads, so they run at that thread's
-        priority and never queue in another lane's pool; the rest, and everything on a QNN backend (ranked by
-        the NPU scheduler), are the shared models."""
+        opened on first use by the calling thread with `threads` intra-op threads, so their pool threads have
+        that thread's priority and its runs never queue in another lane's pool; the rest, and everything on a
+        QNN backend (ranked by the NPU scheduler), are the shared models."""
         if self.config.backend != "cpu":
             return self.model
         own: dict[str, object] = {}

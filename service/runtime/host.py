@@ -25,7 +25,6 @@ from service.runtime.bundle import BundleError, load_bundle
 from service.runtime.engine import DescribeImages, GenerationEngine
 from service.runtime.generator import LanguageModel
 from service.runtime.scheduler import NpuScheduler
-from service.runtime.thread_priority import call_in_background_thread, lower_thread
 from service.security.signing import BundleVerifier, SignatureError, Verdict
 
 log = structlog.get_logger(__name__)
@@ -80,18 +79,12 @@ class ModelHost:
         self._listeners: list[SwitchListener] = []
         self._on_status: StatusCallback | None = None
         self._swap_lock = asyncio.Lock()
-        self._scheduler_lowered = False
 
     def on_switch(self, listener: SwitchListener) -> None:
         """Called with the new engine after a swap (the Assistant and the narrator switch with it)."""
         self._listeners.append(listener)
 
     def _open(self, backend: str, path: Path | None = None) -> tuple[GenerationEngine, LanguageModel, Verdict]:
-        if backend == "cpu":   # its ORT pool threads start below Safety's lane (see thread_priority)
-            return call_in_background_thread(lambda: self._open_bundle(backend, path))
-        return self._open_bundle(backend, path)
-
-    def _open_bundle(self, backend: str, path: Path | None) -> tuple[GenerationEngine, LanguageModel, Verdict]:
         path = Path(path or self.config.bundle)
         verdicts: list[Verdict] = []
         bundle = load_bundle(path, check_manifest=lambda p, raw: verdicts.append(self.verifier.verify(p, raw)))
@@ -108,9 +101,6 @@ class ModelHost:
     def _adopt(self, opened: tuple[GenerationEngine, LanguageModel, Verdict], backend: str, path: Path) -> None:
         self.engine, self.model, self.verdict = opened
         self.backend, self.bundle_path = backend, path
-        if backend == "cpu" and not self._scheduler_lowered and self.scheduler.thread_id is not None:
-            # The executor thread runs every CPU decode step (on a QNN backend also Safety's NPU steps: kept).
-            self._scheduler_lowered = lower_thread(self.scheduler.thread_id)
         if self.performance_mode:
             self.set_htp_performance_mode(self.performance_mode)
 

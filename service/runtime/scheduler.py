@@ -160,11 +160,6 @@ class NpuScheduler:
         self._thread = threading.Thread(target=self._run, name=f"{name}-executor", daemon=True)
         self._thread.start()
 
-    @property
-    def thread_id(self) -> int | None:
-        """The executor thread's OS id (the model host lowers its priority on the CPU backend)."""
-        return self._thread.native_id
-
     # ---- admission -------------------------------------------------------------------------------
     def waiting(self, priority: str) -> int:
         return self._waiting[priority]

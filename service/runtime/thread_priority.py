@@ -1,55 +1,36 @@
-"""Thread priorities on a CPU host, so a safety decision preempts the slower work sharing the cores.
+"""Thread priority for Safety's analysis on a CPU host: its worker runs above the process's other threads.
 
-On the CPU backend the language model, the general analysis lane and Safety's lane all compete for the same
-few cores; with equal priorities a safe-exit frame's detector run took several times its CPU time. Linux keeps a
-nice value per thread (setpriority on the thread id), and a thread inherits the nice value of the thread that
-creates it, so ONNX Runtime's intra-op pool threads are as nice as the thread that opened the session, and a
-spawned worker process is as nice as the thread that started it. An unprivileged process can raise its threads'
-nice values but never lower them again, so the scheme lowers what is slower and leaves Safety at the process's
-own priority: `lower_current_thread()` in a worker thread, `call_in_background_thread(open_session)` so a
-session's pool threads start lowered. Elsewhere (no per-thread nice) these do nothing and say so.
+On the CPU backend the language model, the general analysis lane and Safety's lane compete for the same few
+cores; at equal priority a safe-exit frame's detector run took several times its CPU time. Linux keeps a nice
+value per thread (setpriority on the thread id), and a thread inherits the nice value of the thread that
+creates it, so the ONNX Runtime sessions the safety lane opens on its own thread get intra-op pool threads as
+favoured as the lane itself.
+
+Safety is raised rather than the rest lowered: lowered threads lose to every normal-priority thread of the
+machine, not only to Safety (a simulator or an HMI in the same session starved the lowered general lane, and
+the parking sign was never read). Raising needs CAP_SYS_NICE or an RLIMIT_NICE allowance (systemd: LimitNICE=,
+containers: cap_add SYS_NICE); without it the lane runs at the process's priority and says so once.
 """
 from __future__ import annotations
 
 import os
 import sys
 import threading
-from collections.abc import Callable
-from typing import TypeVar
 
 import structlog
 from prometheus_client import Gauge
 
 log = structlog.get_logger(__name__)
-T = TypeVar("T")
 
-# Nice steps below the process's priority: CFS weights at +10 are about a tenth of the process's own, so a
-# runnable safety thread gets ~90 % of a core it shares with one background thread.
-BACKGROUND_NICE = 10
-LOWERED = Gauge("incar_background_threads", "Threads running below the process's priority (model, general lane)")
+# Nice steps above the process: CFS weights ~9.3x the process's own, so a runnable safety thread gets about
+# 90 % of a core it shares with one normal thread, and the others still run.
+SAFETY_BOOST = 10
+RAISED = Gauge("incar_safety_threads_raised", "Threads running above the process's priority (the safety lane)")
+_refused_once = threading.Event()
 
 
 def supported() -> bool:
     return sys.platform.startswith("linux") and hasattr(os, "setpriority")
-
-
-def lower_thread(native_id: int, by: int = BACKGROUND_NICE) -> bool:
-    """Raise one thread's nice value by `by` (capped at 19); False where the platform cannot."""
-    if not supported() or by <= 0:
-        return False
-    try:
-        current = os.getpriority(os.PRIO_PROCESS, native_id)
-        os.setpriority(os.PRIO_PROCESS, native_id, min(19, current + by))
-    except OSError as exc:       # the thread is gone, or a sandbox forbids it: run on at the same priority
-        log.warning("thread_priority.not_lowered", native_id=native_id, error=str(exc))
-        return False
-    LOWERED.inc()
-    return True
-
-
-def lower_current_thread(by: int = BACKGROUND_NICE) -> bool:
-    """For a worker thread's initializer: this thread, and the threads and processes it starts, run lowered."""
-    return lower_thread(threading.get_native_id(), by)
 
 
 def nice_of(native_id: int | None = None) -> int | None:
@@ -59,22 +40,20 @@ def nice_of(native_id: int | None = None) -> int | None:
     return os.getpriority(os.PRIO_PROCESS, native_id or threading.get_native_id())
 
 
-def call_in_background_thread(fn: Callable[[], T], by: int = BACKGROUND_NICE) -> T:
-    """Run `fn` on a short-lived lowered thread and return its result (or raise its exception): the threads it
-    creates, such as an ONNX Runtime session's intra-op pool, inherit the lowered priority."""
-    result: list = []
-
-    def run() -> None:
-        lower_current_thread(by)
-        try:
-            result.append((True, fn()))
-        except BaseException as exc:  # re-raised in the caller
-            result.append((False, exc))
-
-    worker = threading.Thread(target=run, name="background-open", daemon=True)
-    worker.start()
-    worker.join()
-    ok, value = result[0]
-    if not ok:
-        raise value
-    return value
+def raise_current_thread(by: int = SAFETY_BOOST) -> bool:
+    """For a worker thread's initializer: this thread, and the threads it starts, run `by` nice steps above
+    the process (capped at -20); False where not permitted or unsupported (the thread keeps its priority)."""
+    if not supported() or by <= 0:
+        return False
+    native_id = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, native_id)
+        os.setpriority(os.PRIO_PROCESS, native_id, max(-20, current - by))
+    except OSError as exc:   # EACCES/EPERM without CAP_SYS_NICE: run on at the process's priority
+        if not _refused_once.is_set():
+            _refused_once.set()
+            log.warning("thread_priority.not_raised", error=str(exc),
+                        hint="grant CAP_SYS_NICE or an RLIMIT_NICE allowance for the safety lane's priority")
+        return False
+    RAISED.inc()
+    return True
