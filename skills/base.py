@@ -68,6 +68,8 @@ class FrameSource(Protocol):
 
     def history(self, camera_id: str, seconds: float) -> list[Any]: ...
 
+    def camera_ids(self) -> list[str]: ...
+
 
 FaceEmbedder = Callable[[np.ndarray], list[Face]]     # BGR image -> faces with `embedding` set
 SignReader = Callable[[np.ndarray], list[TextLine]]   # BGR image -> OCR lines

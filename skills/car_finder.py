@@ -29,6 +29,8 @@ from skills.config import CarFinderConfig
 
 log = structlog.get_logger(__name__)
 
+# A view whose analysis is older than the camera's newest frame by this much is read again from that frame.
+STALE_VIEW_S = 1.0
 MIGRATIONS = [
     """
     CREATE TABLE car_finder_parking (
@@ -174,19 +176,39 @@ class CarFinder(Skill):
         return record
 
     def _read_all(self) -> tuple[list[TextLine], object]:
-        """OCR lines from every exterior camera's latest frame (perception's text stage when it ran)."""
+        """OCR lines from every exterior camera's newest view (perception's text stage when it ran on it)."""
         lines: list[TextLine] = []
         snapshot, best = None, -1
-        # A copy: this runs in a worker thread while the event loop adds cameras to the dict.
-        for analysis in list(self._exterior.values()):
-            found = list(analysis.texts) if "text" in analysis.stages_run or analysis.texts else []
+        for analysis, frame in self._views():
+            found = list(analysis.texts) if analysis is not None and ("text" in analysis.stages_run
+                                                                      or analysis.texts) else []
             if not found and self.read_signs is not None:
-                found = list(self.read_signs(analysis.frame))
+                found = list(self.read_signs(frame))
             found = [t for t in found if t.score >= self.config.min_text_score]
             lines += found
             if len(found) > best:   # the snapshot is the view that shows the most signs
-                snapshot, best = analysis.frame, len(found)
+                snapshot, best = frame, len(found)
         return lines, snapshot
+
+    def _views(self) -> list[tuple[FrameAnalysis | None, object]]:
+        """Per exterior camera, its latest analysis and the frame to read: the camera's newer frame when the
+        analysis lags behind it (on a busy host the car can park before its last frames were analysed; the
+        record is of what the cameras see now), with no analysis when none came yet."""
+        # Copies: this runs in a worker thread while the event loop adds cameras.
+        analyses = dict(self._exterior)
+        frames = self.ctx.frames
+        ids = set(analyses) | set(frames.camera_ids() if frames is not None else ())
+        views = []
+        for camera_id in sorted(ids):
+            analysis = analyses.get(camera_id)
+            newest = frames.latest(camera_id) if frames is not None else None
+            if newest is not None and newest.role != "exterior":
+                continue
+            if newest is not None and (analysis is None or newest.capture_time - analysis.timestamp > STALE_VIEW_S):
+                views.append((None, newest.original))
+            elif analysis is not None:
+                views.append((analysis, analysis.frame))
+        return views
 
     def _row(self, record_id: str = ""):
         conn = self.ctx.db.connect()

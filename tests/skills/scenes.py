@@ -98,6 +98,9 @@ class RingFrames:
         ring = self.rings.get(camera_id)
         return ring.latest() if ring else None
 
+    def camera_ids(self) -> list[str]:
+        return sorted(self.rings)
+
     def history(self, camera_id: str, seconds: float):
         ring = self.rings.get(camera_id)
         newest = ring.latest() if ring else None

@@ -43,6 +43,21 @@ class ForgetfulNarrator:
         return "Your car is waiting for you in the garage."
 
 
+
+async def test_parking_reads_the_newest_frame_when_the_analysis_lags(harness, clock, read_signs):
+    """On a busy host the car can park before its last frames were analysed: the record is of what the cameras
+    see now (the hub's newest frame), not of an analysis from before the sign came into view."""
+    harness.read_signs = read_signs
+    r = await harness.start()
+    await r.set_vehicle(vehicle(gear=vehicle_pb2.GEAR_PARK, ignition=vehicle_pb2.IGNITION_ON))
+    await r.frame(analysis("ext-front", "exterior", "front", clock.advance(0.1), background(), stages=("motion",)))
+    # The sign comes into view; its frames reach the hub, the analysis lane has not caught up yet.
+    r.frames.add(analysis("ext-front", "exterior", "front", clock.advance(2.0), garage_frame(), stages=()))
+    r.frames.add(analysis("ext-side", "exterior", "left", clock.advance(0.1), background(seed=2), stages=()))
+    record = await r.stub("CarFinder").RecordParking(skills_pb2.RecordParkingRequest())
+    assert (record.level, record.row, record.bay) == ("P2", "C", "17"), list(record.sign_text)
+    assert record.snapshot_id
+
 async def test_parking_sign_read_and_answered_without_gps_and_after_restart(harness, clock, read_signs):
     harness.read_signs = read_signs
     r = await harness.start()
