@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from service.runtime import metrics
-from service.runtime.prompts import Prompt
+from service.runtime.prompts import Prompt, build_prompt
 from service.runtime.shared_sequence import DecoderState
 
 
@@ -63,6 +63,7 @@ class Conversation:
     def prompt_for(self, tokenizer, content: str, fits) -> Prompt:
         """The prompt for a new user turn; `fits(n_ids)` says whether a prompt of n ids leaves the answer room."""
         user = {"role": "user", "content": content}
+        head_len = 0
         while True:
             head = self._head()
             messages = head + self.messages + [user]
@@ -70,7 +71,10 @@ class Conversation:
             if self.tokens and full.startswith(self.text):
                 ids = self.tokens + tokenizer.encode(full[len(self.text):], add_bos=False)
                 history = self.state
-            else:                      # nothing kept yet (first turn), or the template re-rendered earlier turns
+            elif not self.messages:    # the first turn is a plain [system, user] prompt: its head is cached
+                first = build_prompt(tokenizer, self.system, content)
+                ids, history, head_len = first.ids, None, first.head_len
+            else:                      # no state kept, or the template re-rendered earlier turns
                 ids, history = tokenizer.encode(full), None
             if fits(len(ids)):
                 break
@@ -80,7 +84,7 @@ class Conversation:
         if history is None and self.pending_reprefill:
             metrics.CONVERSATION_REPREFILLS.labels(self.pending_reprefill).inc()
         self.pending_reprefill = ""
-        return Prompt(ids, history=history, messages=tuple(messages))
+        return Prompt(ids, head_len=head_len, history=history, messages=tuple(messages))
 
     def close_turn(self, tokenizer, prompt: Prompt, generated: list[int], answer: str, state: DecoderState | None,
                    eos: int) -> None:

@@ -52,6 +52,8 @@ async def test_a_conversation_prefills_only_its_new_turn_and_remembers():
         dones.append(await answer(engine, GenerationRequest(text, max_tokens=24, conversation=talk)))
         store.kept(talk)
     assert talk.turns == 3 and [m["role"] for m in talk.messages] == ["user", "assistant"] * 3
+    # The first turn starts from the system prompt's cached head, as a single Ask does.
+    assert dones[0].timings.cached_prompt_tokens > 0 and len(engine.prefixes) == 1
     for previous, done in zip(dones, dones[1:]):
         # Everything before the new user turn came from the kept state: the history grows, the prefill does not.
         assert done.timings.cached_prompt_tokens >= previous.timings.prompt_tokens
