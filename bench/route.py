@@ -7,7 +7,8 @@ refused: "Set an alarm for 6 am" next to "Set an alarm for 7 am" is a fair pair)
 Prints per-router accuracy, routing latency p50/p95 (wall and CPU time) and the misrouted questions, then one
 JSON line. Target: model router accuracy >= 0.90, latency p95 <= 150 ms on the CPU default bundle.
 
-    .venv/bin/python bench/route.py [--bundle DIR] [--modes head,nearest,greedy,likelihood] [--threads N]
+    nice -n -5 .venv/bin/python bench/route.py [--bundle DIR] [--modes head,nearest,greedy,likelihood]
+        [--threads N] [--autogroup-nice -5] [--show-arguments]
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.safety import autogroup_nice, session_priority  # noqa: E402
 from service.runtime.bundle import load_bundle  # noqa: E402
 from service.runtime.generator import LanguageModel  # noqa: E402
 from service.runtime.scheduler import NpuScheduler  # noqa: E402
@@ -123,6 +125,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: the default)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N questions (a quick look)")
     parser.add_argument("--show-arguments", action="store_true", help="print the decoded arguments")
+    parser.add_argument("--autogroup-nice", type=int, default=None,
+                        help="this session's autogroup nice for the run (see bench/safety.py), e.g. -5")
     args = parser.parse_args()
     cases = load_cases()[: args.limit or None]
     overlap = leaked(cases)
@@ -146,7 +150,9 @@ def main() -> int:
 
     best = None
     for mode in [m for m in args.modes.split(",") if m]:
-        r = asyncio.run(model_router(model, mode, cases))
+        with session_priority(args.autogroup_nice):
+            out["autogroup_nice"] = autogroup_nice()
+            r = asyncio.run(model_router(model, mode, cases))
         acc, wrong = score(cases, r["chosen"])
         p50, p95, cpu95 = ms(r["seconds"], 50), ms(r["seconds"], 95), ms(r["cpu"], 95)
         plain95 = ms(r["plain"], 95) if r["plain"] else None
@@ -176,6 +182,7 @@ def main() -> int:
                 out["model_router_training_accuracy"] = round(r["training_accuracy"], 4)
     if best is not None:
         out["model_vs_keyword_accuracy"] = round(out["model_router_accuracy"] - out["keyword_router_accuracy"], 4)
+    out["process_nice"] = os.nice(0)
     out["loadavg_before"] = round(load_before[0], 2)
     out["loadavg_after"] = round(os.getloadavg()[0], 2)
     print(json.dumps(out))

@@ -32,7 +32,7 @@ class HiddenState:
         self.subset = rows.shape[0]
         centred = rows - rows.mean(0)
         # The pseudo-inverse of the centred rows: h = pinv @ (logits - mean(logits)).
-        self._pinv = np.linalg.pinv(centred).astype(np.float32)
+        self._pinv_t = np.ascontiguousarray(np.linalg.pinv(centred).T, np.float32)    # [subset, hidden]
         self._mean: np.ndarray | None = None
         self._std: np.ndarray | None = None
 
@@ -42,7 +42,7 @@ class HiddenState:
 
     def raw(self, logits: np.ndarray) -> np.ndarray:
         part = np.asarray(logits, np.float32)[..., :self.subset]
-        return (part - part.mean(-1, keepdims=True)) @ self._pinv.T
+        return (part - part.mean(-1, keepdims=True)) @ self._pinv_t
 
     def fit(self, raw: np.ndarray) -> None:
         self._mean, self._std = raw.mean(0), raw.std(0) + 1e-6
