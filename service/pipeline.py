@@ -9,7 +9,7 @@ camera wins while the worker is busy (a safety decision on an old frame is worse
 the camera that has waited longest goes next.
 
 On the CPU backend the safety lane also runs above the process's priority where the OS allows it
-(service.runtime.thread_priority), on its own sessions of the small detectors (`Cascade.lane_models`, their
+(service.thread_priority), on its own sessions of the small detectors (`Cascade.lane_models`, their
 pool threads inheriting that priority), so the OS preempts the language model and the general lane for a
 safety frame. Analysed safety frames are handed to the skills before waiting general ones.
 
@@ -36,7 +36,7 @@ from service.perception.types import Face, FrameAnalysis, TextLine
 from service.power.sources import record_busy
 from service.runtime.frame_cache import FrameCache
 from service.runtime.scheduler import JobClass
-from service.runtime.thread_priority import raise_current_thread
+from service.thread_priority import raise_current_thread
 
 log = structlog.get_logger(__name__)
 

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from service.runtime.thread_priority import SAFETY_BOOST, nice_of, raise_current_thread
+from service.thread_priority import SAFETY_BOOST, nice_of, raise_current_thread
 from tests.skills.scenes import photo
 from tests.skills.test_safety_lane import ScriptedHub, frame
 

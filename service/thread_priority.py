@@ -22,9 +22,11 @@ from prometheus_client import Gauge
 
 log = structlog.get_logger(__name__)
 
-# Nice steps above the process: CFS weights ~9.3x the process's own, so a runnable safety thread gets about
-# 90 % of a core it shares with one normal thread, and the others still run.
-SAFETY_BOOST = 10
+# Nice steps above the process: a CFS weight ~3x the process's own, so a runnable safety thread gets ~75 % of
+# a core it shares with one normal thread. Not more: when the lane alone fills what the process gets (a shared
+# host), a bigger boost leaves the model and the general lane almost nothing; 5 and 10 gave the same safe-exit
+# p95 within this shared machine's noise (bench/safety.py, 0.09-0.15 s at load 11).
+SAFETY_BOOST = 5
 RAISED = Gauge("incar_safety_threads_raised", "Threads running above the process's priority (the safety lane)")
 _refused_once = threading.Event()
 
