@@ -45,6 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--components", default="vision,lm")
     ap.add_argument("--calib", type=int, default=200, help="augmented calibration crops (vision)")
+    ap.add_argument("--held-crops", type=int, default=16, help="crops of each held-out photo (vision)")
     ap.add_argument("--image-size", type=int, default=224, help="EfficientNet-Lite0 was trained at 224")
     ap.add_argument("--lm-tokens", type=int, default=64, help="tokens per teacher-forced chunk")
     ap.add_argument("--lm-calib-tokens", type=int, default=20480)
@@ -59,7 +60,7 @@ def main() -> None:
         work = Path(tmp)
         if "vision" in args.components:
             from quant_vision import vision_component
-            vrows, extra["vision_sanity"] = vision_component(work, args.calib, args.image_size)
+            vrows, extra["vision_sanity"] = vision_component(work, args.calib, args.image_size, args.held_crops)
             rows += vrows
         if "lm" in args.components:
             from quant_lm import lm_component
