@@ -33,6 +33,7 @@ from service.cameras.admission import (POSITION_NAMES, POSITION_VALUES, ROLE_NAM
 from service.cameras.config import CAMERA_ID, CamerasConfig
 from service.cameras.frames import FrameError, ImageSpec, check_image
 from service.cameras.lane import DecodeLane, PendingFrame
+from service.thread_priority import raise_current_thread
 from service.cameras.metrics import (CAMERA_FPS, CAMERA_UP, DECODE_SECONDS, FRAME_AGE, FRAMES_ACCEPTED, FRAMES_DROPPED,
                                      FRAMES_INVALID, QUEUE_DEPTH, REASON_LABELS, RING_BYTES, forget_camera)
 from service.cameras.ring import CameraFrame, FrameRing
@@ -81,7 +82,9 @@ class CameraHub:
         if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._pool = ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="camera-decode")
+        # Every lane waits for its decode, Safety's too: decoding (cheap, rate-bounded) runs at the safety priority.
+        self._pool = ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="camera-decode",
+                                        initializer=raise_current_thread)
         self._watchdog = asyncio.create_task(self._watch(), name="camera-watchdog")
         for declared in self.config.cameras:
             if declared.pulled:
