@@ -43,6 +43,7 @@ class AssistantConfig:
     max_image_pixels: int = 4096 * 4096   # checked from the header, before decoding (decompression bombs)
     max_question_chars: int = 4000
     tool_choice: str = "head"       # how the model picks a tool: "head", "nearest", "greedy" or "likelihood" (tool_choice.py)
+    keyword_prior: bool = False     # mode "head": the keyword router's choice as a prior (docs/tool-routing.md)
     word_tool_results: bool = True  # the model words a tool's result (kept only when it holds every fact)
 
     def validate(self) -> None:

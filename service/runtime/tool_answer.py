@@ -42,8 +42,10 @@ class ToolAnswerer:
         if engine is None:
             return
         try:
+            # keyword_prior: the keyword router's choice weighs in the head's scores (docs/tool-routing.md).
+            prior = self._keyword_tool if self.config.keyword_prior else None
             self.chooser = ToolChooser(engine.model, engine.scheduler, self.registry.specs(),
-                                       self.registry.examples(), mode=self.config.tool_choice)
+                                       self.registry.examples(), mode=self.config.tool_choice, prior=prior)
         except ValueError as exc:     # e.g. a decoder whose state cannot be rewound: keywords stay
             log.warning("tool_choice.unavailable", reason=str(exc))
             return
@@ -52,6 +54,10 @@ class ToolAnswerer:
         except RuntimeError:
             return                    # prepared on first use
         self._preparing = loop.create_task(self._prepare(self.chooser))
+
+    def _keyword_tool(self, question: str) -> str | None:
+        call = self.registry.keyword_call(question)
+        return call.name if call is not None else None
 
     async def _prepare(self, chooser: ToolChooser) -> None:
         try:

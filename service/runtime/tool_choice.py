@@ -18,7 +18,7 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import zip_longest
 from dataclasses import dataclass
 
@@ -26,7 +26,7 @@ import numpy as np
 import structlog
 
 from service.runtime.constrained import JsonConstraintFactory
-from service.runtime.generator import MASK_VALUE
+from service.runtime.rewindable import RewindableSequence
 from service.runtime.routing_head import HiddenState, RoutingHead
 from service.runtime.scheduler import NpuScheduler
 from service.runtime.tooling import NONE, ToolCall, ToolSpec
@@ -36,86 +36,15 @@ log = structlog.get_logger(__name__)
 MODES = ("head", "nearest", "greedy", "likelihood")
 REPRESENTED = ("head", "nearest")        # the modes that classify the question's hidden state
 MAX_ARGUMENT_TOKENS = 32
+# `prior`: the log-score bonus of the tool a caller's prior names (the keyword router's choice, when the
+# Assistant is configured with `keyword_prior`); 4 was the best of 0..10 in 5-fold cross-validation on the
+# training examples (bench/route.py), not chosen on the evaluation set.
+PRIOR_WEIGHT = 4.0
 FEW_SHOT_PER_TOOL = 3                    # greedy/likelihood: the first examples of each tool make the prompt
 CONTENT_FREE = "N/A"
 CHAT_SYSTEM = "You are the in-car assistant. Pick the car tool for the driver's request, or none."
 NONE_DESCRIPTION = ("anything else: navigation, charging stations, restaurants, music, alarm clocks, weather, "
                     "phone calls, general knowledge")
-
-class RewindableSequence:
-    """A prefilled sequence that can go back to an earlier point: the prefix is computed once.
-
-    `mark()` names the current point and `rewind(mark)` returns to it. On the CPU's shared graphs a mark is a
-    decoder-state snapshot (`SharedSequence.snapshot`, a copy of the filled cache rows) and rewinding starts a
-    new sequence from it; on append/replace graphs a mark is a length, and rows past it are masked off and
-    overwritten by the next append. A convolution state (LFM2) can be neither, so such bundles are refused.
-    """
-
-    def __init__(self, model, prompt_ids: list[int]):
-        self.model = model
-        self.seq = model.new_sequence(prompt_ids)
-        self.snapshots = hasattr(self.seq, "snapshot")
-        if not self.snapshots and any(s["kind"] == "conv" for s in model._graphs["decoder_decode"].entry["state"]):
-            raise ValueError("tool choice needs an attention-only decoder (convolution states cannot be rewound)")
-
-    def prefill_step(self) -> bool:
-        return self.seq.prefill_step()
-
-    @property
-    def length(self) -> int:
-        return self.seq.length
-
-    def logits(self) -> np.ndarray:
-        return np.array(self.seq.logits, np.float32)
-
-    def append(self, token: int) -> np.ndarray:
-        self.seq.append(token)
-        return np.array(self.seq.logits, np.float32)
-
-    def feed(self, ids: list[int], start) -> np.ndarray:
-        """From mark `start`, the tokens `ids` (a question): prefilled in chunks on graphs that restore state
-        (one graph run instead of one per token), appended one by one otherwise. Returns the next logits."""
-        if not self.snapshots:
-            self.rewind(start)
-            for token in ids:
-                self.seq.append(token)
-            return np.array(self.seq.logits, np.float32)
-        self.seq = self.model.new_sequence(list(start.tokens) + list(ids), prefix=start)
-        while not self.seq.prefill_step():
-            pass
-        return np.array(self.seq.logits, np.float32)
-
-    def extend(self, ids: list[int]) -> np.ndarray:
-        """The tokens `ids` after the current point: one chunk where the graph restores state (a snapshot and
-        a restore cost less than a second decode step), one append per token otherwise."""
-        if len(ids) > 1 and self.snapshots:
-            return self.feed(ids, self.mark())
-        for token in ids:
-            self.seq.append(token)
-        return np.array(self.seq.logits, np.float32)
-
-    def mark(self):
-        return self.seq.snapshot() if self.snapshots else self.seq.length
-
-    def rewind(self, mark) -> None:
-        if self.snapshots:
-            if self.seq.length != mark.length or tuple(self.seq.tokens) != tuple(mark.tokens):
-                self.seq = self.model.new_sequence(list(mark.tokens), prefix=mark)
-            return
-        seq, length = self.seq, mark
-        if not 0 < length <= seq.length:
-            raise ValueError(f"rewind: {length} is outside 1..{seq.length}")
-        if length == seq.length:
-            return
-        step = seq._decode
-        if step.graph.mode == "replace":
-            step.cache_write[0, 0, seq.length - 1, 0] = 0.0
-            step.attention_mask[0, 0, 0, length:] = MASK_VALUE
-        else:
-            step.attention_mask[0, 0, 0, length:seq.capacity] = MASK_VALUE
-        seq.length = length
-        del seq.tokens[length:]
-
 
 @dataclass
 class Choice:
@@ -133,11 +62,15 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 class ToolChooser:
     def __init__(self, model, scheduler: NpuScheduler, specs: Sequence[ToolSpec],
                  examples: Sequence[tuple[str, str, dict]], *, mode: str = "head", priority: str = "chat",
-                 calibrate: bool = False):
+                 calibrate: bool = False, prior: Callable[[str], str | None] | None = None,
+                 prior_weight: float = PRIOR_WEIGHT):
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
         self.model, self.scheduler, self.mode, self.priority = model, scheduler, mode, priority
         self.calibrate = calibrate
+        if prior is not None and mode != "head":
+            raise ValueError(f"prior: only mode 'head' weighs a prior, not {mode!r}")
+        self.prior, self.prior_weight = prior, prior_weight
         self._priors: dict[tuple[int, ...], np.ndarray] = {}
         self.specs = {s.name: s for s in specs}
         self.tokenizer = model.tokenizer
@@ -232,9 +165,13 @@ class ToolChooser:
         if self.mode == "head":
             labels = [name for _, name, _ in self.examples]
             self._head = await asyncio.to_thread(RoutingHead, features, labels)
-        else:
-            self._vectors = features
+        self._vectors = features        # kept for "nearest", and for bench/route.py's cross-validation
         self._hidden = hidden
+
+    @property
+    def example_vectors(self) -> np.ndarray | None:
+        """The examples' feature vectors, in order (once prepared, modes head and nearest)."""
+        return self._vectors
 
     async def choose(self, question: str) -> Choice:
         await self.prepare()
@@ -251,8 +188,7 @@ class ToolChooser:
                 if self.mode in REPRESENTED:
                     features = self._hidden.features(self._hidden.raw(logits))
                     if self.mode == "head":
-                        name = self._head.predict(features)
-                        confidence = self._head.probabilities(features)[name]
+                        name, confidence = self._weigh(self._head.probabilities(features), question)
                     else:
                         name = self.examples[int(np.argmax(self._vectors @ features))][1]
                     used = 0
@@ -267,6 +203,15 @@ class ToolChooser:
                     arguments, used = await self._arguments(ticket, spec, question)
                     steps += used
         return Choice(ToolCall(name, arguments, "model"), time.perf_counter() - started, steps, confidence)
+
+    def _weigh(self, probabilities: dict[str, float], question: str) -> tuple[str, float]:
+        """The head's choice, with the prior's tool (if any, and not "none") raised by `prior_weight` in log
+        space; the confidence stays the head's own probability of the choice."""
+        named = self.prior(question) if self.prior is not None else None
+        scores = {n: np.log(max(p, 1e-12)) + (self.prior_weight if n == named and n != NONE else 0.0)
+                  for n, p in probabilities.items()}
+        name = max(scores, key=scores.get)
+        return name, probabilities[name]
 
     def _chat(self, question: str) -> str:
         return self.tokenizer.apply_chat_template([{"role": "system", "content": self.system},

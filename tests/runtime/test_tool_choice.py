@@ -63,3 +63,16 @@ async def test_a_model_choice_alone_does_not_change_the_car(harness):  # noqa: F
         assert done.answer.startswith("Nothing was changed") and not r.host.sentinel.armed
     finally:
         model_scheduler.close()
+
+
+def test_a_keyword_prior_weighs_in_the_heads_scores_but_never_forces_none(scheduler):
+    model = language_model()
+    named = {"q1": "sentinel.status", "q2": "none", "q3": None}
+    chooser = ToolChooser(model, scheduler, SPECS, EXAMPLES, mode="head", prior=named.get)
+    head = {"sentinel.status": 0.2, "safety.status": 0.7, "none": 0.1}
+    assert chooser._weigh(head, "q1") == ("sentinel.status", 0.2)      # raised by e^4 past 0.7
+    assert chooser._weigh(head, "q2") == ("safety.status", 0.7)        # "none" is never pushed
+    assert chooser._weigh(head, "q3") == ("safety.status", 0.7)
+    assert chooser._weigh({"sentinel.status": 1e-4, "safety.status": 0.9999}, "q1")[0] == "safety.status"
+    with pytest.raises(ValueError, match="prior"):
+        ToolChooser(model, scheduler, SPECS, EXAMPLES, mode="nearest", prior=named.get)
