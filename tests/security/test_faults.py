@@ -200,7 +200,13 @@ for i in range(int(sys.argv[2])):
 
 def test_consumers_that_never_read_keep_server_memory_bounded(server_process):
     backlog = 40_000                                   # ~2 KB each: ~80 MB of events on disk
-    server = server_process().start()
+    server = server_process(["--set", "server.log_level=info"]).start()
+    # The model's tool router learns its examples in the background after start (tens of MB, seconds to a
+    # minute on a busy host): measure the subscribers' share once the server has settled.
+    deadline = time.monotonic() + 240
+    while "tool_choice.ready" not in server.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "tool_choice.ready" in server.log.read_text(), "the Assistant's tool router never became ready"
     subprocess.run([sys.executable, "-c", APPENDER, str(server.data_dir / "incar.db"), str(backlog)],
                    cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True, timeout=240)
     with grpc.insecure_channel(server.target) as ch:   # warm up the server's paths once
