@@ -49,19 +49,23 @@ def tiny_tokenizer_json() -> dict:
 
 def write_tiny_lfm2(folder: str | Path, seed: int = 0, hidden: int = 64, layers: list[str] | None = None,
                     heads: int = 4, kv_heads: int = 2, intermediate: int = 128, conv_kernel: int = 3,
-                    max_positions: int = 128) -> Path:
+                    max_positions: int = 128, vocab: int | None = None, embedding_norm_noise: float = 0.1) -> Path:
+    """`vocab`: a bare checkpoint of that many token ids, without tokenizer files (graph-level tests);
+    `embedding_norm_noise` 0: a plain all-ones embedding norm."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     layers = layers or TINY_LAYERS
     rng = np.random.default_rng(seed)
-    tok = tiny_tokenizer_json()
-    vocab = len(tok["model"]["vocab"])
+    tok = tiny_tokenizer_json() if vocab is None else None
+    vocab = len(tok["model"]["vocab"]) if tok is not None else vocab
     H, hd = hidden, hidden // heads
 
     def w(*shape, scale=None):
         return (rng.standard_normal(shape) * (scale or shape[-1] ** -0.5)).astype(np.float32)
 
-    t = {"model.embed_tokens.weight": w(vocab, H, scale=1.0), "model.embedding_norm.weight": 1 + w(H, scale=0.1)}
+    t = {"model.embed_tokens.weight": w(vocab, H, scale=1.0),
+         "model.embedding_norm.weight": 1 + w(H, scale=embedding_norm_noise) if embedding_norm_noise
+         else np.ones(H, np.float32)}
     for i, kind in enumerate(layers):
         p = f"model.layers.{i}."
         t.update({p + "operator_norm.weight": 1 + w(H, scale=0.1), p + "ffn_norm.weight": 1 + w(H, scale=0.1),
@@ -80,6 +84,8 @@ def write_tiny_lfm2(folder: str | Path, seed: int = 0, hidden: int = 64, layers:
         "model_type": "lfm2", "hidden_size": H, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
         "num_hidden_layers": len(layers), "layer_types": layers, "conv_L_cache": conv_kernel, "norm_eps": 1e-5,
         "rope_theta": 1e6, "max_position_embeddings": max_positions, "vocab_size": vocab, "tie_embedding": True}))
+    if tok is None:
+        return folder
     (folder / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|startoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|pad|>",

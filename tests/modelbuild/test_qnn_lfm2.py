@@ -10,42 +10,12 @@ import pytest
 import onnx
 
 from service.modelbuild import decoder, lfm2, qdq, weight_codec
+from service.modelbuild.tiny import write_tiny_lfm2
 from service.runtime.backends import create_session
 
 
-L, CHUNK, HIDDEN, VOCAB = 32, 8, 64, 256
-LAYERS = ["conv", "full_attention", "conv", "full_attention"]
+L, CHUNK, VOCAB = 32, 8, 256
 SQNR_FLOOR_DB = {"w4a16": 8.0, "w8a16": 17.0}   # random weights, a worst case: measured ~10-13 dB W4, more at W8
-
-
-def _tiny_checkpoint(folder, seed=0):
-    rng = np.random.default_rng(seed)
-    H, I, K, nh, kv = HIDDEN, 128, 3, 4, 2
-    hd = H // nh
-
-    def w(*shape, scale=None):
-        return (rng.standard_normal(shape) * (scale or shape[-1] ** -0.5)).astype(np.float32)
-    t = {"model.embed_tokens.weight": w(VOCAB, H, scale=1.0), "model.embedding_norm.weight": np.ones(H, np.float32)}
-    for i, kind in enumerate(LAYERS):
-        p = f"model.layers.{i}."
-        t.update({p + "operator_norm.weight": 1 + w(H, scale=0.1), p + "ffn_norm.weight": 1 + w(H, scale=0.1),
-                  p + "feed_forward.w1.weight": w(I, H), p + "feed_forward.w3.weight": w(I, H),
-                  p + "feed_forward.w2.weight": w(H, I)})
-        if kind == "conv":
-            t.update({p + "conv.in_proj.weight": w(3 * H, H), p + "conv.conv.weight": w(H, 1, K, scale=0.5),
-                      p + "conv.out_proj.weight": w(H, H)})
-        else:
-            t.update({p + "self_attn.q_proj.weight": w(nh * hd, H), p + "self_attn.k_proj.weight": w(kv * hd, H),
-                      p + "self_attn.v_proj.weight": w(kv * hd, H), p + "self_attn.out_proj.weight": w(H, nh * hd),
-                      p + "self_attn.q_layernorm.weight": 1 + w(hd, scale=0.1),
-                      p + "self_attn.k_layernorm.weight": 1 + w(hd, scale=0.1)})
-    folder.mkdir(parents=True, exist_ok=True)
-    lfm2.write_safetensors(folder / "model.safetensors", t)
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "lfm2", "hidden_size": H, "num_attention_heads": nh, "num_key_value_heads": kv,
-        "num_hidden_layers": len(LAYERS), "layer_types": LAYERS, "conv_L_cache": K, "norm_eps": 1e-5,
-        "rope_theta": 1e6, "max_position_embeddings": L, "vocab_size": VOCAB}))
-    return folder
 
 
 def _feed(spec, embeds, positions, states):
@@ -85,7 +55,8 @@ def _trajectories(spec, weights, prefill, decode, seeds, decode_steps):
 @pytest.fixture(scope="module")
 def tiny_lfm2(tmp_path_factory):
     root = tmp_path_factory.mktemp("qnn_lfm2")
-    model = lfm2.load_lfm2(_tiny_checkpoint(root / "ckpt"), context_length=L, require_tokenizer=False)
+    checkpoint = write_tiny_lfm2(root / "ckpt", max_positions=L, vocab=VOCAB, embedding_norm_noise=0)
+    model = lfm2.load_lfm2(checkpoint, context_length=L, require_tokenizer=False)
     paths = {}
     for name, tokens in (("prefill", CHUNK), ("decode", 1)):
         paths[name] = root / f"decoder_{name}.float.onnx"
