@@ -155,7 +155,8 @@ def main() -> int:
     turns = multi_turn_ttft(model, system)
     print(f"cached system prompt, through the engine: TTFT {prefix['cached'] * 1e3:.1f} ms for a question of "
           f"{prefix['prefilled_tokens']} tokens after {prefix['cached_tokens']} restored (target <= 15 ms; "
-          f"{prefix['uncached'] * 1e3:.1f} ms prefilling it all; the generator alone {prefix['generator'] * 1e3:.1f} ms; "
+          f"{prefix['uncached'] * 1e3:.1f} ms prefilling it all; "
+          f"the generator alone {prefix['generator'] * 1e3:.1f} ms; "
           f"CPU {prefix['cpu'] * 1e3:.1f} ms over {args.threads} threads); "
           f"{flipped}: {prefix_flipped['cached'] * 1e3:.1f} ms (uncached {prefix_flipped['uncached'] * 1e3:.1f})")
     print("conversation kept as state: TTFT per turn " + ", ".join(f"{t * 1e3:.1f}" for t in turns)
@@ -198,9 +199,11 @@ def main() -> int:
         mine = LanguageModel(bundle, "cpu", variant=model.variant, threads=1)
         cpu = {"engine": cpu_costs(lambda clock: generator_loop(mine, prompt_ids, args.tokens, eos, clock)),
                "llama.cpp": cpu_costs(lambda clock: llama_run(solo, prompt_ids, args.tokens, eos, clock))}
-        print(f"1 thread, CPU time: generator {cpu['engine'][1] * 1e3:.2f} ms/token, prefill {cpu['engine'][0] * 1e3:.1f} "
+        print(f"1 thread, CPU time: generator {cpu['engine'][1] * 1e3:.2f} ms/token, "
+              f"prefill {cpu['engine'][0] * 1e3:.1f} "
               f"ms; llama.cpp {cpu['llama.cpp'][1] * 1e3:.2f} ms/token, prefill {cpu['llama.cpp'][0] * 1e3:.1f} ms -> "
-              f"decode {cpu['llama.cpp'][1] / cpu['engine'][1]:.2f}x, prefill {cpu['engine'][0] / cpu['llama.cpp'][0]:.2f}x")
+              f"decode {cpu['llama.cpp'][1] / cpu['engine'][1]:.2f}x, "
+              f"prefill {cpu['engine'][0] / cpu['llama.cpp'][0]:.2f}x")
         result.update({"cpu_ms_per_token_1t": round(cpu["engine"][1] * 1e3, 3),
                        "llama_cpp_cpu_ms_per_token_1t": round(cpu["llama.cpp"][1] * 1e3, 3),
                        "cpu_prefill_ms_1t": round(cpu["engine"][0] * 1e3, 2),

@@ -194,7 +194,8 @@ def cached_prefix_ttft(model, question: str, repeats: int = 7) -> dict:
     assert last.cached_prompt_tokens == len(head) == first.cached_prompt_tokens and ids[:len(head)] == list(head)
     return {"cached": statistics.median(t.time_to_first_token_s for t in runs[True]),
             "uncached": statistics.median(t.time_to_first_token_s for t in runs[False]),
-            "generator": statistics.median(bare), "cpu": statistics.median(cpu), "cached_tokens": last.cached_prompt_tokens,
+            "generator": statistics.median(bare), "cpu": statistics.median(cpu),
+            "cached_tokens": last.cached_prompt_tokens,
             "prefilled_tokens": last.prompt_tokens - last.cached_prompt_tokens}
 
 

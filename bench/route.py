@@ -152,7 +152,8 @@ def ms(values: list[float], q: float) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", default=str(ROOT / "build" / "models" / "smollm2-135m-instruct"))
-    parser.add_argument("--modes", default="head,nearest", help="comma-separated: head, head+keywords, nearest, greedy, likelihood")
+    parser.add_argument("--modes", default="head,nearest",
+                        help="comma-separated: head, head+keywords, nearest, greedy, likelihood")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: the default)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N questions (a quick look)")
     parser.add_argument("--show-arguments", action="store_true", help="print the decoded arguments")

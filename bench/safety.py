@@ -252,7 +252,8 @@ def main() -> int:
     ap.add_argument("--safety-threads", type=int, default=SAFETY_LANE_THREADS,
                     help="intra-op threads of the safety lane's own detector sessions")
     ap.add_argument("--autogroup-nice", type=int, default=None,
-                    help="run with this session's autogroup at this nice value (e.g. -5 with nice -n -5), restored after")
+                    help="run with this session's autogroup at this nice value (e.g. -5 with nice -n -5), "
+                         "restored after")
     args = ap.parse_args()
     with session_priority(args.autogroup_nice):
         return run(args)

@@ -283,7 +283,8 @@ async def main(fps: float) -> dict:
             "distance_mae_m": round(mae, 3), "scene_boxes_false_alarms": logic.false_alarms,
             "scene_boxes_missed": logic.missed,
             "scene_boxes_baseline_false_alarms": sum(r[7] for r in logic.rows),
-            "scene_boxes_baseline_missed": sum(r[6] for r in logic.rows), "sentinel_frames": frames, "seconds": round(seconds, 1),
+            "scene_boxes_baseline_missed": sum(r[6] for r in logic.rows), "sentinel_frames": frames,
+            "seconds": round(seconds, 1),
             "false_alarms": tally.false_alarms, "missed": tally.missed}
 
 

@@ -281,7 +281,8 @@ async def run(args) -> dict:
                        f"{key}_p99_ms": round(percentile(values, 99) * 1e3, 2)})
     for name in ("quiet", "hostile"):
         values = plain_latency.get(name, [])
-        result.update({f"plain_{name}_n": len(values), f"plain_{name}_errors": len(plain_latency.get(f"{name}_errors", [])),
+        result.update({f"plain_{name}_n": len(values),
+                       f"plain_{name}_errors": len(plain_latency.get(f"{name}_errors", [])),
                        f"plain_{name}_p50_ms": values and round(percentile(values, 50) * 1e3, 2) or None,
                        f"plain_{name}_p99_ms": values and round(percentile(values, 99) * 1e3, 2) or None})
     for rpc, codes in sorted(errors.items()):

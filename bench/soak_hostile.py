@@ -15,7 +15,8 @@ import time
 
 import grpc
 
-from incar.v1 import cameras_pb2, cameras_pb2_grpc, common_pb2, events_pb2, events_pb2_grpc, vehicle_pb2, vehicle_pb2_grpc
+from incar.v1 import (cameras_pb2, cameras_pb2_grpc, common_pb2, events_pb2, events_pb2_grpc, vehicle_pb2,
+                      vehicle_pb2_grpc)
 
 STREAMS_PER_CONNECTION = 50   # below the server's max_concurrent_streams (100)
 

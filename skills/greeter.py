@@ -139,7 +139,8 @@ class Greeter(Skill):
         """A person walking up to this side (their box growing) or standing at the door (their box tall)."""
         height = analysis.frame.shape[0] if analysis.frame is not None else 0
         return any(d.label == "person" and (d.looming >= APPROACH_LOOMING or
-                                            (height and (d.box[3] - d.box[1]) >= self.config.at_door_box_height * height))
+                                            (height and (d.box[3] - d.box[1])
+                                             >= self.config.at_door_box_height * height))
                    for d in analysis.detections)
 
     # ------------------------------------------------------------------ faces

@@ -23,7 +23,8 @@ TOOL_ROUTES: list[tuple[str, re.Pattern]] = [
                                    r"\b(sentinel|sentry|surveillance)( mode)? off\b", _I)),
     ("sentinel.arm", re.compile(r"\b(turn|switch)\w* on\b.*\b(sentinel|sentry|surveillance|guard)|"
                                 r"\b(arm|activate|enable|start)\b.*\b(sentinel|sentry|surveillance)|"
-                                r"\bwatch (over )?(my|the) car\b|\b(sentinel|sentry|surveillance)( mode)? on\b(?! ?\?)", _I)),
+                                r"\bwatch (over )?(my|the) car\b|"
+                                r"\b(sentinel|sentry|surveillance)( mode)? on\b(?! ?\?)", _I)),
     ("sentinel.recent_clips", re.compile(r"\b(clips?|recordings?|recorded|footage|while i was (away|gone)|"
                                          r"(anyone|somebody|someone) (near|around|at|by|close to) (my|the) car|"
                                          r"break-?in|touch(ed)? (my|the) car)\b", _I)),
@@ -107,6 +108,7 @@ class SkillRouter:
             return RoutedAnswer(skill, text)
         if skill == "greeter" and self.greeter is not None:
             names = [p.name for p in self.greeter.list_profiles()]
-            text = ("Enrolled driver profiles: " + ", ".join(names) + ".") if names else "No driver profiles are enrolled."
+            text = (("Enrolled driver profiles: " + ", ".join(names) + ".") if names
+                    else "No driver profiles are enrolled.")
             return RoutedAnswer(skill, text)
         return None

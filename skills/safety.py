@@ -163,7 +163,8 @@ class Safety(Skill):
             event = self.emit("item_left_behind", common_pb2.SEVERITY_WARNING, message,
                               {"item": item, "seat": seat, "escalation_level": 1}, camera_id=camera_id)
             action = self.act("owner_notification", reason=message, cause_event=event,
-                              key=f"safety:item:{event.cursor}", parameters={"title": "Left in the car", "body": message + "."})
+                              key=f"safety:item:{event.cursor}",
+                              parameters={"title": "Left in the car", "body": message + "."})
             self.items[event.cursor] = ActiveAlert("item_left_behind", self.now, message, camera_id, event.cursor,
                                                    1, [action.id] if action is not None else [])
         self._save_items()

@@ -6,8 +6,8 @@ ground (mount height and pitch) when the box's bottom is inside the frame, else 
 body height. Tracks come from the cascade's tracker ids (an IoU match here when a frame has none); a track
 survives `track_gap_seconds` without a detection, so one missed frame neither resets a dwell timer nor lets two
 passers-by in a row add up to one lingering person; confirmation (`confirm_frames`) needs consecutive frames, so
-a detector glitch that recurs now and then does not add up either. Hands come from the pose stage (MoveNet wrists); without a
-pose the body box at the handle, at touching distance, stands in (and the reason says so).
+a detector glitch that recurs now and then does not add up either. Hands come from the pose stage (MoveNet wrists);
+without a pose the body box at the handle, at touching distance, stands in (and the reason says so).
 """
 from __future__ import annotations
 
@@ -257,7 +257,8 @@ def intrusion_signals(previous, current, cfg: SentinelConfig, factor):
         was_open = {d.door for d in previous.doors if d.open}
         for door in current.doors:
             if door.open and door.door not in was_open and door.door not in now.forced_doors:
-                yield "alarm", "forced_door", "sensor.forced_door", f"the {_door_name(door.door)} door opened while locked"
+                yield ("alarm", "forced_door", "sensor.forced_door",
+                       f"the {_door_name(door.door)} door opened while locked")
 
 
 def _door_name(door: int) -> str:

@@ -56,7 +56,8 @@ def sentinel_status(sentinel) -> ToolResult:
     armed = "armed" if s.armed else "not armed"
     text = f"Sentinel is {armed} ({_state_words(s)}): {s.reason}, since {clock(s.since.ToSeconds())}."
     # "is armed" / "is not armed": a bare "armed" would also match words that say "not armed".
-    return ToolResult(text, [f"is {armed}", s.reason], data={"armed": s.armed, "state": _state_words(s), "reason": s.reason})
+    return ToolResult(text, [f"is {armed}", s.reason],
+                      data={"armed": s.armed, "state": _state_words(s), "reason": s.reason})
 
 
 def sentinel_arm(sentinel) -> ToolResult:

@@ -113,7 +113,8 @@ class Gateway:
         if not after.isdigit():
             return web.json_response({"error": {"code": "INVALID_ARGUMENT", "message": "after: a cursor"}},
                                      status=400)
-        stream = events_pb2_grpc.EventsStub(self.channel).Subscribe(events_pb2.SubscribeRequest(after_cursor=int(after)))
+        stream = events_pb2_grpc.EventsStub(self.channel).Subscribe(
+            events_pb2.SubscribeRequest(after_cursor=int(after)))
         response = await self._sse(request)
         try:
             async for event in stream:

@@ -1,1 +1,2 @@
-"""The model builder: ONNX graphs written directly from weights (GGUF, safetensors), quantized and compiled into bundles."""
+"""The model builder: ONNX graphs written directly from weights (GGUF, safetensors), quantized and compiled into
+bundles."""

@@ -26,7 +26,8 @@ from .gguf_llama import LoadedModel
 
 IMAGE_TOKEN = "<image>"
 HTP_PRECISIONS = ("w8a16", "w4a16")
-# LFM2's ChatML (after the BOS token) whose message content is a string or a list of parts ({"type": "text", "text": ...} | {"type": "image"}).
+# LFM2's ChatML (after the BOS token) whose message content is a string or a list of parts
+# ({"type": "text", "text": ...} | {"type": "image"}).
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for part in m['content'] %}"
@@ -199,7 +200,8 @@ def build_autoneural_bundle(out: str | Path, *, vision_cfg: vision_mod.VisionCon
     if precisions:
         progress("decoder calibration: greedy runs of the float replace-mode graphs on image+text prompts")
         comps = manifest["components"]
-        float_paths = {c: out / comps[c]["variants"]["float_replace"]["file"] for c in ("decoder_prefill", "decoder_decode")}
+        float_paths = {c: out / comps[c]["variants"]["float_replace"]["file"]
+                       for c in ("decoder_prefill", "decoder_decode")}
         sessions = {c: create_session(p, "cpu", model_name=f"{c}.float_replace") for c, p in float_paths.items()}
         vision_float = create_session(out / vision_component["variants"]["float"]["file"], "cpu",
                                       model_name="vision.float")
@@ -309,7 +311,8 @@ def cli_build(args, emit: Progress) -> int:
                 print("error: --autoneural LFM2_DIR needs --vision-config and --vision-weights", file=sys.stderr)
                 return 2
             cfg = vision_mod.load_config(args.vision_config)
-            build_autoneural_bundle(staging, vision_cfg=cfg, vision_weights=vision_mod.load_weights(args.vision_weights, cfg),
+            build_autoneural_bundle(staging, vision_cfg=cfg,
+                                    vision_weights=vision_mod.load_weights(args.vision_weights, cfg),
                                     lfm2_dir_or_loaded=args.autoneural, precisions=precisions, name=out.name,
                                     context_length=args.context or 4096, prefill_chunk=args.chunk or 64,
                                     targets=targets, progress=emit)

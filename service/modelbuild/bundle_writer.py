@@ -142,7 +142,8 @@ def write_bundle(out: str | Path, *, name: str, spec: DecoderSpec, weights: dict
     (out / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False))
     table = (transcoded or {}).get("embed")
     if isinstance(table, NBitsWeight):
-        progress(f"writing tokenizer and embeddings ({spec.vocab_size} x {spec.hidden_size}, {table.source_type} codes)")
+        progress(f"writing tokenizer and embeddings ({spec.vocab_size} x {spec.hidden_size}, "
+                 f"{table.source_type} codes)")
         embedding = write_block_embedding(out / "embed_tokens.npz", table)
     else:
         progress(f"writing tokenizer and embeddings ({spec.vocab_size} x {spec.hidden_size}, float16)")
@@ -181,7 +182,8 @@ def write_bundle(out: str | Path, *, name: str, spec: DecoderSpec, weights: dict
         "quantization": {},
     }
     shared = [v for v in variants if v.name in components["decoder_decode"]["variants"]
-              and components["decoder_decode"]["variants"][v.name]["state_update"] == "shared" and v.precision != "float"]
+              and components["decoder_decode"]["variants"][v.name]["state_update"] == "shared"
+              and v.precision != "float"]
     if shared:
         from .lm_report import quantization_report
 

@@ -135,7 +135,8 @@ def load_gguf(path: str | Path, context_length: int = DEFAULT_CONTEXT, transcode
         for t in reader.tensors:
             source_types[t.tensor_type.name] = source_types.get(t.tensor_type.name, 0) + 1
     tok_json, tok_cfg = tokenizer_from_gguf(reader)
-    name = str(_field(reader, "general.basename", "llama")) + "-" + str(_field(reader, "general.size_label", "")).lower()
+    name = (str(_field(reader, "general.basename", "llama")) + "-"
+            + str(_field(reader, "general.size_label", "")).lower())
     return LoadedModel(spec, weights, tok_json, tok_cfg, name.strip("-"), transcoded, source_types)
 
 

@@ -80,7 +80,8 @@ class _GqaWriter:
         ctx = g.unique("attn")
         present_k, present_v = f"present_key.{i}", f"present_value.{i}"
         g.nodes.append(_node("GroupQueryAttention",
-                             [qkv, "", "", past_k, past_v, "seqlens_k", "total_sequence_length", "rope.cos", "rope.sin"],
+                             [qkv, "", "", past_k, past_v, "seqlens_k", "total_sequence_length",
+                              "rope.cos", "rope.sin"],
                              [ctx, present_k, present_v], g.unique("gqa"), num_heads=s.num_heads,
                              kv_num_heads=s.num_kv_heads, do_rotary=1, rotary_interleaved=0,
                              scale=float(s.head_dim ** -0.5)))

@@ -48,7 +48,8 @@ def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray]) -> None:
     for name, arr in tensors.items():
         arr = np.ascontiguousarray(arr)
         data = arr.tobytes()
-        header[name] = {"dtype": names[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
+        header[name] = {"dtype": names[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + len(data)]}
         offset += len(data)
         blobs.append(data)
     head = json.dumps(header).encode()
@@ -155,7 +156,8 @@ def _hf_tokenizer(folder: Path, required: bool) -> tuple[dict, dict]:
         return {}, {}
     tok_json = json.loads(tok_path.read_text())
     tcfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    vocab = {**tok_json.get("model", {}).get("vocab", {}), **{t["content"]: t["id"] for t in tok_json.get("added_tokens", [])}}
+    vocab = {**tok_json.get("model", {}).get("vocab", {}),
+             **{t["content"]: t["id"] for t in tok_json.get("added_tokens", [])}}
 
     def tid(key: str):
         tok = tcfg.get(key)

@@ -74,7 +74,8 @@ def forward(spec: DecoderSpec, weights: dict, embeds: np.ndarray) -> np.ndarray:
     """Logits [N, vocab] of a whole sequence of input embeddings [N, hidden] (float64 inside)."""
     x = np.asarray(embeds, np.float64)
     for i, kind in enumerate(spec.layer_kinds):
-        lw = {k: (np.asarray(v, np.float64) if isinstance(v, np.ndarray) else v) for k, v in weights["layers"][i].items()}
+        lw = {k: (np.asarray(v, np.float64) if isinstance(v, np.ndarray) else v)
+              for k, v in weights["layers"][i].items()}
         h = _rms(x, lw["input_norm"], spec.rms_eps)
         x = x + (_attention(h, lw, spec) if kind == "attention" else _short_conv(h, lw, spec))
         h = _rms(x, lw["ffn_norm"], spec.rms_eps)

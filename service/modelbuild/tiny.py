@@ -20,7 +20,8 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 
 def _byte_alphabet() -> list[str]:
     """GPT-2's printable stand-ins for the 256 byte values (what the ByteLevel pre-tokenizer emits)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+            + list(range(ord("®"), ord("ÿ") + 1)))
     chars, extra = [], 0
     for b in range(256):
         if b in keep:
@@ -75,8 +76,10 @@ def write_tiny_lfm2(folder: str | Path, seed: int = 0, hidden: int = 64, layers:
             t.update({p + "conv.in_proj.weight": w(3 * H, H), p + "conv.conv.weight": w(H, 1, conv_kernel, scale=0.5),
                       p + "conv.out_proj.weight": w(H, H)})
         else:
-            t.update({p + "self_attn.q_proj.weight": w(heads * hd, H), p + "self_attn.k_proj.weight": w(kv_heads * hd, H),
-                      p + "self_attn.v_proj.weight": w(kv_heads * hd, H), p + "self_attn.out_proj.weight": w(H, heads * hd),
+            t.update({p + "self_attn.q_proj.weight": w(heads * hd, H),
+                      p + "self_attn.k_proj.weight": w(kv_heads * hd, H),
+                      p + "self_attn.v_proj.weight": w(kv_heads * hd, H),
+                      p + "self_attn.out_proj.weight": w(H, heads * hd),
                       p + "self_attn.q_layernorm.weight": 1 + w(hd, scale=0.1),
                       p + "self_attn.k_layernorm.weight": 1 + w(hd, scale=0.1)})
     write_safetensors(folder / "model.safetensors", t)

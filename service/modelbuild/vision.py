@@ -158,7 +158,8 @@ def weight_shapes(cfg: VisionConfig) -> dict[str, tuple[int, ...]]:
     shapes.update({
         "msfa.expand.weight": (fused_hidden, fused_in, 1, 1), "msfa.expand.bias": (fused_hidden,),
         "msfa.project.weight": (cfg.fusion_channels, fused_hidden, 1, 1), "msfa.project.bias": (cfg.fusion_channels,),
-        "connector.fc1.weight": (cfg.fusion_channels, cfg.connector_hidden), "connector.fc1.bias": (cfg.connector_hidden,),
+        "connector.fc1.weight": (cfg.fusion_channels, cfg.connector_hidden),
+        "connector.fc1.bias": (cfg.connector_hidden,),
         "connector.fc2.weight": (cfg.connector_hidden, cfg.lm_hidden), "connector.fc2.bias": (cfg.lm_hidden,),
     })
     return shapes

@@ -32,7 +32,8 @@ def photos_digest(names) -> str:
     return h.hexdigest()
 
 
-def draw_sign(bgr: np.ndarray, text: str, origin: tuple[int, int] = (40, 20), scale: float = 1.6) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+def draw_sign(bgr: np.ndarray, text: str, origin: tuple[int, int] = (40, 20),
+              scale: float = 1.6) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """Draw a large white-on-dark plate with `text` onto a copy of a photo; returns (image, plate box)."""
     img = bgr.copy()
     thickness = max(2, round(scale * 2.5))
@@ -41,7 +42,8 @@ def draw_sign(bgr: np.ndarray, text: str, origin: tuple[int, int] = (40, 20), sc
     x, y = origin
     box = (x, y, min(img.shape[1] - 1, x + tw + 2 * pad), min(img.shape[0] - 1, y + th + base + 2 * pad))
     cv2.rectangle(img, box[:2], box[2:], (30, 30, 30), -1)
-    cv2.putText(img, text, (x + pad, y + pad + th), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    cv2.putText(img, text, (x + pad, y + pad + th), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness,
+                cv2.LINE_AA)
     return img, box
 
 

@@ -36,11 +36,13 @@ def _check(out: Path, backend: str) -> int:
             gallery.enroll(f"{name}#{i}", f.embedding)
     from service.perception.objects import ObjectDetector
     objects = ObjectDetector(model_path("objects", variant, out), backend, disable_cpu_fallback=backend != "cpu")
-    for name, must, any_of in (("dog.jpg", {"dog", "bicycle"}, {"car", "truck"}), ("person.jpg", {"person", "horse", "dog"}, set())):
+    for name, must, any_of in (("dog.jpg", {"dog", "bicycle"}, {"car", "truck"}),
+                               ("person.jpg", {"person", "horse", "dog"}, set())):
         t = time.perf_counter()
         dets = objects.detect(load_photo(name))
         labels = {d.label for d in dets}
-        print(f"objects {name}: {[(d.label, round(d.score, 2)) for d in dets]} ({(time.perf_counter() - t) * 1000:.0f} ms)")
+        print(f"objects {name}: {[(d.label, round(d.score, 2)) for d in dets]} "
+              f"({(time.perf_counter() - t) * 1000:.0f} ms)")
         if not must <= labels or (any_of and not labels & any_of):
             failures.append(f"{name}: objects {sorted(labels)}, expected {sorted(must)} and one of {sorted(any_of)}")
     reader = TextReader(model_path("ocr_det", variant, out), model_path("ocr_rec", variant, out), backend,

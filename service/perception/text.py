@@ -19,7 +19,8 @@ from service.perception.types import TextLine
 from service.runtime.backends import create_session
 
 DET_SIZE = 512            # static square detector input (camera frames are square); QNN needs static shapes
-DET_STRIP = (96, 384)     # a sign-strip detector (H, W): reads a crop around a known sign; small enough for the emulator
+DET_STRIP = (96, 384)     # a sign-strip detector (H, W): reads a crop around a known sign;
+                          # small enough for the emulator
 REC_HEIGHT, REC_WIDTH = 48, 480   # one line up to a 10:1 aspect ratio, 60 CTC steps
 
 
@@ -107,7 +108,8 @@ class TextReader:
         for quad in self.detect(bgr):
             text, score = self.recognize(crop_quad(bgr, quad))
             if text and score >= self.min_score:
-                box = (float(quad[:, 0].min()), float(quad[:, 1].min()), float(quad[:, 0].max()), float(quad[:, 1].max()))
+                box = (float(quad[:, 0].min()), float(quad[:, 1].min()),
+                       float(quad[:, 0].max()), float(quad[:, 1].max()))
                 lines.append(TextLine(text=text, score=score, box=box))
         return lines
 

@@ -42,7 +42,8 @@ class AssistantConfig:
     max_image_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096   # checked from the header, before decoding (decompression bombs)
     max_question_chars: int = 4000
-    tool_choice: str = "head"       # how the model picks a tool: "head", "nearest", "greedy" or "likelihood" (tool_choice.py)
+    tool_choice: str = "head"       # how the model picks a tool: "head", "nearest", "greedy" or "likelihood"
+                                    # (tool_choice.py)
     keyword_prior: bool = False     # mode "head": the keyword router's choice as a prior (docs/tool-routing.md)
     word_tool_results: bool = True  # the model words a tool's result (kept only when it holds every fact)
 

@@ -87,6 +87,7 @@ def load_bundle(path: str | Path, verify_hashes: bool = True, check_manifest=Non
         for rel, expected in manifest["files"].items():
             actual = sha256_file(bundle.file(rel))
             if actual != expected:
-                raise BundleError(f"{path}: {rel} sha256 {actual[:12]}... does not match the manifest's {expected[:12]}...")
+                raise BundleError(f"{path}: {rel} sha256 {actual[:12]}... does not match the manifest's "
+                                  f"{expected[:12]}...")
     log.info("bundle_loaded", path=str(path), name=bundle.name, version=version)
     return bundle

@@ -66,7 +66,8 @@ class ModelHost:
         # Every scheduler step's seconds go to `on_busy(component, seconds)` (the energy model): "npu" on a QNN
         # backend, "cpu" where the CPU EP does the work (the backend actually loaded, fallback included).
         self.scheduler = NpuScheduler(runtime_config.scheduler, on_busy=None if on_busy is None else (
-            lambda seconds: on_busy("npu" if (self.backend or self.config.backend) in QNN_BACKENDS else "cpu", seconds)))
+            lambda seconds: on_busy("npu" if (self.backend or self.config.backend) in QNN_BACKENDS else "cpu",
+                                    seconds)))
         self.describe_images = describe_images
         # Without a verifier (tools, tests that build a host directly) unsigned bundles load, as the defaults say.
         self.verifier = verifier or BundleVerifier(allow_unsigned=True)

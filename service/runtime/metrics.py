@@ -37,11 +37,13 @@ REQUESTS = Counter(
 REQUESTS_RUNNING = Gauge("incar_requests_running", "Requests holding a running slot on the NPU", ["priority"])
 REQUESTS_WAITING = Gauge("incar_requests_waiting", "Requests admitted and waiting for their first NPU step",
                          ["priority"])
-NPU_STEPS = Counter("incar_npu_steps_total", "Steps (prefill chunks, decode steps, encoder runs) run on the NPU executor",
+NPU_STEPS = Counter("incar_npu_steps_total",
+                    "Steps (prefill chunks, decode steps, encoder runs) run on the NPU executor",
                     ["priority", "kind"])
 NPU_BUSY = Counter("incar_npu_busy_seconds_total", "Time the NPU executor spent running steps", ["priority"])
 PROMPT_CACHE = Counter("incar_prompt_cache_lookups_total",
-                       "System-prompt decoder states looked up per request (hit: restored, miss: prefilled)", ["result"])
+                       "System-prompt decoder states looked up per request (hit: restored, miss: prefilled)",
+                       ["result"])
 PROMPT_CACHE_BYTES = Gauge("incar_prompt_cache_bytes", "Memory held by cached system-prompt decoder states")
 CONVERSATIONS = Gauge("incar_conversations", "Assistant conversations open")
 CONVERSATION_STATE_BYTES = Gauge("incar_conversation_state_bytes", "Memory held by conversations' decoder states")

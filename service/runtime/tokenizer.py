@@ -27,7 +27,8 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Ids of `text`; add_bos=False for text that continues a prompt (no BOS in the middle)."""
         ids = self._tok.encode(text, add_special_tokens=False).ids
-        if add_bos and self.add_bos_token and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+        if (add_bos and self.add_bos_token and self.bos_token_id is not None
+                and (not ids or ids[0] != self.bos_token_id)):
             ids = [self.bos_token_id] + ids
         return ids
 

@@ -5,7 +5,8 @@ import re
 
 from tests.conftest import PHOTOS, ROOT
 
-OUTSIDE = re.compile(r"""ROOT\.parent|parents\[2\]\s*/\s*["']shared|\.\./shared/images|["']shared["']\s*/\s*["']images""")
+OUTSIDE = re.compile(r"""ROOT\.parent|parents\[2\]\s*/\s*["']shared|\.\./shared/images|"""
+                     r"""["']shared["']\s*/\s*["']images""")
 
 
 def test_nothing_reads_beside_the_clone():

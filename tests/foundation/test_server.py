@@ -145,17 +145,19 @@ async def test_bad_vehicle_state_is_invalid_argument_and_nothing_stored_is_lost(
 async def test_vehicle_mode_and_transition_events(app):
     async with channel(app) as ch:
         stub = vehicle_pb2_grpc.VehicleStub(ch)
-        reply = await stub.UpdateState(_state(gear=vehicle_pb2.GEAR_DRIVE, speed_kmh=50, ignition=vehicle_pb2.IGNITION_ON))
+        reply = await stub.UpdateState(_state(gear=vehicle_pb2.GEAR_DRIVE, speed_kmh=50,
+                                              ignition=vehicle_pb2.IGNITION_ON))
         assert reply.vehicle_mode == "driving"
-        reply = await stub.UpdateState(_state(gear=vehicle_pb2.GEAR_PARK, ignition=vehicle_pb2.IGNITION_OFF, locked=True))
+        reply = await stub.UpdateState(_state(gear=vehicle_pb2.GEAR_PARK, ignition=vehicle_pb2.IGNITION_OFF,
+                                              locked=True))
         assert reply.vehicle_mode == "off"
         # Arming Sentinel makes the parked, locked car "sentry" for the vehicle service, System and the power
         # budgets alike: one mode provider, composed by the server and injected into each.
         await stub.UpdateState(_state(gear=vehicle_pb2.GEAR_PARK, ignition=vehicle_pb2.IGNITION_OFF, locked=True,
                                       battery_percent=80))
         await skills_pb2_grpc.SentinelStub(ch).Arm(skills_pb2.ArmRequest())
-        reply = await stub.UpdateState(_state(gear=vehicle_pb2.GEAR_PARK, ignition=vehicle_pb2.IGNITION_OFF, locked=True,
-                                              battery_percent=80))
+        reply = await stub.UpdateState(_state(gear=vehicle_pb2.GEAR_PARK, ignition=vehicle_pb2.IGNITION_OFF,
+                                              locked=True, battery_percent=80))
         assert reply.vehicle_mode == "sentry"
         status = await system_pb2_grpc.SystemStub(ch).GetStatus(system_pb2.GetSystemStatusRequest())
         assert status.vehicle_mode == "sentry" and app.power.mode_provider() == "sentry"

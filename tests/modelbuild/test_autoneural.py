@@ -83,7 +83,8 @@ def _reference_tokens(bundle, cfg, vision_weights, lfm2, enc: VisionEncoder, ids
     slots = np.asarray(ids) == bundle.manifest["tokenizer"]["image_token_id"]
     # The head holds the checkpoint's rows plus the image token's zero row.
     assert not lfm2.spec.tied_head
-    weights = dict(lfm2.weights, lm_head=np.concatenate([lfm2.weights["lm_head"], np.zeros((1, lfm2.spec.hidden_size))]))
+    weights = dict(lfm2.weights, lm_head=np.concatenate([lfm2.weights["lm_head"],
+                                                         np.zeros((1, lfm2.spec.hidden_size))]))
     spec = dataclasses.replace(lfm2.spec, vocab_size=lfm2.spec.vocab_size + 1)
     seq, tokens, logits = list(ids), [], []
     for _ in range(STEPS):
@@ -131,7 +132,8 @@ def test_bundle_refuses_mismatched_parts(tmp_path, tiny):
     _, cfg, vision_weights, lfm2 = tiny
     wrong = vision.tiny_config(lm_hidden=32)
     with pytest.raises(ValueError, match="lm_hidden: 32 != the decoder's hidden size 64"):
-        autoneural.build_autoneural_bundle(tmp_path / "x", vision_cfg=wrong, vision_weights=vision.random_weights(wrong),
+        autoneural.build_autoneural_bundle(tmp_path / "x", vision_cfg=wrong,
+                                           vision_weights=vision.random_weights(wrong),
                                            lfm2_dir_or_loaded=lfm2, precisions=())
     with pytest.raises(ValueError, match="not HTP QDQ precisions"):
         autoneural.build_autoneural_bundle(tmp_path / "x", vision_cfg=cfg, vision_weights=vision_weights,

@@ -46,7 +46,8 @@ def test_cabin_camera_runs_motion_faces_identity_and_motion_gates_repeats(cascad
     assert sum(gallery.match(f.embedding)[0] == "driver" for f in refresh.faces) == 1
     cv2.rectangle(moved, (560, 300), (767, 379), (255, 0, 0), -1)   # more movement, same people
     soon = cascade.analyze(moved, Meta("cabin", "cabin", "cabin_front", 106.1))
-    assert soon.stages_run == ("motion", "faces", "age", "objects", "pose")   # same three faces 0.1 s later: identity not re-run yet
+    # same three faces 0.1 s later: identity not re-run yet
+    assert soon.stages_run == ("motion", "faces", "age", "objects", "pose")
 
 
 def test_exterior_camera_reads_a_sign_and_the_governor_lowers_depth(cascade):

@@ -26,7 +26,8 @@ def test_boxes_sit_on_the_objects(models_dir):
 
 
 def test_gfl_decoding_of_a_synthetic_head():
-    scores = [np.zeros((52 * 52, 80), np.float32), np.zeros((26 * 26, 80), np.float32), np.zeros((13 * 13, 80), np.float32)]
+    scores = [np.zeros((52 * 52, 80), np.float32), np.zeros((26 * 26, 80), np.float32),
+              np.zeros((13 * 13, 80), np.float32)]
     boxes = [np.zeros((len(s), 4 * (REG_MAX + 1)), np.float32) for s in scores]
     cell = 3 * 26 + 5                      # stride 16, row 3, column 5: centre (88, 56)
     scores[1][cell, COCO_CLASSES.index("car")] = 0.9
@@ -40,10 +41,12 @@ def test_gfl_decoding_of_a_synthetic_head():
 
 def test_tracker_ids_velocity_and_looming():
     tracker = IouTracker(smoothing=0.0)
-    first = tracker.update([Detection("car", 0.9, (100, 100, 200, 200)), Detection("person", 0.8, (400, 100, 450, 250))], 0.0)
+    first = tracker.update([Detection("car", 0.9, (100, 100, 200, 200)),
+                            Detection("person", 0.8, (400, 100, 450, 250))], 0.0)
     ids = {d.label: d.track_id for d in first}
     # The car moves right 10 px and grows 10% per side over 0.5 s; the person stays.
-    second = tracker.update([Detection("person", 0.8, (400, 100, 450, 250)), Detection("car", 0.9, (105, 95, 215, 205))], 0.5)
+    second = tracker.update([Detection("person", 0.8, (400, 100, 450, 250)),
+                             Detection("car", 0.9, (105, 95, 215, 205))], 0.5)
     car = next(d for d in second if d.label == "car")
     assert {d.label: d.track_id for d in second} == ids
     assert car.velocity == pytest.approx((20.0, 0.0))

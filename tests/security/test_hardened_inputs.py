@@ -76,7 +76,8 @@ IMAGE_BYTES = st.one_of(
     st.tuples(st.integers(0, 64), st.integers(0, 64)).map(lambda wh: bytes(wh[0] * wh[1] * 3)),  # raw BGR
 )
 HUGE_TEXT = st.integers(10_000, 300_000).map(lambda n: ("é" * n))
-TEXT = st.one_of(st.text(max_size=40), HUGE_TEXT, st.sampled_from(["", "\x00", "../../etc/passwd", "%s%n", "' OR 1=1 --"]))
+TEXT = st.one_of(st.text(max_size=40), HUGE_TEXT,
+                 st.sampled_from(["", "\x00", "../../etc/passwd", "%s%n", "' OR 1=1 --"]))
 SCALARS = {
     F.CPPTYPE_INT32: st.integers(-2**31, 2**31 - 1),
     F.CPPTYPE_INT64: st.integers(-2**63, 2**63 - 1),

@@ -80,7 +80,8 @@ def test_config_errors_name_the_key(monkeypatch):
 def test_service_config_composes_the_skills_section():
     from service.config import load_config
     config = load_config(env={"INCAR_SKILLS__TICK_SECONDS": "0.25"},
-                         overrides=["skills.sentinel.battery_floor_percent=25", "skills.safety.notification_repeat_seconds=45"])
+                         overrides=["skills.sentinel.battery_floor_percent=25",
+                                    "skills.safety.notification_repeat_seconds=45"])
     assert config.skills.tick_seconds == 0.25
     assert config.skills.sentinel.battery_floor_percent == 25 and config.skills.safety.notification_repeat_seconds == 45
 

@@ -153,4 +153,5 @@ async def test_a_slow_model_does_not_delay_a_safe_exit_warning(harness, clock):
     model.release.set()
     await r.host.drain()
     greeting, = r.events_of("greeter.greeting")
-    assert greeting.message == "Hello there, Bo." and greeting.cursor > r.events_of("safety.safe_exit_warning")[0].cursor
+    assert (greeting.message == "Hello there, Bo."
+            and greeting.cursor > r.events_of("safety.safe_exit_warning")[0].cursor)

@@ -66,7 +66,8 @@ async def collect(pipeline, hub, frames, n):
 async def test_a_safety_frame_overtakes_ocr_and_skips_the_slow_stages(cascade):
     hub = ScriptedHub()
     safety_cameras = {"ext-left"}
-    pipeline = AnalysisPipeline(hub, cascade, lane_of=lambda f: "safety" if f.camera_id in safety_cameras else "general")
+    pipeline = AnalysisPipeline(hub, cascade,
+                                lane_of=lambda f: "safety" if f.camera_id in safety_cameras else "general")
     sign = sign_image()
     side = cv2.resize(photo("dog.jpg"), (640, 480))
     # The front camera's frame (OCR: the slow stage) arrives first, the left camera's a moment later.

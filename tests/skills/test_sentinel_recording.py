@@ -40,7 +40,8 @@ async def test_clip_has_every_frame_the_camera_sent_while_analysis_ran_at_2_fps(
             ok, data = cv2.imencode(".jpg", frame)
             msg = cameras_pb2.Frame(camera_id="ext-left", role=common_pb2.CAMERA_ROLE_EXTERIOR,
                                     position=common_pb2.MOUNT_POSITION_LEFT, sequence=i,
-                                    image=common_pb2.Image(encoding=common_pb2.IMAGE_ENCODING_JPEG, data=data.tobytes()))
+                                    image=common_pb2.Image(encoding=common_pb2.IMAGE_ENCODING_JPEG,
+                                                           data=data.tobytes()))
             now = time.time()
             msg.capture_time.FromNanoseconds(int(now * 1e9))
             sent[round(now, 6)] = data.tobytes()
@@ -88,7 +89,8 @@ def test_skills_extra_stages_merge_on_the_cascade():
     greeter("ext-left", True)
     assert set(cascade.stages_for("ext-left", "exterior")) == {"motion", "faces", "objects", "identity", "text"}
     sentinel("ext-left", True)
-    assert "pose" in cascade.stages_for("ext-left", "exterior") and "faces" in cascade.stages_for("ext-left", "exterior")
+    assert ("pose" in cascade.stages_for("ext-left", "exterior")
+            and "faces" in cascade.stages_for("ext-left", "exterior"))
     greeter("ext-left", False)
     assert "pose" in cascade.stages_for("ext-left", "exterior") and "faces" not in cascade.stages_for("ext-left",
                                                                                                        "exterior")
