@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import os
 import threading
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -19,9 +21,18 @@ from service.perception.types import Box
 _embedder: FaceEmbedder | None = None
 
 
-def _start(config: IdentityConfig | None) -> None:
+def _start(config: IdentityConfig | None, parent_pid: int) -> None:
     global _embedder
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="exit-with-parent", daemon=True).start()
     _embedder = FaceEmbedder(config)
+
+
+def _exit_with_parent(parent_pid: int, period_s: float = 1.0) -> None:
+    """A service killed outright (kill -9, a crash) never shuts its pool down: its worker would live on as an
+    orphan holding dlib's models (~130 MB), one more after every restart. It ends when its parent is gone."""
+    while os.getppid() == parent_pid:
+        time.sleep(period_s)
+    os._exit(0)
 
 
 def _embed_all(bgr: np.ndarray, boxes: list[Box]) -> list[np.ndarray]:
@@ -42,7 +53,8 @@ class ProcessFaceEmbedder:
             if self._pool is None:
                 # spawn, not fork: the parent runs gRPC and ONNX Runtime threads that a fork would copy mid-state.
                 self._pool = concurrent.futures.ProcessPoolExecutor(
-                    1, mp_context=multiprocessing.get_context("spawn"), initializer=_start, initargs=(self.config,))
+                    1, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
+                    initargs=(self.config, os.getpid()))
             return self._pool
 
     def embed(self, bgr: np.ndarray, box: Box) -> np.ndarray:
