@@ -145,8 +145,11 @@ def set_weight(model: onnx.ModelProto, weight: str, q: np.ndarray, scale: np.nda
         ratio = np.divide(scale.astype(np.float64), old_scale.astype(np.float64),
                           out=np.ones(scale.shape, np.float64), where=old_scale > 0)
         new_scale = bias_scale * ratio
-        ints = np.divide(bias, new_scale, out=np.zeros_like(bias), where=new_scale > 0)   # dead channels: 0
-        _replace_init(model, bias_dq.input[0], np.rint(ints).astype(np.int32))
+        ints = np.rint(np.divide(bias, new_scale, out=np.zeros_like(bias), where=new_scale > 0))  # dead: 0
+        # A near-dead channel's tiny weight scale can put its bias beyond int32 (the bias scale must be the
+        # input scale x the weight scale): held at the int32 limit rather than wrapped around by the cast.
+        limit = np.iinfo(np.int32)
+        _replace_init(model, bias_dq.input[0], np.clip(ints, limit.min, limit.max).astype(np.int32))
         _replace_init(model, bias_dq.input[1], new_scale.astype(np.float32))
 
 
