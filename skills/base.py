@@ -88,11 +88,16 @@ def narration_request(task: str, draft: str) -> tuple[str, str]:
     return system, f"{MESSAGE_MARK} {draft}"
 
 
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
 def accept_words(words: str, draft: str, must_keep: Sequence[str] = ()) -> str:
-    """The model's words when they are a usable sentence that keeps `must_keep`; otherwise the draft."""
+    """The model's words when they are a usable sentence that keeps `must_keep` and exactly the draft's numbers
+    (a distance, a bay, a time: none dropped, none invented); otherwise the draft."""
     text = words.strip().split("\n\n")[0].strip()
     if (not text or any(mark in text for mark in _PROMPT_ECHO) or len(text) > 3 * len(draft) + 80
-            or any(k.lower() not in text.lower() for k in must_keep if k)):
+            or any(k.lower() not in text.lower() for k in must_keep if k)
+            or set(_NUMBER.findall(text)) != set(_NUMBER.findall(draft))):
         return draft
     return text
 

@@ -55,6 +55,11 @@ def test_unusable_model_words_fall_back_to_the_draft():
     assert accept_words("", draft) == draft
     assert accept_words("Hello Alice. " * 40, draft, ("Alice",)) == draft              # rambling
     assert accept_words("Hi Alice!\n\nAs an AI model I ...", draft, ("Alice",)) == "Hi Alice!"
+    # Numbers are facts: the words keep every number of the draft and add none.
+    alert = "Sentinel alert on the front camera: a person at the car (1.3 m away, standing)."
+    assert accept_words("Someone is standing 1.3 m from the car.", alert) == "Someone is standing 1.3 m from the car."
+    assert accept_words("Sentinel alert on the front camera: 1 person; 2 faces.", alert) == alert   # invented
+    assert accept_words("A person is standing at the car.", alert) == alert                       # dropped
 
 
 def test_config_errors_name_the_key(monkeypatch):
