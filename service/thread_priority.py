@@ -4,7 +4,8 @@ On the CPU backend the language model, the general analysis lane and Safety's la
 cores; at equal priority a safe-exit frame's detector run took several times its CPU time. Linux keeps a nice
 value per thread (setpriority on the thread id), and a thread inherits the nice value of the thread that
 creates it, so the ONNX Runtime sessions the safety lane opens on its own thread get intra-op pool threads as
-favoured as the lane itself.
+favoured as the lane itself. The camera decode threads are raised the same way, since every lane waits for
+its frame's decode.
 
 Safety is raised rather than the rest lowered: lowered threads lose to every normal-priority thread of the
 machine, not only to Safety (a simulator or an HMI in the same session starved the lowered general lane, and

@@ -18,6 +18,7 @@ import structlog
 
 from incar.v1 import assistant_pb2, assistant_pb2_grpc, common_pb2
 from service.cameras.decoding import decode_for_call
+from service.rpc_errors import abort_for
 from service.runtime.answer_stream import answer_stream
 from service.runtime.conversation_service import ConversationRpcs
 from service.runtime.conversations import ConversationStore
@@ -98,7 +99,7 @@ class AssistantService(ConversationRpcs, assistant_pb2_grpc.AssistantServicer):
             try:
                 answered = await self.tools.answer(question, self._role_of(context))
             except QueueFullError as exc:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+                await abort_for(context, exc)
             if answered is not None and answered.refused is not None:
                 await context.abort(getattr(grpc.StatusCode, answered.refused.code), str(answered.refused))
             if answered is not None:

@@ -10,6 +10,7 @@ import time
 import grpc
 
 from incar.v1 import assistant_pb2
+from service.rpc_errors import abort_for
 from service.runtime.answer_stream import answer_stream
 from service.runtime.conversations import ConversationNotFound, ConversationStore
 from service.runtime.engine import GenerationRequest
@@ -34,7 +35,7 @@ class ConversationRpcs:
         try:
             conversation = self.conversations.get(request.session_id)
         except ConversationNotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            await abort_for(context, exc)
         if not conversation.lock.acquire(blocking=False):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"session_id {request.session_id!r}: the previous turn is still being answered")
@@ -57,5 +58,5 @@ class ConversationRpcs:
         try:
             self.conversations.end(request.session_id)
         except ConversationNotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            await abort_for(context, exc)
         return assistant_pb2.EndConversationResponse()

@@ -22,12 +22,13 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from service.rpc_errors import NotFoundError
 from service.runtime import metrics
 from service.runtime.prompts import Prompt, build_prompt
 from service.runtime.shared_sequence import DecoderState
 
 
-class ConversationNotFound(LookupError):
+class ConversationNotFound(NotFoundError):
     pass
 
 
