@@ -103,10 +103,16 @@ def accept_words(words: str, draft: str, must_keep: Sequence[str] = ()) -> str:
 
 
 async def narrate(narrator: Narrator, *, task: str, draft: str, priority: str, must_keep: Sequence[str] = (),
-                  images: Sequence[np.ndarray] = (), max_tokens: int = 48) -> str:
-    """Word `draft` through the model at `priority`; falls back to the draft when the words are unusable."""
+                  images: Sequence[np.ndarray] = (), max_tokens: int = 48, timeout_s: float | None = None) -> str:
+    """Word `draft` through the model at `priority`; falls back to the draft when the words are unusable, or
+    when they take longer than `timeout_s` (the generation is cancelled: the words must not hold up an alert)."""
     system, prompt = narration_request(task, draft)
-    words = await narrator.complete(prompt, priority=priority, max_tokens=max_tokens, images=images, system=system)
+    try:
+        words = await asyncio.wait_for(narrator.complete(prompt, priority=priority, max_tokens=max_tokens,
+                                                         images=images, system=system), timeout_s)
+    except TimeoutError:
+        log.warning("narration.timeout", priority=priority, timeout_s=timeout_s)
+        return draft
     return accept_words(words, draft, must_keep)
 
 

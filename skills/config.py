@@ -75,6 +75,8 @@ class SentinelConfig:
     false_positive_max_steps: int = 4
     alert_actions: list[str] = field(default_factory=lambda: ["headlight_flash"])
     alarm_actions: list[str] = field(default_factory=lambda: ["horn", "headlight_flash", "owner_notification"])
+    narration_timeout_s: float = 2.0       # an Alert's words from the model, at most this late (else the draft);
+    #                                        an Alarm never waits for words: its horn sounds at once
     cooldown_seconds: float = 30.0         # quiet this long -> back to Standby
     pre_event_seconds: float = 10.0        # clips: footage before the event ...
     post_event_seconds: float = 10.0       # ... and after it, from every exterior camera
@@ -98,7 +100,8 @@ class SentinelConfig:
             raise ValueError("confirm_frames: must be >= 1; false_positive_max_steps >= 0")
         for key in ("linger_seconds", "cooldown_seconds", "pre_event_seconds", "post_event_seconds",
                     "clip_max_age_seconds", "person_height_m", "approach_min_m",
-                    "track_gap_seconds", "shock_alert_g", "tilt_alarm_deg", "false_positive_step"):
+                    "track_gap_seconds", "shock_alert_g", "tilt_alarm_deg", "false_positive_step",
+                    "narration_timeout_s"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}: must be > 0")
         if self.shock_alarm_g < self.shock_alert_g:

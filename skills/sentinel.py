@@ -228,10 +228,14 @@ class Sentinel(Skill):
     async def _record(self, clip_id, level, trigger, zone, reason, camera_id, position, snapshot, previous,
                       event_time, pre, extra) -> None:
         where = f"the {position} camera" if position else "the car's sensors"
-        description = await narrate(
-            self.ctx.narrator, task="You watch a parked car and tell its owner what the camera saw.",
-            draft=f"Sentinel {level} on {where}: {reason}.", priority=JobClass.ALERT,
-            images=(snapshot,) if snapshot is not None else ())
+        draft = f"Sentinel {level} on {where}: {reason}."
+        if level == "alarm":     # a break-in: the horn must not wait for the model's words
+            description = draft
+        else:
+            description = await narrate(
+                self.ctx.narrator, task="You watch a parked car and tell its owner what the camera saw.",
+                draft=draft, priority=JobClass.ALERT, images=(snapshot,) if snapshot is not None else (),
+                timeout_s=self.config.narration_timeout_s)
         if snapshot is None:
             snapshot = np.zeros((8, 8, 3), np.uint8)
         await asyncio.to_thread(self.clips.begin, clip_id, level=level, trigger=trigger, zone=zone,

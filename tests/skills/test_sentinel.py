@@ -330,3 +330,41 @@ async def test_a_door_opening_while_the_car_stays_locked_is_a_forced_door(harnes
     await r.set_vehicle(vehicle(locked=False))
     await r.set_vehicle(vehicle(locked=False, doors=[(vehicle_pb2.DOOR_ID_FRONT_LEFT, True, False)]))
     assert len(r.events_of("sentinel.alarm")) == 1
+
+
+async def test_an_alarm_never_waits_for_the_model_and_an_alerts_words_are_bounded(harness, clock):
+    """A model stuck behind other work must not hold up the horn (an Alarm goes out with its facts at once) nor
+    an Alert beyond `narration_timeout_s` (then its draft goes out, and the stuck generation is cancelled)."""
+    import asyncio
+
+    class StuckModel:
+        calls, cancelled = 0, 0
+
+        async def complete(self, prompt, **kwargs):
+            StuckModel.calls += 1
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                StuckModel.cancelled += 1
+                raise
+
+    harness.narrator = StuckModel()
+    harness.config.sentinel.narration_timeout_s = 0.3
+    short_clips(harness)
+    r = await harness.start()
+    await r.set_vehicle(vehicle(locked=True))
+    light = vehicle(locked=True)
+    light.intrusion.shock_g = 0.2
+    await r.set_vehicle(light)
+    alert, = r.events_of("sentinel.alert")
+    assert StuckModel.calls == 1 and StuckModel.cancelled == 1          # asked, given up on, cancelled
+    assert alert.message.startswith("Sentinel alert on the car's sensors: ") and "shock" in alert.message
+    broken = vehicle(locked=True)
+    broken.intrusion.glass_break = True
+    await r.set_vehicle(broken)
+    alarm, = r.events_of("sentinel.alarm")
+    assert StuckModel.calls == 1                                         # the alarm never asked the model
+    assert alarm.message.startswith("Sentinel alarm on the car's sensors: ") and "glass" in alarm.message
+    kinds = [row["kind"] for row in r.db.connect().execute("SELECT kind FROM actions WHERE cause_cursor=?",
+                                                           (alarm.cursor,))]
+    assert sorted(kinds) == ["headlight_flash", "horn", "owner_notification"]
