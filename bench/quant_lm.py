@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from service.modelbuild import calibration_text, qdq, rotation
+from service.modelbuild import calibration_text, gguf_lpbq, qdq, rotation, weight_codec
 from service.runtime.backends import create_session
 
 CPU_PRECISIONS = ("int4", "int8")
+GGUF_W4_RECIPE = "gguf-codes-lpbq32"
 
 
 def _feeds(spec, table, chunks, tokens):
@@ -44,8 +45,9 @@ def lm_component(work: Path, tokens: int, calib_tokens: int, held_chunks: int, w
     from service.modelbuild.decoder import build_decoder
     from service.modelbuild.gguf_llama import default_gguf, load_gguf
 
-    model = load_gguf(default_gguf(), context_length=tokens)
+    model = load_gguf(default_gguf(), context_length=tokens, transcode_blocks=True)
     spec, weights = model.spec, model.weights
+    model_types = ", ".join(f"{k} x{v}" for k, v in sorted(model.source_types.items()))
     tok = Tokenizer.from_str(json.dumps(model.tokenizer_json))
     encode = lambda text: tok.encode(text).ids                                        # noqa: E731
     cal_docs, held_docs = calibration_text.split()
@@ -62,6 +64,11 @@ def lm_component(work: Path, tokens: int, calib_tokens: int, held_chunks: int, w
         rotated, external_data="smollm2.rot.data")
     plain_table, rot_table = weights["embed"], r_weights["embed"]
     del weights, r_weights
+    split, codes, weight_db = _gguf_split_graph(plain, work, model.transcoded)
+    del model
+    print(f"  GGUF codes copied into LPBQ/32 for {len(codes)} weights ({model_types}); weight SQNR against "
+          f"the GGUF's own weights (block scales on the 16-level grid, int8 offsets): "
+          f"median {np.median(weight_db):.1f} dB, min {min(weight_db):.1f} dB", flush=True)
     float_sess = create_session(plain, "cpu")
     held_plain = _feeds(spec, plain_table, held_chunks_ids, tokens)
     held_rot = _feeds(r_spec, rot_table, held_chunks_ids, tokens)
@@ -74,35 +81,41 @@ def lm_component(work: Path, tokens: int, calib_tokens: int, held_chunks: int, w
     rows = []
     # The rotated rows share one activation-range cache (ranges depend on the float graph only); the
     # unrotated baseline is calibrated on the first `baseline_tokens` only, to bound the bench's time.
-    from service.modelbuild.sequential import linear_hessians
-    hess_feeds = _feeds(r_spec, rot_table, cal_chunks[:max(1, gptq_tokens // tokens)], tokens)
-    started = time.monotonic()
-    hessians = linear_hessians(rotated, hess_feeds)
-    print(f"  input second moments of {len(hessians)} weights from {len(hess_feeds) * tokens} tokens "
-          f"({time.monotonic() - started:.0f} s)", flush=True)
-    del hess_feeds
+    hessians = {}
+    if not keys or {"lm_w8a16", "lm_w4a16_rerounded"} & set(keys):
+        from service.modelbuild.sequential import linear_hessians
+        hess_feeds = _feeds(r_spec, rot_table, cal_chunks[:max(1, gptq_tokens // tokens)], tokens)
+        started = time.monotonic()
+        hessians = linear_hessians(rotated, hess_feeds)
+        print(f"  input second moments of {len(hessians)} weights from {len(hess_feeds) * tokens} tokens "
+              f"({time.monotonic() - started:.0f} s)", flush=True)
+        del hess_feeds
     gptq = f"GPTQ rounding ({min(gptq_tokens, len(cal_chunks) * tokens)} tokens)"
-    cases = [("lm_w8a16_rtn", "w8a16", rotated, "rotation + per-channel int8 (nearest), uint16 activations", None),
-             ("lm_w8a16", "w8a16", rotated, f"rotation + per-channel int8, {gptq}, uint16 activations", hessians),
-             ("lm_w4a16_rtn", "w4a16", rotated, "rotation + LPBQ int4 blocks of 64 on an 8-bit grid (nearest), "
-              "lm_head int8, uint16 activations", None),
-             ("lm_w4a16", "w4a16", rotated, f"rotation + LPBQ int4/64 (8-bit grid), {gptq}, lm_head int8, "
-              "uint16 activations", hessians),
+    cases = [("lm_w8a16_rtn", "w8a16", rotated, "rotation + per-channel int8 (nearest), uint16 activations", {}),
+             ("lm_w8a16", "w8a16", rotated, f"rotation + per-channel int8, {gptq}, uint16 activations",
+              {"hessians": hessians}),
+             ("lm_w4a16", "w4a16", split, f"{GGUF_W4_RECIPE}: the GGUF's Q4_1 codes copied into LPBQ int4 blocks of "
+              "32 (block scales on the 4-bit x per-channel grid), block offsets as (block sums of x) @ int8 C, "
+              "no rotation, lm_head int8, uint16 activations", {"lpbq_codes": codes}),
+             ("lm_w4a16_rerounded_rtn", "w4a16", rotated, "rotation + LPBQ int4 blocks of 64 re-rounded from the "
+              "dequantized GGUF (nearest), lm_head int8, uint16 activations", {}),
+             ("lm_w4a16_rerounded", "w4a16", rotated, f"rotation + LPBQ int4/64 re-rounded, {gptq}, lm_head int8, "
+              "uint16 activations", {"hessians": hessians}),
              ("lm_w8a16_baseline", "w8a16", plain, "per-channel int8 weights (nearest), uint16 activations, "
-              "no rotation", None)]
-    for key, precision, float_path, recipe, hess in cases:
+              "no rotation", {})]
+    for key, precision, float_path, recipe, options in cases:
         if keys and key not in keys:
             continue
         is_rot = float_path == rotated
-        chunks = cal_chunks if is_rot else cal_chunks[:max(1, baseline_tokens // tokens)]
+        chunks = cal_chunks if float_path != plain else cal_chunks[:max(1, baseline_tokens // tokens)]
         cal = _feeds(r_spec if is_rot else spec, rot_table if is_rot else plain_table, chunks, tokens)
         out = work / f"smollm2.{key}.onnx"
         started = time.monotonic()
         row = {"component": "language_model (SmolLM2-135M)", "precision": precision, "key": key, "recipe": recipe,
                "calibration_tokens": len(cal) * tokens}
         try:
-            qdq.quantize_qdq(float_path, out, cal, precision, calib_stride=8, hessians=hess,
-                             range_cache=work / f"ranges{'.rot' if is_rot else ''}.json")
+            qdq.quantize_qdq(float_path, out, cal, precision, calib_stride=8, **options,
+                             range_cache=work / f"ranges.{float_path.stem}.json")
             sess = create_session(out, "cpu")
             got = [sess.run(["logits"], f)[0] for f in (held_rot if is_rot else held_plain)]
         except Exception as exc:  # one recipe failing must not end the table
@@ -125,6 +138,27 @@ def lm_component(work: Path, tokens: int, calib_tokens: int, held_chunks: int, w
                      "seconds": round(time.monotonic() - started, 1)})
         print("  ", rows[-1], flush=True)
     return rows
+
+
+def _gguf_split_graph(plain: Path, work: Path, transcoded: dict) -> tuple[Path, dict, list[float]]:
+    """The float graph with each 4-bit GGUF weight split into its symmetric part and block offsets
+    (`gguf_lpbq.split_offsets`), the copied LPBQ codes, and each weight's SQNR against the GGUF's own."""
+    import onnx
+
+    blocks = gguf_lpbq.decoder_blocks(transcoded)
+    codes, offsets, weight_db = {}, {}, []
+    for name, w in blocks.items():
+        codes[name], offsets[name] = gguf_lpbq.exact_lpbq(w)
+        c = offsets[name]
+        if c is not None:
+            step = weight_codec.channel_scale(c, 8, 1)
+            c = weight_codec.round_to_grid(c, step, 8, 1) * step[None]
+        weight_db.append(gguf_lpbq.weight_error_db(w, codes[name], c))
+    split = work / "smollm2.gguf_split.onnx"
+    model = gguf_lpbq.split_offsets(onnx.load(str(plain)), blocks, offsets)
+    onnx.save_model(model, str(split), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="smollm2.gguf_split.data")
+    return split, codes, weight_db
 
 
 def _residual_peaks(plain: Path, rotated: Path, feed_plain: dict, feed_rot: dict) -> dict:

@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 import structlog
 
+from . import weight_codec
+
 log = structlog.get_logger(__name__)
 
 QDQ_PRECISIONS = ("w8a16", "w8pc-a16", "w4a16")
@@ -126,17 +128,18 @@ def quantize_qdq(float_path: str | Path, out_path: str | Path, calibration: Sequ
                  precision: str = "w8a16", *, integers: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
                  block: int = LPBQ_BLOCK, keep_8bit: Sequence[str] = KEEP_8BIT, calib_stride: int = 16,
                  range_cache: str | Path | None = None,
-                 hessians: Mapping[str, np.ndarray] | None = None) -> Path:
+                 hessians: Mapping[str, np.ndarray] | None = None,
+                 lpbq_codes: Mapping[str, weight_codec.Lpbq] | None = None) -> Path:
     """Write a QDQ model for the HTP. `calibration`: graph-input dicts (keep held-out ones apart); ranges
     are MinMax over all of them, gathered `calib_stride` samples at a time (bounded memory). `range_cache`:
     a JSON file of activation ranges, written on the first call and read by later ones on the same float
     graph (W8A16 and W4A16 share ranges: they depend on the float activations only). `hessians`: MatMul
     weight name -> input second moments [K, K] (`sequential.linear_hessians`); those weights are rounded
-    sequentially (GPTQ) on their int8 per-channel or LPBQ grid instead of to nearest."""
+    sequentially (GPTQ) on their int8 per-channel or LPBQ grid instead of to nearest. `lpbq_codes` (w4a16):
+    weight name -> LPBQ encoding to write as given, e.g. a GGUF's own 4-bit codes (`gguf_lpbq`); then only
+    those weights are LPBQ and every other weight stays int8 per-channel."""
     from onnxruntime.quantization import QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
-
-    from . import weight_codec
 
     if precision not in QDQ_PRECISIONS:
         raise QuantizationError(f"precision {precision!r} is not a QDQ precision ({', '.join(QDQ_PRECISIONS)})")
@@ -145,6 +148,14 @@ def quantize_qdq(float_path: str | Path, out_path: str | Path, calibration: Sequ
     float_path, out_path = Path(float_path), Path(out_path)
     model = onnx.load(str(float_path), load_external_data=False)
     lpbq = lpbq_candidates(model, block, keep_8bit) if precision == "w4a16" else []
+    if lpbq_codes:
+        if precision != "w4a16":
+            raise QuantizationError(f"lpbq_codes: given for {precision}; copied 4-bit codes are a w4a16 recipe")
+        graph_weights = set(weight_initializers(model))
+        missing = sorted(set(lpbq_codes) - graph_weights)
+        if missing:
+            raise QuantizationError(f"lpbq_codes: {missing[:3]} are not MatMul weights of {float_path.name}")
+        lpbq = list(lpbq_codes)
     overrides = weight_overrides(model, QuantType.QInt8, lpbq)
     if not overrides:
         raise QuantizationError(f"{float_path.name}: no MatMul/Gemm/Conv weights to quantize")
@@ -176,11 +187,14 @@ def quantize_qdq(float_path: str | Path, out_path: str | Path, calibration: Sequ
             wanted = set(lpbq) | set(hessians or {})
             floats = {t.name: onnx.numpy_helper.to_array(t) for t in full.graph.initializer if t.name in wanted}
             del full
-        rounded, encodings = round_weights(floats, hessians or {}, set(lpbq), block)
+        rounded, encodings = round_weights(floats, {k: v for k, v in (hessians or {}).items()
+                                                    if k not in (lpbq_codes or {})}, set(lpbq), block)
+        encodings.update(lpbq_codes or {})
         for name, (q, scale) in {**rounded, **(integers or {})}.items():
             weight_codec.set_weight(quantized, name, q, scale)
         for name in lpbq:
-            weight_codec.to_lpbq(quantized, name, floats[name], block, encodings.get(name))
+            enc = encodings.get(name)
+            weight_codec.to_lpbq(quantized, name, floats[name], enc.block if enc else block, enc)
         for stale in out_path.parent.glob(out_path.name + ".data"):
             stale.unlink()
         onnx.save_model(quantized, str(out_path), save_as_external_data=big, all_tensors_to_one_file=True,
