@@ -55,7 +55,7 @@ def create_session(model_path: str | Path, backend: str = "cpu", *, threads: int
                    disable_cpu_fallback: bool = False, provider_options: dict[str, str] | None = None,
                    performance_mode: str | None = None, context_cache: str | Path | bool | None = True,
                    target: str | None = None, model_name: str | None = None,
-                   spin_within_run: bool = False) -> ort.InferenceSession:
+                   spin_within_run: bool | int = False) -> ort.InferenceSession:
     """Open `model_path` on `backend`.
 
     QNN only: `performance_mode` (see PERFORMANCE_MODES); `context_cache`: True = this machine's cache

@@ -7,7 +7,6 @@ nothing of context size and copies only the new K/V rows (append mode).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from collections.abc import Sequence
 
@@ -16,6 +15,7 @@ import onnxruntime as ort
 import structlog
 
 from .backends import create_session
+from .providers import SPIN_US, spin_us_from_env
 from .bundle import Bundle, BundleError
 from .qnn_context import context_binary
 from .shared_sequence import CacheSlots, ContextOverflowError, DecoderState, SequenceBase, SharedSequence
@@ -61,16 +61,15 @@ def _pick_variant(bundle: Bundle, backend: str, variant: str | None) -> str:
 class LanguageModel:
     def __init__(self, bundle: Bundle, backend: str = "cpu", variant: str | None = None, threads: int | None = None,
                  disable_cpu_fallback: bool | None = None, target: str | None = None,
-                 spin_within_run: bool | None = None):
+                 spin_within_run: bool | int | None = None):
         # On the NPU a graph runs wholly on the HTP or not at all: a silent CPU fallback would break the power and
         # latency budgets, so it is off unless asked for.
         if disable_cpu_fallback is None:
             disable_cpu_fallback = backend != "cpu"
         if spin_within_run is None:
-            # INCAR_CPU_SPIN=1 on hosts whose cores the service has to itself (about 2x the 2-thread decode speed
-            # measured here on a quiet moment); off by default: on oversubscribed cores spinning workers steal the
-            # time slices others need (a conversation test on this shared machine ran past its deadline with it).
-            spin_within_run = os.environ.get("INCAR_CPU_SPIN", "0") == "1"
+            # Bounded in-run spinning (providers.SPIN_US; INCAR_CPU_SPIN=0 off, INCAR_CPU_SPIN_US the bound): about
+            # 1.45x the 2-thread decode speed on quiet cores, and within 5 % of no spinning when the cores are taken.
+            spin_within_run = spin_us_from_env()
         self.bundle = bundle
         self.backend = backend
         self.name = bundle.name
@@ -103,6 +102,7 @@ class LanguageModel:
             self.cache_slots = CacheSlots(decode.session, decode.entry["state"], self.vocab_size, self.hidden_size,
                                           self.context_length)
         self.spin_within_run = bool(spin_within_run) and backend == "cpu"
+        self.spin_us = (SPIN_US if spin_within_run is True else int(spin_within_run)) if self.spin_within_run else 0
         self.state_key = (str(bundle.path.resolve()), self.variant)
         log.info("language_model_loaded", name=self.name, variant=self.variant, backend=backend,
                  context_length=self.context_length)

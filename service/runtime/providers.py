@@ -65,14 +65,34 @@ def _register_qnn() -> None:
         _QNN_REGISTERED = True
 
 
-def session_options(threads: int | None = None, spin_within_run: bool = False) -> ort.SessionOptions:
+# Bounded in-run spinning (measured, docs/model-bundle.md "CPU session options"): an idle worker spins this long
+# for the next op before it sleeps. On quiet cores 20 us decodes as fast as unbounded spinning (~140 vs ~95 tok/s
+# without, 2 threads; the decoder's ops are a few us apart); with every core taken by other work unbounded
+# spinning loses 30 % to sleeping workers, 50 us 18 %, 20 us 5 %. 5 us is too short to bridge two ops.
+SPIN_US = 20
+
+
+def spin_us_from_env() -> int:
+    """The CPU decoder's spin bound: INCAR_CPU_SPIN=0 turns spinning off, INCAR_CPU_SPIN_US sets the bound."""
+    if os.environ.get("INCAR_CPU_SPIN", "1") == "0":
+        return 0
+    try:
+        return max(0, int(os.environ.get("INCAR_CPU_SPIN_US", str(SPIN_US))))
+    except ValueError as exc:
+        raise BackendError(f"INCAR_CPU_SPIN_US must be a whole number of microseconds: {exc}") from exc
+
+
+def session_options(threads: int | None = None, spin_within_run: bool | int = False) -> ort.SessionOptions:
+    """CPU session options. `spin_within_run`: False/0 = workers never spin (an idle server burns no CPU); an int
+    = microseconds an idle worker spins for the next op of the same Run (True = `SPIN_US`); spinning stops when
+    the Run returns (`force_spinning_stop`). Many small ops per token (the decoder) need it: waking a sleeping
+    worker per op cost about a third of the 2-thread decode speed here."""
     so = ort.SessionOptions()
-    # An idle server must not burn CPU: no spin-waiting in ORT's thread pools. `spin_within_run` (the decoder's
-    # many small ops per token) lets workers spin between the ops of one Run and stops them when it returns
-    # (`force_spinning_stop`): waking a sleeping worker per op cost ~half the 2-thread decode speed here.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_within_run else "0")
+    spin_us = SPIN_US if spin_within_run is True else int(spin_within_run)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_us > 0 else "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if spin_within_run:
+    if spin_us > 0:
+        so.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
         so.add_session_config_entry("session.force_spinning_stop", "1")
     so.intra_op_num_threads = threads or int(os.environ.get("INCAR_THREADS", "0")) or (os.cpu_count() or 1)
     so.inter_op_num_threads = 1
