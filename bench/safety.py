@@ -4,7 +4,7 @@ says how many it managed at all), and the safe-exit scenario set (every real
 approach warned, no warning from a parked car's 3 % box jitter). Prints figures, then one JSON line.
 
     nice -n -5 .venv/bin/python bench/safety.py [--seconds 15] [--no-model] [--fps 10] [--safety-threads 2]
-        [--autogroup-nice -5]
+        [--autogroup-nice -5] [--variant cpu-int8]
 
 Latency is measured on the real path: scripted cameras (five, 640x480 JPEG: cabin, front with a parking sign,
 left with a bicycle approaching again and again, right, rear) -> CameraHub.submit, as the Cameras service calls
@@ -251,6 +251,8 @@ def main() -> int:
     ap.add_argument("--no-model", action="store_true")
     ap.add_argument("--safety-threads", type=int, default=SAFETY_LANE_THREADS,
                     help="intra-op threads of the safety lane's own detector sessions")
+    ap.add_argument("--variant", default="", choices=("", "float", "cpu-int8"),
+                    help="the perception graphs (PerceptionConfig.variant; default float on the CPU)")
     ap.add_argument("--autogroup-nice", type=int, default=None,
                     help="run with this session's autogroup at this nice value (e.g. -5 with nice -n -5), "
                          "restored after")
@@ -264,13 +266,15 @@ def run(args) -> int:
 
     from service.perception.build import build
     from service.perception.cascade import Cascade, PerceptionConfig
-    build(quantize=False, progress=lambda line: None)   # the CPU runs the float graphs
-    cascade = Cascade(PerceptionConfig())
+    # The CPU runs the float graphs, or the int8 ones where built (--variant cpu-int8).
+    build(quantize=False, cpu_int8=args.variant == "cpu-int8", progress=lambda line: None)
+    cascade = Cascade(PerceptionConfig(variant=args.variant))
     for name in ("faces", "objects", "identity", "text", "pose", "age"):
         cascade.model(name)
     stop, tokens = threading.Event(), [0]
     model = "off (--no-model)" if args.no_model else model_load(stop, tokens)
-    print(f"5 cameras at {args.fps:g} fps, {args.seconds:g} s per contender; model: {model}")
+    print(f"5 cameras at {args.fps:g} fps, {args.seconds:g} s per contender; model: {model}; perception "
+          f"{cascade.config.resolved_variant}")
     results = {}
     for name, lanes in (("serial", False), ("lanes", True)):
         t0 = tokens[0]
@@ -304,6 +308,7 @@ def run(args) -> int:
         "safe_exit_serial_decisions": len(results["serial"]["decisions"]),
         "safe_exit_target_s": 0.05,
         "model_answering": not args.no_model and not model.startswith("no model"),
+        "perception_variant": cascade.config.resolved_variant,
         "model_tokens_during_lanes": results["lanes"]["tokens"],
         **{f"safety_lane_{k}_p95_s": round(p95(v), 4) for k, v in results["lanes"]["stages"].items() if v},
         "safety_lane_analysis_p50_s": round(statistics.median(results["lanes"]["stages"]["analysis"]), 4)

@@ -15,7 +15,7 @@ import numpy as np
 import structlog
 from prometheus_client import Counter, Histogram
 
-from service.perception.models import model_path, models_dir
+from service.perception.models import CPU_INT8, model_path, models_dir, variant_for
 from service.perception.motion import MotionConfig, MotionDetector
 from service.perception.objects import IouTracker
 from service.perception.scheduled import job_class, schedule_sessions
@@ -89,7 +89,8 @@ class CameraCascadeConfig:
 class PerceptionConfig:
     models_dir: str = ""                   # "" -> $INCAR_MODELS_DIR or build/models
     backend: str = "cpu"                   # "cpu" | "qnn-htp" | "qnn-emulator"
-    variant: str = ""                      # "" -> "float" on cpu, "qdq" on the QNN backends
+    variant: str = ""                      # "" -> "float" on cpu, "qdq" on the QNN backends; "cpu-int8": the
+    #                                        x86 int8 graphs where built (build/cpu_int8.py), float otherwise
     face_range: str = "full"               # "full" finds faces to ~5 m (rear seats); "short" is cheaper, ~2 m
     threads: int | None = None
     depth: int = len(STAGES)               # the governor's knob: how many cascade stages may run
@@ -99,9 +100,9 @@ class PerceptionConfig:
     def validate(self) -> None:
         if self.backend not in ("cpu", "qnn-htp", "qnn-emulator"):
             raise ValueError(f"backend: expected cpu, qnn-htp or qnn-emulator, got {self.backend!r}")
-        if self.variant not in ("", "float", "qdq"):
-            raise ValueError(f"variant: expected float or qdq, got {self.variant!r}")
-        if self.backend != "cpu" and self.variant == "float":
+        if self.variant not in ("", "float", "qdq", CPU_INT8):
+            raise ValueError(f"variant: expected float, qdq or {CPU_INT8}, got {self.variant!r}")
+        if self.backend != "cpu" and self.variant in ("float", CPU_INT8):
             raise ValueError("variant: the QNN backends run the quantized (qdq) graphs only")
         if self.face_range not in ("full", "short"):
             raise ValueError(f"face_range: expected full or short, got {self.face_range!r}")
@@ -234,7 +235,7 @@ class Cascade:
     def _open(self, name: str, threads: int | None = None):
         cfg = self.config
         base = Path(cfg.models_dir) if cfg.models_dir else models_dir()
-        variant = cfg.resolved_variant
+        variant = variant_for(name, cfg.resolved_variant)
         kw = dict(threads=threads or cfg.threads, disable_cpu_fallback=cfg.backend != "cpu")
         if name == "faces":
             from service.perception.faces import FaceDetector

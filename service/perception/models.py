@@ -13,6 +13,10 @@ from pathlib import Path
 
 MANIFEST = "perception-manifest.json"   # written by the build: content hash per model and variant
 VARIANTS = ("float", "qdq")
+# The CPU int8 variant (x86 fast path, build/cpu_int8.py) exists only for the models whose int8 detections were
+# checked against the float model's; a cascade configured for it opens the float graph of every other model.
+CPU_INT8 = "cpu-int8"
+INT8_MODELS = ("objects",)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
@@ -32,7 +36,15 @@ def model_path(name: str, variant: str = "float", out_dir: str | Path | None = N
     """The ONNX file of one converted model; `incar perception build` writes it."""
     if not _NAME.match(name):
         raise KeyError(f"perception: {name!r} is not a model name (lower-case letters, digits, _ and -)")
-    if variant not in VARIANTS:
-        raise ValueError(f"perception: unknown variant {variant!r}; expected one of {VARIANTS}")
+    if variant not in (*VARIANTS, CPU_INT8):
+        raise ValueError(f"perception: unknown variant {variant!r}; expected one of {(*VARIANTS, CPU_INT8)}")
     base = Path(out_dir) if out_dir is not None else models_dir()
-    return base / "perception" / (f"{name}.onnx" if variant == "float" else f"{name}.qdq.onnx")
+    suffix = {"float": ".onnx", "qdq": ".qdq.onnx", CPU_INT8: ".int8.onnx"}[variant]
+    return base / "perception" / f"{name}{suffix}"
+
+
+def variant_for(name: str, variant: str) -> str:
+    """The variant a cascade configured for `variant` opens of model `name` (cpu-int8 where one was built)."""
+    if variant == CPU_INT8 and name not in INT8_MODELS:
+        return "float"
+    return variant

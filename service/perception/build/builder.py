@@ -14,9 +14,11 @@ import structlog
 
 from service.perception.build.catalog import SPECS
 from service.perception.build.convert import convert_float
+from service.perception.build.cpu_int8 import RECIPE as CPU_INT8_RECIPE
+from service.perception.build.cpu_int8 import quantize_cpu_int8
 from service.perception.build.quantize import quantize_w8a16, recipe_name
 from service.perception.build.spec import ModelSpec
-from service.perception.models import MANIFEST, VARIANTS, model_path, models_dir
+from service.perception.models import CPU_INT8, INT8_MODELS, MANIFEST, VARIANTS, model_path, models_dir
 from service.runtime.bundle import sha256_file
 
 log = structlog.get_logger(__name__)
@@ -43,12 +45,17 @@ def _keys(spec: ModelSpec) -> dict[str, str]:
     qdq = hashlib.sha256(json.dumps({
         "float": base, "ort": onnxruntime.__version__, "photos": photos_digest(CALIBRATION_PHOTOS),
         "recipe": recipe_name(spec)}, sort_keys=True).encode()).hexdigest()
-    return {"float": base, "qdq": qdq}
+    int8 = hashlib.sha256(json.dumps({
+        "float": base, "ort": onnxruntime.__version__, "photos": photos_digest(CALIBRATION_PHOTOS),
+        "recipe": CPU_INT8_RECIPE}, sort_keys=True).encode()).hexdigest()
+    return {"float": base, "qdq": qdq, CPU_INT8: int8}
 
 
 def build(out_dir: str | Path | None = None, names: Iterable[str] | None = None, *, quantize: bool = True,
-          progress: Callable[[str], None] = print) -> dict[str, dict[str, str]]:
-    """Convert (and quantize) the named models (default: the whole catalog), skipping what is up to date."""
+          cpu_int8: bool | None = None, progress: Callable[[str], None] = print) -> dict[str, dict[str, str]]:
+    """Convert (and quantize) the named models (default: the whole catalog), skipping what is up to date.
+    `cpu_int8`: also the CPU int8 variant of the models that have one (default: with `quantize`)."""
+    cpu_int8 = quantize if cpu_int8 is None else cpu_int8
     out = Path(out_dir) if out_dir is not None else models_dir()
     (out / "perception").mkdir(parents=True, exist_ok=True)
     manifest_path = out / "perception" / MANIFEST
@@ -59,7 +66,9 @@ def build(out_dir: str | Path | None = None, names: Iterable[str] | None = None,
         spec = SPECS[name]
         keys = _keys(spec)
         entry = manifest.get(name, {})
-        for variant in VARIANTS if quantize else ("float",):
+        variants = (*(VARIANTS if quantize else ("float",)),
+                    *((CPU_INT8,) if cpu_int8 and name in INT8_MODELS else ()))
+        for variant in variants:
             dst = model_path(name, variant, out)
             if entry.get(variant) == keys[variant] and dst.exists():
                 progress(f"perception: {name} {variant}: up to date")
@@ -67,6 +76,8 @@ def build(out_dir: str | Path | None = None, names: Iterable[str] | None = None,
             t0 = time.monotonic()
             if variant == "float":
                 convert_float(spec, dst)
+            elif variant == CPU_INT8:
+                quantize_cpu_int8(model_path(name, "float", out), dst, spec)
             else:
                 quantize_w8a16(model_path(name, "float", out), dst, spec)
             entry[variant] = keys[variant]
