@@ -38,6 +38,8 @@ def flat_keys(rows: list[dict]) -> dict:
             out[f"{base}_{k}"] = r[k]
         if "bytes_above_8bit_pct" in r:
             out[f"{base}_bytes_above_8bit_pct"] = r["bytes_above_8bit_pct"]
+        if "recipe_name" in r:
+            out[f"{base}_recipe"] = r["recipe_name"]
     return out
 
 

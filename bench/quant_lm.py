@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from service.modelbuild import calibration_text, gguf_lpbq, qdq, rotation, weight_codec
+from service.modelbuild import calibration_text, gguf_lpbq, qdq, rotation
 from service.runtime.backends import create_session
 
 CPU_PRECISIONS = ("int4", "int8")
-GGUF_W4_RECIPE = "gguf-codes-lpbq32"
 
 
 def _feeds(spec, table, chunks, tokens):
@@ -64,11 +63,9 @@ def lm_component(work: Path, tokens: int, calib_tokens: int, held_chunks: int, w
         rotated, external_data="smollm2.rot.data")
     plain_table, rot_table = weights["embed"], r_weights["embed"]
     del weights, r_weights
-    split, codes, weight_db = _gguf_split_graph(plain, work, model.transcoded)
+    blocks = gguf_lpbq.decoder_blocks(model.transcoded)
     del model
-    print(f"  GGUF codes copied into LPBQ/32 for {len(codes)} weights ({model_types}); weight SQNR against "
-          f"the GGUF's own weights (block scales on the 16-level grid, int8 offsets): "
-          f"median {np.median(weight_db):.1f} dB, min {min(weight_db):.1f} dB", flush=True)
+    split = _gguf_split_graph(plain, work, blocks)
     float_sess = create_session(plain, "cpu")
     held_plain = _feeds(spec, plain_table, held_chunks_ids, tokens)
     held_rot = _feeds(r_spec, rot_table, held_chunks_ids, tokens)
@@ -77,13 +74,16 @@ def lm_component(work: Path, tokens: int, calib_tokens: int, held_chunks: int, w
     rot_ref = [rot_float.run(["logits"], f)[0] for f in held_rot]
     stream_peak = _residual_peaks(plain, rotated, held_plain[0], held_rot[0])
     print(f"  rotation is exact in float: {_score(ref, rot_ref)}; residual max/median |x| {stream_peak}", flush=True)
-    del float_sess, rot_float
+    split_float = create_session(split, "cpu")
+    print(f"  offsets split off the GGUF weights, exact in float: "
+          f"{_score(ref, [split_float.run(['logits'], f)[0] for f in held_plain])}", flush=True)
+    del float_sess, rot_float, split_float
     rows = []
     # The rotated rows share one activation-range cache (ranges depend on the float graph only); the
     # unrotated baseline is calibrated on the first `baseline_tokens` only, to bound the bench's time.
+    from service.modelbuild.sequential import linear_hessians
     hessians = {}
     if not keys or {"lm_w8a16", "lm_w4a16_rerounded"} & set(keys):
-        from service.modelbuild.sequential import linear_hessians
         hess_feeds = _feeds(r_spec, rot_table, cal_chunks[:max(1, gptq_tokens // tokens)], tokens)
         started = time.monotonic()
         hessians = linear_hessians(rotated, hess_feeds)
@@ -91,12 +91,32 @@ def lm_component(work: Path, tokens: int, calib_tokens: int, held_chunks: int, w
               f"({time.monotonic() - started:.0f} s)", flush=True)
         del hess_feeds
     gptq = f"GPTQ rounding ({min(gptq_tokens, len(cal_chunks) * tokens)} tokens)"
+    gguf_w4 = {}
+    for key, with_gptq in (("lm_w4a16_copied", False), ("lm_w4a16", True)):
+        if keys and key not in keys:
+            continue
+        hess = None
+        if with_gptq:
+            started = time.monotonic()
+            hess = linear_hessians(split, _feeds(spec, plain_table, cal_chunks[:max(1, gptq_tokens // tokens)], tokens))
+            print(f"  split graph: input second moments of {len(hess)} weights ({time.monotonic() - started:.0f} s)",
+                  flush=True)
+        gguf_w4[key] = enc = gguf_lpbq.encode(blocks, hess)
+        db = list(enc.weight_db.values())
+        print(f"  {key}: GGUF codes into LPBQ/32 for {len(db)} weights ({model_types}); weight SQNR against the "
+              f"GGUF's own (block scales on the 16-level grid, int8 offsets{', GPTQ codes' if hess else ''}): "
+              f"median {np.median(db):.1f} dB, min {min(db):.1f} dB", flush=True)
+        del hess
+    gguf_recipe = (f"{gguf_lpbq.RECIPE}: the GGUF's Q4_1 codes in LPBQ int4 blocks of 32 (block scales on the "
+                   "4-bit x per-channel grid), block offsets as (block sums of x) @ int8 C, no rotation, "
+                   "lm_head int8, uint16 activations")
     cases = [("lm_w8a16_rtn", "w8a16", rotated, "rotation + per-channel int8 (nearest), uint16 activations", {}),
              ("lm_w8a16", "w8a16", rotated, f"rotation + per-channel int8, {gptq}, uint16 activations",
               {"hessians": hessians}),
-             ("lm_w4a16", "w4a16", split, f"{GGUF_W4_RECIPE}: the GGUF's Q4_1 codes copied into LPBQ int4 blocks of "
-              "32 (block scales on the 4-bit x per-channel grid), block offsets as (block sums of x) @ int8 C, "
-              "no rotation, lm_head int8, uint16 activations", {"lpbq_codes": codes}),
+             ("lm_w4a16_copied", "w4a16", split, f"{gguf_recipe}; codes copied",
+              _gguf_options(gguf_w4, "lm_w4a16_copied")),
+             ("lm_w4a16", "w4a16", split, f"{gguf_recipe}; codes refined by {gptq}",
+              _gguf_options(gguf_w4, "lm_w4a16")),
              ("lm_w4a16_rerounded_rtn", "w4a16", rotated, "rotation + LPBQ int4 blocks of 64 re-rounded from the "
               "dequantized GGUF (nearest), lm_head int8, uint16 activations", {}),
              ("lm_w4a16_rerounded", "w4a16", rotated, f"rotation + LPBQ int4/64 re-rounded, {gptq}, lm_head int8, "
@@ -112,9 +132,11 @@ def lm_component(work: Path, tokens: int, calib_tokens: int, held_chunks: int, w
         out = work / f"smollm2.{key}.onnx"
         started = time.monotonic()
         row = {"component": "language_model (SmolLM2-135M)", "precision": precision, "key": key, "recipe": recipe,
+               "recipe_name": options.get("recipe") or qdq.recipe_name(precision, **options),
                "calibration_tokens": len(cal) * tokens}
         try:
-            qdq.quantize_qdq(float_path, out, cal, precision, calib_stride=8, **options,
+            qdq.quantize_qdq(float_path, out, cal, precision, calib_stride=8,
+                             **{k: v for k, v in options.items() if k != "recipe"},
                              range_cache=work / f"ranges.{float_path.stem}.json")
             sess = create_session(out, "cpu")
             got = [sess.run(["logits"], f)[0] for f in (held_rot if is_rot else held_plain)]
@@ -140,25 +162,22 @@ def lm_component(work: Path, tokens: int, calib_tokens: int, held_chunks: int, w
     return rows
 
 
-def _gguf_split_graph(plain: Path, work: Path, transcoded: dict) -> tuple[Path, dict, list[float]]:
+def _gguf_options(encodings: dict, key: str) -> dict:
+    enc = encodings.get(key)
+    return {} if enc is None else {"lpbq_codes": enc.codes, "integers": enc.offset_ints,
+                                   "recipe": enc.recipe()}
+
+
+def _gguf_split_graph(plain: Path, work: Path, blocks: dict) -> Path:
     """The float graph with each 4-bit GGUF weight split into its symmetric part and block offsets
-    (`gguf_lpbq.split_offsets`), the copied LPBQ codes, and each weight's SQNR against the GGUF's own."""
+    (`gguf_lpbq.split_offsets`, exact in float)."""
     import onnx
 
-    blocks = gguf_lpbq.decoder_blocks(transcoded)
-    codes, offsets, weight_db = {}, {}, []
-    for name, w in blocks.items():
-        codes[name], offsets[name] = gguf_lpbq.exact_lpbq(w)
-        c = offsets[name]
-        if c is not None:
-            step = weight_codec.channel_scale(c, 8, 1)
-            c = weight_codec.round_to_grid(c, step, 8, 1) * step[None]
-        weight_db.append(gguf_lpbq.weight_error_db(w, codes[name], c))
     split = work / "smollm2.gguf_split.onnx"
-    model = gguf_lpbq.split_offsets(onnx.load(str(plain)), blocks, offsets)
+    model = gguf_lpbq.split_offsets(onnx.load(str(plain)), blocks)
     onnx.save_model(model, str(split), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="smollm2.gguf_split.data")
-    return split, codes, weight_db
+    return split
 
 
 def _residual_peaks(plain: Path, rotated: Path, feed_plain: dict, feed_rot: dict) -> dict:

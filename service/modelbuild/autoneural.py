@@ -230,6 +230,7 @@ def build_autoneural_bundle(out: str | Path, *, vision_cfg: vision_mod.VisionCon
                 report = qdq.evaluate(sessions[component], quant, held_out[index], component=component,
                                       precision=precision, backend="cpu", output="logits").to_dict()
                 report["top1_agreement"] = _top1_agreement(sessions[component], quant, held_out[index])
+                report["recipe"] = qdq.recipe_name(precision)      # float LFM2 weights: no GGUF codes to copy
                 reports.append(report)
                 entry = dict(comps[component]["variants"]["float_replace"])
                 entry.pop("data_file", None)

@@ -18,18 +18,20 @@ on any 4-bit grid.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from .gguf_blocks import NBitsWeight, concat_rows
-from .weight_codec import LPBQ_SCALE_LEVELS, Lpbq
+from .weight_codec import LPBQ_SCALE_LEVELS, Lpbq, channel_scale, round_to_grid
 
 # The HTP expands LPBQ block scales from 4-bit integers: 1..16 under the channel scale (probed on the emulator:
 # integers above 16 come out wrong, -10 dB on a tiny MLP, while CPU QDQ reads them fine).
 SCALE_LEVELS = LPBQ_SCALE_LEVELS
 OFFSETS_SUFFIX = ".block_offsets"
+RECIPE = "gguf-codes-lpbq32-a16"       # the name manifests and the bench give this W4A16 recipe
 _SCALE_SEARCH = np.linspace(0.55, 1.1, 56)       # channel steps tried, as fractions of max(d) / SCALE_LEVELS
 
 
@@ -142,6 +144,40 @@ def split_offsets(model: onnx.ModelProto, blocks: Mapping[str, NBitsWeight],
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     return model
+
+
+@dataclass
+class GgufW4:
+    """What `quantize_qdq` writes for the 4-bit GGUF weights of one graph."""
+    codes: dict[str, Lpbq]                        # weight name -> LPBQ (the file's codes, or GPTQ-refined)
+    offsets: dict[str, np.ndarray]                # weight name -> C [K/block, N] float, for `split_offsets`
+    offset_ints: dict[str, tuple[np.ndarray, np.ndarray]]   # offsets initializer -> (int8 C, scale [N])
+    weight_db: dict[str, float]                   # weight name -> SQNR against the GGUF's exact weight
+    refined: bool = False                         # codes re-chosen by GPTQ under the approximated block scales
+
+    def recipe(self) -> str:
+        return RECIPE.replace("-a16", "-gptq-a16") if self.refined else RECIPE
+
+
+def encode(blocks: Mapping[str, NBitsWeight], hessians: Mapping[str, np.ndarray] | None = None) -> GgufW4:
+    """Encode every weight of `blocks`: copied codes, block scales on the 16-level grid, offsets rounded to
+    int8 per channel here (so the graph holds exactly the C that GPTQ saw); with `hessians` (name -> input
+    second moments, `sequential.linear_hessians` on the split graph) the codes are refined by `gptq_codes`."""
+    out = GgufW4({}, {}, {}, {}, refined=hessians is not None)
+    for name, w in blocks.items():
+        enc, c = exact_lpbq(w)
+        c_q = None
+        if c is not None:
+            step = channel_scale(c, 8, 1)
+            ints = round_to_grid(c, step, 8, 1)
+            c_q = (ints * step[None]).astype(np.float32)
+            out.offsets[name] = c
+            out.offset_ints[name.removesuffix(".weight") + OFFSETS_SUFFIX] = (ints.astype(np.int8), step)
+        if hessians is not None and name in hessians:
+            enc = gptq_codes(w, enc, c_q, hessians[name])
+        out.codes[name] = enc
+        out.weight_db[name] = weight_error_db(w, enc, c_q)
+    return out
 
 
 def weight_error_db(w: NBitsWeight, enc: Lpbq, offsets_q: np.ndarray | None = None) -> float:

@@ -205,6 +205,16 @@ def quantize_qdq(float_path: str | Path, out_path: str | Path, calibration: Sequ
     return out_path
 
 
+def recipe_name(precision: str, *, lpbq_codes: Mapping | None = None, hessians: Mapping | None = None,
+                block: int = LPBQ_BLOCK, **_) -> str:
+    """The short name of what `quantize_qdq` does with these options (manifests, bench keys)."""
+    if precision == "w4a16" and lpbq_codes:
+        from .gguf_lpbq import RECIPE
+        return RECIPE
+    base = f"lpbq{block}-int4" if precision == "w4a16" else "per-channel-int8"
+    return base + ("-gptq" if hessians else "-nearest") + "-a16"
+
+
 def quantize_cpu(float_path: str | Path, out_path: str | Path, precision: str = "int4",
                  block_size: int | None = None) -> Path:
     """CPU EP weight-only variants, exactly as the bundle writer makes them (`cpu_quant.quantize_weights`):

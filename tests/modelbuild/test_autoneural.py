@@ -62,6 +62,8 @@ def test_one_bundle_holds_decoder_vision_and_image_token(tiny):
     assert set(reports) == {(c, p) for c in ("decoder_prefill", "decoder_decode") for p in ("w8a16", "w4a16")}
     assert reports["decoder_decode", "w8a16"]["sqnr_db"] > 20.0, reports
     assert reports["decoder_decode", "w8a16"]["sqnr_db"] > reports["decoder_decode", "w4a16"]["sqnr_db"]
+    # float LFM2 weights: W4A16 re-rounds onto LPBQ (only a GGUF source has codes to copy, gguf_lpbq)
+    assert {r["recipe"] for r in reports.values()} == {"per-channel-int8-nearest-a16", "lpbq64-int4-nearest-a16"}
     assert m["quantization"]["vision"][0]["sqnr_db"] > 30.0
     print(json.dumps({"autoneural_quantization": m["quantization"]}))
 

@@ -66,6 +66,25 @@ def test_codes_are_copied_and_only_the_block_scales_move(q4_1_mlp):
     assert copied > without_mean_move and copied > qdq.sqnr_db(exact, rerounded.dequantize()) + 8.0
 
 
+def test_gptq_refined_codes_beat_copied_codes_on_the_layer_output(q4_1_mlp):
+    _, _, _, blocks, _, _ = q4_1_mlp
+    w = blocks["layers.0.down.weight"]                                          # [N=128, K=256]
+    rng = np.random.default_rng(4)
+    # inputs with a few dominant directions, as a decoder's normed stream has (GPTQ has correlations to use)
+    x = rng.standard_normal((4000, 256)) + rng.standard_normal((4000, 8)) @ rng.standard_normal((8, 256)) * 2
+    copied = gguf_lpbq.encode({"w": w})
+    refined = gguf_lpbq.encode({"w": w}, {"w": (x.T @ x / len(x)).astype(np.float32)})
+    assert copied.recipe() == gguf_lpbq.RECIPE and refined.recipe() != copied.recipe()
+    (c_ints, c_scale), = copied.offset_ints.values()
+    offsets = np.repeat(c_ints * c_scale[None], 32, axis=0)
+
+    def output_error(enc):
+        return np.sum((x @ (w.dequantize().T - enc.dequantize() - offsets)) ** 2)
+    changed = np.mean(refined.codes["w"].q != copied.codes["w"].q)
+    assert 0 < changed < 0.2 and np.abs(refined.codes["w"].q).max() <= 8
+    assert output_error(refined.codes["w"]) < 0.8 * output_error(copied.codes["w"])
+
+
 def test_split_offsets_keeps_the_float_function(q4_1_mlp):
     _, float_path, split_path, _, _, held = q4_1_mlp
     model = onnx.load(str(split_path))
@@ -106,3 +125,55 @@ def test_copied_codes_w4a16_encodings_and_htp_emulator(q4_1_mlp):
     print(json.dumps({"gguf_lpbq_mlp_db": figures}))
     assert abs(figures["htp"] - figures["cpu"]) < EMULATOR_MATCH_DB, figures
     assert figures["cpu"] > 25.0 and figures["cpu"] > figures["rerounded_lpbq_cpu"] + 8.0, figures
+
+
+def _real_mlp_blocks(layer: int) -> tuple[dict, np.ndarray]:
+    """SmolLM2-135M's layer-`layer` MLP as the default GGUF stores it (Q4_1), fused as the decoder graph fuses it."""
+    from service.modelbuild.gguf_blocks import concat_rows
+    from service.modelbuild.gguf_llama import default_gguf
+
+    reader = gguf.GGUFReader(str(default_gguf()))
+    tensors = {t.name: t for t in reader.tensors}
+
+    def blocks(name):
+        t = tensors[f"blk.{layer}.{name}.weight"]
+        k, n = (int(d) for d in t.shape)
+        return transcode(name, t.tensor_type.name, t.data, (n, k))
+    norm = np.asarray(gguf.quants.dequantize(tensors[f"blk.{layer}.ffn_norm.weight"].data,
+                                             tensors[f"blk.{layer}.ffn_norm.weight"].tensor_type), np.float32)
+    return {"mlp.gate_up.weight": concat_rows([blocks("ffn_gate"), blocks("ffn_up")]),
+            "mlp.down.weight": blocks("ffn_down")}, norm
+
+
+def test_real_smollm2_mlp_with_copied_codes_runs_on_the_htp_emulator(tmp_path):
+    blocks, norm = _real_mlp_blocks(3)
+    assert {w.source_type for w in blocks.values()} == {"Q4_1"}
+    inter = blocks["mlp.down.weight"].shape[1]
+    g = GraphBuilder("smollm2_mlp")
+    x = g.input("x", "float32", [1, 16, 576])
+    gate_up = g.op("MatMul", [x, g.init("mlp.gate_up.weight", blocks["mlp.gate_up.weight"].dequantize().T)])
+    gate, up = g.op("Split", [gate_up, g.const([inter, inter], "int64")], n_out=2, axis=-1)
+    act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+    g.output(g.op("MatMul", [act, g.init("mlp.down.weight", blocks["mlp.down.weight"].dequantize().T)]),
+             "y", "float32", [1, 16, 576])
+    float_path = g.save(tmp_path / "mlp.float.onnx")
+    encoded = {name: gguf_lpbq.exact_lpbq(w) for name, w in blocks.items()}
+    split = tmp_path / "mlp.split.onnx"
+    onnx.save(gguf_lpbq.split_offsets(onnx.load(str(float_path)), blocks, {n: c for n, (_, c) in encoded.items()}),
+              str(split))
+    rng = np.random.default_rng(7)
+    feeds = [{"x": (rng.standard_normal((1, 16, 576)) * norm).astype(np.float32)} for _ in range(10)]
+    path = qdq.quantize_qdq(split, tmp_path / "mlp.gguf_w4a16.onnx", feeds[:8], "w4a16",
+                            lpbq_codes={n: e for n, (e, _) in encoded.items()})
+    rerounded = qdq.quantize_qdq(float_path, tmp_path / "mlp.w4a16.onnx", feeds[:8], "w4a16")
+    ref = [create_session(float_path, "cpu").run(None, f)[0] for f in feeds[8:]]
+    cpu = [create_session(path, "cpu").run(None, f)[0] for f in feeds[8:]]
+    old = [create_session(rerounded, "cpu").run(None, f)[0] for f in feeds[8:]]
+    htp_session = create_session(path, "qnn-emulator", disable_cpu_fallback=True, context_cache=False,
+                                 model_name="smollm2_mlp.gguf_w4a16")
+    htp = [htp_session.run(None, f)[0] for f in feeds[8:]]
+    db = lambda got: qdq.sqnr_db(np.concatenate(ref), np.concatenate(got))        # noqa: E731
+    figures = {"htp": db(htp), "cpu": db(cpu), "rerounded_lpbq64_cpu": db(old)}
+    print(json.dumps({"gguf_lpbq_real_mlp_db": figures}))
+    assert abs(figures["htp"] - figures["cpu"]) < EMULATOR_MATCH_DB, figures
+    assert figures["cpu"] > figures["rerounded_lpbq64_cpu"] + 6.0, figures
