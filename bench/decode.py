@@ -37,6 +37,7 @@ from llama_cpp_flags import cmake_args, cpu_flags  # noqa: E402
 from service.runtime.bundle import load_bundle  # noqa: E402
 from service.runtime.engine import Done, EngineConfig, GenerationEngine, GenerationRequest  # noqa: E402
 from service.runtime.generator import LanguageModel  # noqa: E402
+from service.runtime.providers import count_nodes  # noqa: E402
 from service.runtime.scheduler import NpuScheduler  # noqa: E402
 
 PROMPT = "Describe, in a few sentences, what a careful driver checks before opening the car door on a busy street."
@@ -93,6 +94,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
+    load_start = Path("/proc/loadavg").read_text().split()[0]
     bundle = load_bundle(args.bundle)
     model = LanguageModel(bundle, "cpu", variant=args.variant, threads=args.threads)
     eos = np.asarray(sorted(model.eos_token_ids))
@@ -111,8 +113,8 @@ def main() -> int:
         "bare": lambda: bare.run(prompt_ids, args.tokens, eos),
         "generator": lambda: generator_loop(model, prompt_ids, args.tokens, eos),
     }
-    # The engine with ORT's in-run spinning the other way round (INCAR_CPU_SPIN=1: the setting for cores the service
-    # has to itself, as llama.cpp's threads spin; off by default for shared, oversubscribed hosts).
+    # The engine with ORT's in-run spinning the other way round (by default workers spin up to providers.SPIN_US
+    # between ops; INCAR_CPU_SPIN=0 turns it off): what the bound buys on this host at this moment.
     flipped = "engine_spin" if not model.spin_within_run else "engine_nospin"
     other = LanguageModel(bundle, "cpu", variant=model.variant, threads=args.threads,
                           spin_within_run=not model.spin_within_run)
@@ -145,7 +147,9 @@ def main() -> int:
               "bare_ttft_s": round(ttft["bare"], 5), "bare_tokens_per_s": round(tps["bare"], 2),
               "generator_ttft_s": round(ttft["generator"], 5), "generator_tokens_per_s": round(tps["generator"], 2),
               "engine_overhead_pct": round(overhead * 100, 2), "engine_matches_bare_text": same_text,
-              "engine_best_tokens_per_s": round(best_tps["engine"], 2), "spin_within_run": model.spin_within_run}
+              "engine_best_tokens_per_s": round(best_tps["engine"], 2), "spin_within_run": model.spin_within_run,
+              "spin_us": model.spin_us, "decoder_nodes": count_nodes(model.model_files["decoder_decode"]),
+              "loadavg_start": load_start}
     result.update({f"{flipped}_tokens_per_s": round(tps[flipped], 2), f"{flipped}_ttft_s": round(ttft[flipped], 5),
                    f"{flipped}_best_tokens_per_s": round(best_tps[flipped], 2)})
 
@@ -239,6 +243,7 @@ def main() -> int:
             else None,
             "llama_cpp_gguf": llama_note,
             "llama_cpp_cmake_args": cmake_args(cpu_flags(Path("/proc/cpuinfo").read_text()))})
+    result["loadavg_end"] = Path("/proc/loadavg").read_text().split()[0]
     print(json.dumps(result))
     return 0
 

@@ -4,8 +4,12 @@ One graph serves prefill and decode (`state_update: "shared"`, docs/model-bundle
 GroupQueryAttention with RoPE inside and a KV cache whose past and present are the same buffer (the kernel writes
 the S new rows in place, so the runtime copies nothing per step), SkipSimplifiedLayerNormalization for each
 residual add + RMSNorm, and MatMulNBits for weights transcoded from GGUF blocks (`gguf_blocks.NBitsWeight`; block
-offsets such as Q4_1's mins come back as (block sums of x) @ offsets). Logits are computed for the last position
-only unless `all_logits` (evaluation graphs).
+offsets such as Q4_1's mins come back as (block sums of x) @ offsets, added by the same Gemm). Logits are
+computed for the last position only unless `all_logits` (evaluation graphs).
+
+Inside, the hidden stream is 2-D [S, hidden] (in and out of GroupQueryAttention and at the graph's ends it is
+[1, S, ...]): ONNX Gemm takes only 2-D operands, and one Gemm(block sums, offsets, y) is the MatMul + Add of the
+block-offset correction in a single node, which made the 2-thread decode step ~4 % faster (docs/model-bundle.md).
 """
 from __future__ import annotations
 
@@ -61,19 +65,21 @@ class _GqaWriter:
         if w.offsets is None:
             return y
         offsets = g.init(f"{name}.offsets", np.ascontiguousarray(w.offsets.T))          # [K / block, N]
-        return g.op("Add", [y, g.op("MatMul", [self.block_sums(x, k, w.block_size), offsets])])
+        return g.op("Gemm", [self.block_sums(x, k, w.block_size), offsets, y])          # sums @ offsets + y
 
     def block_sums(self, x: str, k: int, block: int) -> str:
+        """[S, K] -> [S, K / block]: each block's sum of x (shared by the linears that read the same x)."""
         key = (x, block)
         if key not in self._block_sums:
-            blocks = self.g.op("Reshape", [x, self.g.const([0, 0, k // block, block], "int64")])
+            blocks = self.g.op("Reshape", [x, self.g.const([-1, k // block, block], "int64")])
             self._block_sums[key] = self.g.op("ReduceSum", [blocks, self.g.const([-1], "int64")], keepdims=0)
         return self._block_sums[key]
 
     # -- layers ---------------------------------------------------------------------------------
     def attention(self, i: int, h: str, lw: dict) -> str:
         s, g = self.spec, self.g
-        qkv = self.linear(h, f"layers.{i}.attn.qkv", [lw["q"], lw["k"], lw["v"]])
+        qkv = g.op("Unsqueeze", [self.linear(h, f"layers.{i}.attn.qkv", [lw["q"], lw["k"], lw["v"]]),
+                                 g.const([0], "int64")])
         shape = [1, s.num_kv_heads, CACHE_AXIS, s.head_dim]
         past_k = g.input(f"past_key.{i}", "float32", shape)
         past_v = g.input(f"past_value.{i}", "float32", shape)
@@ -86,7 +92,7 @@ class _GqaWriter:
                              kv_num_heads=s.num_kv_heads, do_rotary=1, rotary_interleaved=0,
                              scale=float(s.head_dim ** -0.5)))
         g.outputs += [_value(present_k, shape), _value(present_v, shape)]
-        return self.linear(ctx, f"layers.{i}.attn.o", [lw["o"]])
+        return self.linear(g.op("Squeeze", [ctx, g.const([0], "int64")]), f"layers.{i}.attn.o", [lw["o"]])
 
     def mlp(self, i: int, h: str, lw: dict) -> str:
         g, inter = self.g, self.spec.intermediate_size
@@ -106,7 +112,8 @@ class _GqaWriter:
 
     def build(self) -> GraphBuilder:
         s, g = self.spec, self.g
-        x = g.input("inputs_embeds", "float32", [1, SEQ_AXIS, s.hidden_size])
+        x = g.op("Squeeze", [g.input("inputs_embeds", "float32", [1, SEQ_AXIS, s.hidden_size]),
+                             g.const([0], "int64")])
         g.input("seqlens_k", "int32", [1])
         g.input("total_sequence_length", "int32", [])
         cos, sin = rope_caches(s)
@@ -126,9 +133,9 @@ class _GqaWriter:
         h, _ = self.skip_norm(out, residual, "final_norm", self.w["norm"])
         if not self.all_logits:  # prefill needs the next token only: the head runs on one row
             h = g.op("Slice", [h, g.const([-1], "int64"), g.const([np.iinfo(np.int64).max], "int64"),
-                               g.const([1], "int64")])
+                               g.const([0], "int64")])
         head = self.w["embed"] if s.tied_head else self.w["lm_head"]
-        logits = self.linear(h, "lm_head", [head])
+        logits = g.op("Unsqueeze", [self.linear(h, "lm_head", [head]), g.const([0], "int64")])
         g.output(logits, "logits", "float32", [1, SEQ_AXIS if self.all_logits else 1, s.vocab_size])
         by_name = {o.name: o for o in g.outputs}
         g.outputs = [by_name[e["output"]] for e in [{"output": "logits"}, *shared_state_entries(s)]]
@@ -178,6 +185,8 @@ def linear_graph(weight, accuracy_level: int = 0, name: str = "linear") -> Graph
     k = weight.shape[1]
     writer = _GqaWriter.__new__(_GqaWriter)
     writer.g, writer.level, writer._block_sums = GraphBuilder(name), accuracy_level, {}
-    x = writer.g.input("x", "float32", [1, "m", k])
-    writer.g.output(writer.linear(x, name, [weight]), "y", "float32", [1, "m", weight.shape[0]])
+    g = writer.g
+    x = g.op("Squeeze", [g.input("x", "float32", [1, "m", k]), g.const([0], "int64")])     # 2-D, as in the decoder
+    g.output(g.op("Unsqueeze", [writer.linear(x, name, [weight]), g.const([0], "int64")]), "y", "float32",
+             [1, "m", weight.shape[0]])
     return writer.g
