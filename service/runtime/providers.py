@@ -67,8 +67,8 @@ def _register_qnn() -> None:
 
 # Bounded in-run spinning (measured, docs/model-bundle.md "CPU session options"): an idle worker spins this long
 # for the next op before it sleeps. On quiet cores 20 us decodes as fast as unbounded spinning (~140 vs ~95 tok/s
-# without, 2 threads; the decoder's ops are a few us apart); with every core taken by other work unbounded
-# spinning loses 30 % to sleeping workers, 50 us 18 %, 20 us 5 %. 5 us is too short to bridge two ops.
+# without, 2 threads; the decoder's ops are a few us apart); with every core taken by other work, against no
+# spinning, unbounded spinning loses 30-45 %, 50 us ~20 %, 20 us 5-20 %. 5 us is too short to bridge two ops.
 SPIN_US = 20
 
 
