@@ -8,8 +8,8 @@ the general lane analyses every other camera with all its stages. Which lane a c
 camera wins while the worker is busy (a safety decision on an old frame is worse than one on the newest), and
 the camera that has waited longest goes next.
 
-On the CPU backend the safety lane also runs above the process's priority where the OS allows it
-(service.thread_priority), on its own sessions of the small detectors (`Cascade.lane_models`, their
+On the CPU backend the safety lane also runs above the process's priority where the OS allows it (real-time,
+else nice-raised: service.thread_priority), on its own sessions of the small detectors (`Cascade.lane_models`, their
 pool threads inheriting that priority), so the OS preempts the language model and the general lane for a
 safety frame. Analysed safety frames are handed to the skills before waiting general ones.
 

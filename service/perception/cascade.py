@@ -22,6 +22,7 @@ from service.perception.scheduled import job_class, schedule_sessions
 from service.perception.types import FrameAnalysis
 from service.runtime.providers import QNN_BACKENDS
 from service.runtime.scheduler import JobClass, NpuScheduler
+from service.thread_priority import at_process_priority
 
 log = structlog.get_logger(__name__)
 
@@ -226,7 +227,9 @@ class Cascade:
 
         def model(name: str):
             if name not in LANE_MODELS:
-                return self.model(name)
+                # A shared model opened from the lane's raised thread would start its pools raised too.
+                with at_process_priority():
+                    return self.model(name)
             if name not in own:
                 own[name] = self._open(name, threads)
             return own[name]

@@ -17,12 +17,14 @@ import numpy as np
 
 from service.perception.identity import FaceEmbedder, IdentityConfig
 from service.perception.types import Box
+from service.thread_priority import reset_inherited_priority
 
 _embedder: FaceEmbedder | None = None
 
 
 def _start(config: IdentityConfig | None, parent_pid: int) -> None:
     global _embedder
+    reset_inherited_priority(parent_pid)   # spawned from whichever thread asked first, maybe the safety lane's
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="exit-with-parent", daemon=True).start()
     _embedder = FaceEmbedder(config)
 
