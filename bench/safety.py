@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import structlog  # noqa: E402
 
 from bench.safety_scenarios import run_scenarios  # noqa: E402
-from service.pipeline import SAFETY_LANE_THREADS  # noqa: E402
+from service.pipeline import LANE_PAUSED, SAFETY_LANE_THREADS  # noqa: E402
 
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
 PHOTOS = Path(__file__).resolve().parents[1] / "deploy" / "sim" / "images"
@@ -324,6 +324,7 @@ def run(args) -> int:
         "safe_exit_target_s": 0.05,
         "model_answering": not args.no_model and not model.startswith("no model"),
         "perception_variant": cascade.config.resolved_variant, "realtime_lane": realtime_lane(),
+        "safety_lane_paused_s": round(LANE_PAUSED._value.get(), 3),   # the lane's duty-cycle cap at work
         "model_tokens_during_lanes": results["lanes"]["tokens"],
         **{f"safety_lane_{k}_p95_s": round(p95(v), 4) for k, v in results["lanes"]["stages"].items() if v},
         "safety_lane_analysis_p50_s": round(statistics.median(results["lanes"]["stages"]["analysis"]), 4)

@@ -21,12 +21,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import structlog
+from prometheus_client import Counter as MetricCounter
 from prometheus_client import Histogram
 
 from service.cameras.hub import CameraHub
@@ -43,12 +44,52 @@ log = structlog.get_logger(__name__)
 LANES = ("safety", "general")
 # Intra-op threads of the safety lane's own detector sessions: both cores for the one frame that matters now.
 SAFETY_LANE_THREADS = 2
+# The most of its wall time the (real-time) safety lane may spend analysing; the rest is for everything else.
+SAFETY_LANE_DUTY_CAP = 0.5
 LaneOf = Callable[[CameraFrame], str]
 RequestedStages = Callable[[str], set[str]]   # camera id -> the stages skills asked for on it now
 LANE_WAIT = Histogram("incar_pipeline_lane_wait_seconds", "Frame arrival to the start of its analysis, per lane",
                       ["lane"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+LANE_PAUSED = MetricCounter("incar_pipeline_safety_lane_paused_seconds_total",
+                            "Seconds the safety lane paused to keep its busy share at SAFETY_LANE_DUTY_CAP")
 LANE_ANALYSIS = Histogram("incar_pipeline_lane_analysis_seconds", "Cascade time per frame, per lane", ["lane"],
                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+
+
+class DutyCycle:
+    """The share of wall time a lane spends analysing, over the last `window` seconds, kept at or under `cap`.
+
+    The safety lane runs real-time where permitted (service.thread_priority): nothing at normal priority runs
+    while its threads do, the event loop that hands its frames on and streams the car's actions included. Its
+    safe-exit work is light (bench/safety.py: two cameras at 10 fps, ~15 ms per detector frame, ~20 % of its
+    time), but a cabin full of moving passengers at a high frame rate could keep it busy back to back. So the
+    lane pauses before its next frame while its busy share is over the cap; latest-wins means a pause skips
+    frames, never queues them."""
+
+    def __init__(self, cap: float = 0.5, window: float = 1.0):
+        if not 0 < cap <= 1 or window <= 0:
+            raise ValueError("duty cycle: cap in (0, 1], window > 0")
+        self.cap, self.window = cap, window
+        self._spans: deque[tuple[float, float]] = deque()
+
+    def record(self, started: float, ended: float) -> None:
+        self._spans.append((started, ended))
+
+    def pause(self, now: float) -> float:
+        """Seconds to wait before the next analysis so that the busy share of the window is back at the cap."""
+        start_of_window = now - self.window
+        while self._spans and self._spans[0][1] <= start_of_window:
+            self._spans.popleft()
+        clipped = [(max(start, start_of_window), min(end, now)) for start, end in self._spans]
+        excess = sum(end - start for start, end in clipped) - self.cap * self.window
+        if excess <= 0:
+            return 0.0
+        # Nothing is analysed while paused: the window's start must move past `excess` seconds of busy time.
+        for start, end in clipped:
+            if end - start >= excess:
+                return max(0.0, start + excess - start_of_window)
+            excess -= end - start
+        return 0.0
 
 
 class _Mailbox:
@@ -86,6 +127,7 @@ class AnalysisPipeline:
             "safety": ThreadPoolExecutor(1, thread_name_prefix="analysis-safety", initializer=raise_current_thread),
             "general": ThreadPoolExecutor(1, thread_name_prefix="analysis-general")}
         self._models = {"safety": cascade.lane_models(safety_threads), "general": cascade.model}
+        self.safety_duty = DutyCycle(SAFETY_LANE_DUTY_CAP)
 
     def route(self, lane_of: LaneOf, requested_stages: RequestedStages) -> None:
         """The server's policies, once the skills exist: which lane a frame takes, and the stages skills asked
@@ -118,6 +160,9 @@ class AnalysisPipeline:
         async def work(lane: str) -> None:
             loop = asyncio.get_running_loop()
             while True:
+                if lane == "safety" and (rest := self.safety_duty.pause(time.perf_counter())) > 0:
+                    LANE_PAUSED.inc(rest)
+                    await asyncio.sleep(rest)
                 frame, since = await boxes[lane].get()
                 skip = tuple(set(SLOW_STAGES) - self.requested_stages(frame.camera_id)) if lane == "safety" else ()
                 started = time.perf_counter()
@@ -130,7 +175,10 @@ class AnalysisPipeline:
                 except Exception:
                     log.exception("pipeline.analysis_failed", camera_id=frame.camera_id, lane=lane)
                     continue
-                spent = time.perf_counter() - started
+                ended = time.perf_counter()
+                spent = ended - started
+                if lane == "safety":
+                    self.safety_duty.record(started, ended)
                 LANE_ANALYSIS.labels(lane).observe(spent)
                 record_busy("cpu", spent)
                 await out.put((LANES.index(lane), next(order), analysis))
