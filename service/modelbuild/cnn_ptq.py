@@ -55,6 +55,7 @@ class CnnRecipe:
     min_rounding_samples: int = 32        # fewer inputs than this: round to nearest (GPTQ over-fits 8 crops)
     sensitivity_samples: int = 8          # spread over the calibration set (`spread`)
     damp: float = 0.01
+    qat: object | None = None             # a cnn_qat.QatRecipe: fine-tune the rounded weights (needs jax)
 
 
 @dataclass
@@ -65,11 +66,12 @@ class CnnReport:
     bytes_above_8bit_pct: float = 0.0
     predicted_weight_sqnr_db: float = 0.0
     layer_noise_db: dict[str, float] = field(default_factory=dict)
+    qat: dict = field(default_factory=dict)          # cnn_qat.QatReport.to_dict(), when that step ran
 
     def to_dict(self) -> dict:
         return {"equalized_pairs": self.equalized_pairs, "rounded_layers": len(self.rounded),
                 "split_layers": self.split, "bytes_above_8bit_pct": round(self.bytes_above_8bit_pct, 2),
-                "predicted_weight_sqnr_db": round(float(self.predicted_weight_sqnr_db), 2)}
+                "predicted_weight_sqnr_db": round(float(self.predicted_weight_sqnr_db), 2), **self.qat}
 
 
 def _attr(node, name, default=None):
@@ -334,6 +336,7 @@ def prepare(model: onnx.ModelProto, calibration: Sequence[Mapping], outputs: Seq
         remaining -= noise[name]
     report.bytes_above_8bit_pct = 100.0 * extra / (total + sum(sizes[c] for c in chosen))
     report.predicted_weight_sqnr_db = 10 * np.log10(signal / max(remaining, 1e-30))
+    teacher = onnx.load_from_string(model.SerializeToString()) if recipe.qat is not None else None
     for n in convs:
         w, bias_name = weights[n.name], n.input[2] if len(n.input) > 2 else None
         if n.name in chosen:
@@ -348,6 +351,13 @@ def prepare(model: onnx.ModelProto, calibration: Sequence[Mapping], outputs: Seq
             else:
                 shift = dw.sum(axis=(1, 2, 3)) * mean
             _set(model, bias_name, numpy_helper.to_array(inits[bias_name]) - shift)
+    if recipe.qat is not None:          # from the rounded, bias-corrected weights; split layers train in float
+        from . import cnn_qat
+        split_weights = {n.input[1]: n.name for n in convs if n.name in chosen}
+        qat = cnn_qat.apply(model, teacher, calibration, outputs, integers, set(split_weights), recipe.qat)
+        report.qat = qat.to_dict() if qat else {"qat_steps": 0}
+        trained = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in split_weights}
+        weights.update({split_weights[k]: v for k, v in trained.items()})
     _split(model, set(chosen), weights)
     log.info("cnn_ptq.prepared", **report.to_dict())
     return model, integers, report
