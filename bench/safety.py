@@ -4,7 +4,7 @@ says how many it managed at all), and the safe-exit scenario set (every real
 approach warned, no warning from a parked car's 3 % box jitter). Prints figures, then one JSON line.
 
     nice -n -5 .venv/bin/python bench/safety.py [--seconds 15] [--no-model] [--fps 10] [--safety-threads 2]
-        [--autogroup-nice -5] [--variant cpu-int8] [--no-realtime]
+        [--autogroup-nice -5] [--variant float] [--no-realtime]
 
 Latency is measured on the real path: scripted cameras (five, 640x480 JPEG: cabin, front with a parking sign,
 left with a bicycle approaching again and again, right, rear) -> CameraHub.submit, as the Cameras service calls
@@ -17,7 +17,8 @@ for each safe-exit warning, arrival -> committed warning. The language model (th
 server's ModelHost on the CPU, so with the server's thread priorities) answers back to back meanwhile.
 
 The safety lane and the camera decode threads run real-time where permitted (service/thread_priority.py;
-`--no-realtime`: the nice-raise fallback), and `--variant cpu-int8` runs the x86 int8 object detector.
+`--no-realtime`: the nice-raise fallback). The object detector is the x86 int8 graph that the deployment runs
+(deploy/docker-compose.yml: INCAR_PERCEPTION__VARIANT=cpu-int8); `--variant float` measures the float one.
 
 Linux with autogroups shares the CPU between sessions before nice values count, so `nice -n -5` ranks the bench
 only among its own threads; `--autogroup-nice -5` gives its session that priority for the run (the JSON line
@@ -264,8 +265,8 @@ def main() -> int:
     ap.add_argument("--no-realtime", action="store_true",
                     help="raise the safety lane and decode threads by nice steps only (the fallback without "
                          "CAP_SYS_NICE / RLIMIT_RTPRIO), not SCHED_FIFO")
-    ap.add_argument("--variant", default="", choices=("", "float", "cpu-int8"),
-                    help="the perception graphs (PerceptionConfig.variant; default float on the CPU)")
+    ap.add_argument("--variant", default="cpu-int8", choices=("float", "cpu-int8"),
+                    help="the perception graphs (PerceptionConfig.variant), as deployed on x86: cpu-int8")
     ap.add_argument("--autogroup-nice", type=int, default=None,
                     help="run with this session's autogroup at this nice value (e.g. -5 with nice -n -5), "
                          "restored after")
