@@ -2,8 +2,10 @@
 chunk graph, teacher-forced on held-out real text; logits against the float model.
 
 Rows: W8A16 with per-channel weights only (the old recipe's best), then the recipe: residual rotation folded
-into the weights (`rotation.py`), W8A16 per-channel and W4A16 LPBQ, ranges from >= 20k calibration tokens of
-real text (`calibration_text.py`); and the CPU EP int4/int8 variants exactly as the bundle makes them.
+into the weights (`rotation.py`), W8A16 per-channel, ranges from >= 20k calibration tokens of real text
+(`calibration_text.py`); W4A16 from the GGUF's own Q4_1 codes (`gguf_lpbq.py`: LPBQ/32 + block-sum offsets,
+no rotation; `lm_w4a16` with GPTQ-refined codes, `lm_w4a16_copied` without), and the older rotated LPBQ-64
+re-rounding (`lm_w4a16_rerounded*`); and the CPU EP int4/int8 variants exactly as the bundle makes them.
 """
 from __future__ import annotations
 

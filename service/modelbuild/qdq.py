@@ -10,7 +10,8 @@ Precisions (names as in the bundle manifest):
 - `w4a16`:    LPBQ on the MatMul weights (4-bit blocks of 64 along the input axis on an 8-bit per-channel
               grid, `weight_codec.to_lpbq`), int8 per-channel on the rest: the lm_head (`keep_8bit`), convs,
               and any MatMul whose input size is not a multiple of the block. Plain int4 per-channel reached
-              ~20 dB; asymmetric int4 is rejected by the HTP (error 3110).
+              ~20 dB; asymmetric int4 is rejected by the HTP (error 3110). From a 4-bit GGUF the codes can
+              come from the file instead (`lpbq_codes`, blocks of 32: `gguf_lpbq`).
 - `int4` / `int8` (CPU EP): weight-only MatMulNBits (block 32, symmetric, accuracy_level 4) on the layer
               weights, the bundle's own recipe (`cpu_quant.py`).
 Weights can also come pre-rounded (`integers`: name -> (q, scale), e.g. from sequential rounding in

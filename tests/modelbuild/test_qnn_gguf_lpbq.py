@@ -96,12 +96,9 @@ def test_split_offsets_keeps_the_float_function(q4_1_mlp):
 
 def test_copied_codes_w4a16_encodings_and_htp_emulator(q4_1_mlp):
     root, float_path, split_path, blocks, calibration, held = q4_1_mlp
-    encoded = {name: gguf_lpbq.exact_lpbq(w) for name, w in blocks.items()}
-    adjusted = root / "mlp.split_adjusted.onnx"
-    onnx.save(gguf_lpbq.split_offsets(onnx.load(str(float_path)), blocks, {n: c for n, (_, c) in encoded.items()}),
-              str(adjusted))
-    codes = {name: enc for name, (enc, _) in encoded.items()}
-    path = qdq.quantize_qdq(adjusted, root / "mlp.gguf_w4a16.onnx", calibration, "w4a16", lpbq_codes=codes)
+    encoded = gguf_lpbq.encode(blocks)
+    path = qdq.quantize_qdq(split_path, root / "mlp.gguf_w4a16.onnx", calibration, "w4a16",
+                            lpbq_codes=encoded.codes, integers=encoded.offset_ints)
     rerounded = qdq.quantize_qdq(float_path, root / "mlp.w4a16.onnx", calibration, "w4a16")
     model = onnx.load(str(path))
     enc = {e.weight: e for e in weight_codec.weight_encodings(model)}
@@ -111,6 +108,9 @@ def test_copied_codes_w4a16_encodings_and_htp_emulator(q4_1_mlp):
         assert (e.dtype, e.scale_shape, e.block_size) == ("int4", (k // 32, n), 32)
         off = enc[name.removesuffix(".weight") + gguf_lpbq.OFFSETS_SUFFIX]
         assert (off.dtype, off.scale_shape, off.axis) == ("int8", (n,), 1)
+        stored = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer
+                                                 if t.name == off.weight + "_quantized"))
+        assert np.array_equal(stored, encoded.offset_ints[off.weight][0])      # our int8 C, not a re-rounding
     assert (enc["lm_head.weight"].dtype, enc["lm_head.weight"].scale_shape) == ("int8", (96,))
     ref = [create_session(float_path, "cpu").run(None, f)[0] for f in held]
     cpu = [create_session(path, "cpu").run(None, f)[0] for f in held]
