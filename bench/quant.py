@@ -1,14 +1,16 @@
 """Quantization accuracy per component, precision and recipe, on real weights, beside the AutoNeural paper.
 
 - Vision (bench/quant_vision.py): EfficientNet-Lite0's feature map and classifier at W8A16, round-to-nearest
-  per-channel against the recipe of service/modelbuild/cnn_ptq.py, on held-out photos.
+  per-channel against the recipe of service/modelbuild/cnn_ptq.py (post-training, and with the
+  quantization-aware fine-tuning step of cnn_qat.py: `vision_w8a16`), on held-out photos.
 - Language (bench/quant_lm.py): SmolLM2-135M logits, teacher-forced on held-out real text, at W8A16 and
   W4A16 (LPBQ) with the residual rotation of service/modelbuild/rotation.py, and the CPU int4/int8 variants.
 QDQ graphs run through ORT's CPU EP (the HTP emulator is far too slow for these sizes; on the tiny graphs of
 tests/modelbuild/test_qnn_recipes.py it lands within 1 dB of CPU QDQ). Prints a table, then one JSON line of
 flat keys (`vision_w8a16_sqnr_db`, `lm_w8a16_top1_agree`, `lm_w4a16_top1_agree`, ...) and the rows.
 
-    .venv/bin/python bench/quant.py [--components vision,lm] [--calib 200] [--lm-tokens 64]
+    .venv/bin/python bench/quant.py [--components vision,lm] [--calib 200] [--qat-steps 300] [--htp-inputs 0]
+                                    [--vision-keys vision_w8a16,vision_w8a16_ptq] [--lm-tokens 64]
                                     [--lm-calib-tokens 20480] [--lm-held-chunks 16]
 """
 from __future__ import annotations
@@ -40,6 +42,9 @@ def flat_keys(rows: list[dict]) -> dict:
             out[f"{base}_bytes_above_8bit_pct"] = r["bytes_above_8bit_pct"]
         if "recipe_name" in r:
             out[f"{base}_recipe"] = r["recipe_name"]
+        if "qat_steps" in r:
+            out[f"{base}_qat_steps"] = r["qat_steps"]
+        out.update({k: v for k, v in r.items() if k.startswith(f"{base}_htp")})
     return out
 
 
@@ -49,6 +54,13 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=200, help="augmented calibration crops (vision)")
     ap.add_argument("--held-crops", type=int, default=16, help="crops of each held-out photo (vision)")
     ap.add_argument("--image-size", type=int, default=224, help="EfficientNet-Lite0 was trained at 224")
+    ap.add_argument("--qat-steps", type=int, default=300, help="quantization-aware fine-tuning steps (vision)")
+    ap.add_argument("--qat-batch", type=int, default=8)
+    ap.add_argument("--qat-size", type=int, default=128, help="training crop size (a multiple of 32)")
+    ap.add_argument("--qat-eval-every", type=int, default=50, help="held-out SQNR every this many steps")
+    ap.add_argument("--vision-keys", default="", help="only these vision rows, e.g. vision_w8a16 (default: all)")
+    ap.add_argument("--htp-inputs", type=int, default=0,
+                    help="also run each recipe row on the HTP emulator on this many held-out inputs (slow)")
     ap.add_argument("--lm-tokens", type=int, default=64, help="tokens per teacher-forced chunk")
     ap.add_argument("--lm-calib-tokens", type=int, default=20480)
     ap.add_argument("--lm-held-chunks", type=int, default=16)
@@ -62,7 +74,12 @@ def main() -> None:
         work = Path(tmp)
         if "vision" in args.components:
             from quant_vision import vision_component
-            vrows, extra["vision_sanity"] = vision_component(work, args.calib, args.image_size, args.held_crops)
+            from service.modelbuild.cnn_qat import QatRecipe
+            qat = QatRecipe(steps=args.qat_steps, batch=args.qat_batch, train_size=args.qat_size,
+                            eval_every=args.qat_eval_every)
+            vrows, extra["vision_sanity"] = vision_component(
+                work, args.calib, args.image_size, args.held_crops, qat=qat, htp_inputs=args.htp_inputs,
+                only=tuple(k for k in args.vision_keys.split(",") if k))
             rows += vrows
         if "lm" in args.components:
             from quant_lm import lm_component

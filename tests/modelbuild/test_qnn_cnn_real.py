@@ -56,21 +56,42 @@ def real_blocks(tmp_path_factory):
     return root, float_path, calibration, held
 
 
-def test_cnn_recipe_on_real_weights_matches_cpu_qdq_on_the_htp_emulator(real_blocks):
-    root, float_path, calibration, held = real_blocks
-    path, report = cnn_ptq.quantize_cnn(float_path, root / "blocks.w8a16.onnx", calibration,
-                                        recipe=cnn_ptq.CnnRecipe(sensitivity_samples=4))
-    assert report.split and report.bytes_above_8bit_pct <= 15.0, report.to_dict()
-    assert len(report.rounded) == len(cnn_ptq._convs(onnx.load(str(float_path)))), report.to_dict()
+def _int8_on_cpu_and_htp(float_path, path, held, name: str) -> dict:
+    """Checks every weight is int8 per-channel; SQNR of CPU QDQ and of the emulator (no CPU fallback)."""
     encodings = weight_codec.weight_encodings(onnx.load(str(path)))
     assert encodings and all(e.per_channel and e.dtype == "int8" for e in encodings)
     output = onnx.load(str(float_path), load_external_data=False).graph.output[0].name
     ref = create_session(float_path, "cpu").run([output], held)[0]
     cpu = create_session(path, "cpu").run([output], held)[0]
     htp = create_session(path, "qnn-emulator", disable_cpu_fallback=True, context_cache=False,
-                         model_name="lite0_blocks.w8a16").run([output], held)[0]
-    figures = {"htp_db": round(qdq.sqnr_db(ref, htp), 2), "cpu_qdq_db": round(qdq.sqnr_db(ref, cpu), 2),
-               "htp_vs_cpu_db": round(qdq.sqnr_db(cpu, htp), 2), **report.to_dict()}
+                         model_name=name).run([output], held)[0]
+    return {"htp_db": round(qdq.sqnr_db(ref, htp), 2), "cpu_qdq_db": round(qdq.sqnr_db(ref, cpu), 2),
+            "htp_vs_cpu_db": round(qdq.sqnr_db(cpu, htp), 2)}
+
+
+def test_cnn_recipe_on_real_weights_matches_cpu_qdq_on_the_htp_emulator(real_blocks):
+    root, float_path, calibration, held = real_blocks
+    path, report = cnn_ptq.quantize_cnn(float_path, root / "blocks.w8a16.onnx", calibration,
+                                        recipe=cnn_ptq.CnnRecipe(sensitivity_samples=4))
+    assert report.split and report.bytes_above_8bit_pct <= 15.0, report.to_dict()
+    assert len(report.rounded) == len(cnn_ptq._convs(onnx.load(str(float_path)))), report.to_dict()
+    figures = {**_int8_on_cpu_and_htp(float_path, path, held, "lite0_blocks.w8a16"), **report.to_dict()}
     print(json.dumps({"lite0_blocks_w8a16": figures}))
     assert figures["cpu_qdq_db"] > 35.0, figures          # the first blocks alone: well above the full network
+    assert abs(figures["htp_db"] - figures["cpu_qdq_db"]) < 1.0, figures
+
+
+def test_qat_step_on_real_weights_runs_on_the_htp_emulator_as_on_the_cpu(real_blocks):
+    """The quantization-aware fine-tuning step (cnn_qat) moves weights, scales and biases: what it writes must
+    still be int8 per-channel everywhere and computed by the HTP as by CPU QDQ."""
+    pytest.importorskip("jax", reason="the QAT step needs jax (the dev extra installs it)")
+    from service.modelbuild import cnn_qat
+    root, float_path, calibration, held = real_blocks
+    recipe = cnn_ptq.CnnRecipe(sensitivity_samples=4, qat=cnn_qat.QatRecipe(steps=40, batch=4, train_size=96))
+    path, report = cnn_ptq.quantize_cnn(float_path, root / "blocks.qat.onnx", calibration, recipe=recipe)
+    assert report.qat["qat_steps"] == 40 and report.bytes_above_8bit_pct <= 15.0, report.to_dict()
+    figures = {**_int8_on_cpu_and_htp(float_path, path, held, "lite0_blocks.qat.w8a16"),
+               "qat_history": report.qat["qat_history"]}
+    print(json.dumps({"lite0_blocks_qat_w8a16": figures}))
+    assert figures["cpu_qdq_db"] > 35.0, figures
     assert abs(figures["htp_db"] - figures["cpu_qdq_db"]) < 1.0, figures
