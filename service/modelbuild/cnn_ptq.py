@@ -19,6 +19,7 @@ Why each step (measured on EfficientNet-Lite0, docs/quantization.md):
   a ~254x finer grid, ~15 effective bits), summed by one Add. Layers are chosen by their measured share of
   output noise per byte, within `split_budget` of the weight bytes; only 1x1 convs, the ones the HTP
   computes as the CPU does once split (`CnnRecipe.split_spatial`).
+- quantization-aware fine-tuning (optional, `CnnRecipe.qat`, needs jax): cnn_qat.py.
 """
 from __future__ import annotations
 
