@@ -100,7 +100,7 @@ def quiet_session(model_or_path):
     return ort.InferenceSession(model_or_path, so, providers=["CPUExecutionProvider"])
 
 
-def _run_with(model: onnx.ModelProto, feeds: Sequence[Mapping], names: Sequence[str]):
+def run_with(model: onnx.ModelProto, feeds: Sequence[Mapping], names: Sequence[str]):
     """Yield, per feed, the float values of `names` (intermediate tensors exposed as outputs)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -171,7 +171,7 @@ def equalize(model: onnx.ModelProto) -> int:
 def _statistics(model, convs, feeds) -> dict[str, dict]:
     """Per conv: input channel means, and the second-moment matrix GPTQ needs (per channel for depthwise)."""
     stats = {n.name: {"mean": 0.0, "H": 0.0, "count": 0} for n in convs}
-    for values in _run_with(model, feeds, sorted({n.input[0] for n in convs})):
+    for values in run_with(model, feeds, sorted({n.input[0] for n in convs})):
         for n in convs:
             x = values[n.input[0]][0].astype(np.float64)              # [C, H, W]
             w_shape = {t.name: t.dims for t in model.graph.initializer}[n.input[1]]
@@ -305,7 +305,7 @@ def prepare(model: onnx.ModelProto, calibration: Sequence[Mapping], outputs: Seq
     # measured output noise of each layer's rounding alone, relative to each output's signal, summed
     feeds = spread(calibration, recipe.sensitivity_samples)
     outputs = list(outputs)
-    ref = list(_run_with(model, feeds, outputs))
+    ref = list(run_with(model, feeds, outputs))
     signal = {o: sum(float(np.sum(r[o].astype(np.float64) ** 2)) for r in ref) for o in outputs}
     noise: dict[str, float] = {}
     # one session for every layer: conv weights declared as graph inputs are overridable initializers

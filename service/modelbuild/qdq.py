@@ -45,7 +45,7 @@ class QuantizationError(RuntimeError):
     pass
 
 
-def _reader(samples: Sequence[Mapping[str, np.ndarray]]):
+def calibration_reader(samples: Sequence[Mapping[str, np.ndarray]]):
     from onnxruntime.quantization import CalibrationDataReader
 
     class ListReader(CalibrationDataReader):
@@ -161,7 +161,7 @@ def quantize_qdq(float_path: str | Path, out_path: str | Path, calibration: Sequ
     if not overrides:
         raise QuantizationError(f"{float_path.name}: no MatMul/Gemm/Conv weights to quantize")
     started = time.monotonic()
-    config = get_qnn_qdq_config(str(float_path), _reader(calibration), activation_type=QuantType.QUInt16,
+    config = get_qnn_qdq_config(str(float_path), calibration_reader(calibration), activation_type=QuantType.QUInt16,
                                 weight_type=QuantType.QUInt8, per_channel=False, init_overrides=overrides,
                                 stride=_stride(len(calibration), calib_stride))
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,7 @@ def test_weight_encodings_flags_per_tensor_and_float_weights(tmp_path):
     g.output(y, "y", "float32", [1, 4, 32])
     float_path = g.save(tmp_path / "trap.onnx")
     feeds = [{"x": np.random.default_rng(i).standard_normal((1, 4, 64)).astype(np.float32)} for i in range(2)]
-    config = get_qnn_qdq_config(str(float_path), qdq._reader(feeds), activation_type=QuantType.QUInt16,
+    config = get_qnn_qdq_config(str(float_path), qdq.calibration_reader(feeds), activation_type=QuantType.QUInt16,
                                 weight_type=QuantType.QInt8, per_channel=True)
     quantize(str(float_path), str(tmp_path / "trap.qdq.onnx"), config)
     (enc,) = weight_codec.weight_encodings(onnx.load(str(tmp_path / "trap.qdq.onnx")))

@@ -50,18 +50,11 @@ def head_convs(model: onnx.ModelProto) -> list[str]:
 
 def _head_outputs(model: onnx.ModelProto, heads: list[str], feeds: list[dict]) -> list[np.ndarray]:
     """Per head conv, its output over every feed as [channels, cells]."""
-    import onnxruntime as ort
-    probe = onnx.load_from_string(model.SerializeToString())
-    names = [n.output[0] for n in probe.graph.node if n.name in heads]
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    runs = [session.run(names, feed) for feed in feeds]
-    order = [next(n.name for n in probe.graph.node if n.output[0] == name) for name in names]
-    by_head = {h: np.concatenate([r[k][0].reshape(r[k].shape[1], -1) for r in runs], 1)
-               for k, h in enumerate(order)}
-    return [by_head[h] for h in heads]
+    from service.modelbuild.cnn_ptq import run_with
+    output_of = {n.name: n.output[0] for n in model.graph.node if n.name in heads}
+    names = [output_of[h] for h in heads]
+    runs = list(run_with(model, feeds, names))
+    return [np.concatenate([r[n][0].reshape(r[n].shape[1], -1) for r in runs], 1) for n in names]
 
 
 def correct_head_bias(float_model: onnx.ModelProto, quantized: onnx.ModelProto, heads: list[str],
@@ -80,11 +73,11 @@ def correct_head_bias(float_model: onnx.ModelProto, quantized: onnx.ModelProto, 
 
 
 def quantize_cpu_int8(float_path: Path, dst: Path, spec: ModelSpec) -> None:
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from service.modelbuild.cnn_ptq import augment
+    from service.modelbuild.qdq import calibration_reader
 
     with tempfile.TemporaryDirectory() as tmp:
         pre, staged = Path(tmp) / "pre.onnx", Path(tmp) / "out.onnx"
@@ -95,17 +88,10 @@ def quantize_cpu_int8(float_path: Path, dst: Path, spec: ModelSpec) -> None:
         feeds = [{input_name: t} for t in augment(spec.calibration(), AUGMENT_COPIES)]
         heads = head_convs(float_model)
 
-        class Photos(CalibrationDataReader):
-            def __init__(self):
-                self.feeds = iter(feeds)
-
-            def get_next(self):
-                return next(self.feeds, None)
-
         logging.disable(logging.WARNING)   # the quantizer's per-node chatter; the agreement test is the check
         try:
-            quantize_static(str(pre), str(staged), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            quantize_static(str(pre), str(staged), calibration_reader(feeds), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=heads)
         finally:
             logging.disable(logging.NOTSET)
