@@ -29,6 +29,8 @@ import onnx
 import structlog
 from onnx import numpy_helper
 
+from .qdq import sqnr_db
+
 log = structlog.get_logger(__name__)
 QMAX = 127
 
@@ -211,14 +213,10 @@ def finetune(model: onnx.ModelProto, calibration: Sequence[Mapping], outputs: Se
 
     def held_sqnr(params) -> float:
         """Over all held-out inputs together (as qdq.compare), averaged over the outputs in dB."""
-        noise, signal = dict.fromkeys(outputs, 0.0), dict.fromkeys(outputs, 0.0)
-        for x, ref in zip(held, held_ref):
-            got = student(params, x)
-            for k in outputs:
-                r = ref[k].astype(np.float64)
-                noise[k] += float(np.sum((r - np.asarray(got[k], np.float64)) ** 2))
-                signal[k] += float(np.sum(r ** 2))
-        return round(float(np.mean([10 * np.log10(signal[k] / max(noise[k], 1e-30)) for k in outputs])), 2)
+        got = [student(params, x) for x in held]
+        return round(float(np.mean([sqnr_db(np.concatenate([r[k].ravel() for r in held_ref]),
+                                            np.concatenate([np.asarray(g[k]).ravel() for g in got]))
+                                    for k in outputs])), 2)
 
     report = QatReport(steps=recipe.steps)
     if held:

@@ -25,6 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from .gguf_blocks import NBitsWeight, concat_rows
+from .qdq import sqnr_db
 from .weight_codec import LPBQ_SCALE_LEVELS, Lpbq, channel_scale, round_to_grid
 
 # The HTP expands LPBQ block scales from 4-bit integers: 1..16 under the channel scale (probed on the emulator:
@@ -186,8 +187,7 @@ def weight_error_db(w: NBitsWeight, enc: Lpbq, offsets_q: np.ndarray | None = No
     got = enc.dequantize().astype(np.float64)
     if offsets_q is not None:
         got = got + np.repeat(offsets_q, enc.block, axis=0)
-    noise = ((exact - got) ** 2).sum()
-    return float("inf") if noise == 0 else float(10 * np.log10((exact ** 2).sum() / noise))
+    return sqnr_db(exact, got)
 
 
 def gptq_codes(w: NBitsWeight, enc: Lpbq, offsets: np.ndarray | None, hessian: np.ndarray) -> Lpbq:

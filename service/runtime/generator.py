@@ -15,7 +15,7 @@ import onnxruntime as ort
 import structlog
 
 from .backends import create_session
-from .providers import SPIN_US, spin_us_from_env
+from .providers import spin_bound_us, spin_us_from_env
 from .bundle import Bundle, BundleError
 from .qnn_context import context_binary
 from .shared_sequence import CacheSlots, ContextOverflowError, DecoderState, SequenceBase, SharedSequence
@@ -102,7 +102,7 @@ class LanguageModel:
             self.cache_slots = CacheSlots(decode.session, decode.entry["state"], self.vocab_size, self.hidden_size,
                                           self.context_length)
         self.spin_within_run = bool(spin_within_run) and backend == "cpu"
-        self.spin_us = (SPIN_US if spin_within_run is True else int(spin_within_run)) if self.spin_within_run else 0
+        self.spin_us = spin_bound_us(spin_within_run) if self.spin_within_run else 0
         self.state_key = (str(bundle.path.resolve()), self.variant)
         log.info("language_model_loaded", name=self.name, variant=self.variant, backend=backend,
                  context_length=self.context_length)

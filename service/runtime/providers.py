@@ -82,13 +82,18 @@ def spin_us_from_env() -> int:
         raise BackendError(f"INCAR_CPU_SPIN_US must be a whole number of microseconds: {exc}") from exc
 
 
+def spin_bound_us(spin_within_run: bool | int) -> int:
+    """Microseconds an idle worker spins: True = `SPIN_US`, False = 0, else the number given."""
+    return SPIN_US if spin_within_run is True else int(spin_within_run)
+
+
 def session_options(threads: int | None = None, spin_within_run: bool | int = False) -> ort.SessionOptions:
     """CPU session options. `spin_within_run`: False/0 = workers never spin (an idle server burns no CPU); an int
     = microseconds an idle worker spins for the next op of the same Run (True = `SPIN_US`); spinning stops when
     the Run returns (`force_spinning_stop`). Many small ops per token (the decoder) need it: waking a sleeping
     worker per op cost about a third of the 2-thread decode speed here."""
     so = ort.SessionOptions()
-    spin_us = SPIN_US if spin_within_run is True else int(spin_within_run)
+    spin_us = spin_bound_us(spin_within_run)
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_us > 0 else "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if spin_us > 0:
