@@ -17,6 +17,7 @@ VARIANTS = ("float", "qdq")
 # checked against the float model's; a cascade configured for it opens the float graph of every other model.
 CPU_INT8 = "cpu-int8"
 INT8_MODELS = ("objects",)
+_SUFFIX = {"float": ".onnx", "qdq": ".qdq.onnx", CPU_INT8: ".int8.onnx"}   # variant -> file name ending
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
@@ -36,11 +37,10 @@ def model_path(name: str, variant: str = "float", out_dir: str | Path | None = N
     """The ONNX file of one converted model; `incar perception build` writes it."""
     if not _NAME.match(name):
         raise KeyError(f"perception: {name!r} is not a model name (lower-case letters, digits, _ and -)")
-    if variant not in (*VARIANTS, CPU_INT8):
-        raise ValueError(f"perception: unknown variant {variant!r}; expected one of {(*VARIANTS, CPU_INT8)}")
+    if variant not in _SUFFIX:
+        raise ValueError(f"perception: unknown variant {variant!r}; expected one of {tuple(_SUFFIX)}")
     base = Path(out_dir) if out_dir is not None else models_dir()
-    suffix = {"float": ".onnx", "qdq": ".qdq.onnx", CPU_INT8: ".int8.onnx"}[variant]
-    return base / "perception" / f"{name}{suffix}"
+    return base / "perception" / f"{name}{_SUFFIX[variant]}"
 
 
 def variant_for(name: str, variant: str) -> str:

@@ -37,18 +37,18 @@ def _source_digest(spec: ModelSpec) -> str:
     return hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
 
 
+def _digest(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
 def _keys(spec: ModelSpec) -> dict[str, str]:
     from service.perception.calibration import CALIBRATION_PHOTOS, photos_digest
-    base = hashlib.sha256(json.dumps({
-        "build": BUILD_VERSION, "source": _source_digest(spec), "shape": spec.input_shape,
-        "onnx": onnx.__version__}, sort_keys=True).encode()).hexdigest()
-    qdq = hashlib.sha256(json.dumps({
-        "float": base, "ort": onnxruntime.__version__, "photos": photos_digest(CALIBRATION_PHOTOS),
-        "recipe": recipe_name(spec)}, sort_keys=True).encode()).hexdigest()
-    int8 = hashlib.sha256(json.dumps({
-        "float": base, "ort": onnxruntime.__version__, "photos": photos_digest(CALIBRATION_PHOTOS),
-        "recipe": CPU_INT8_RECIPE}, sort_keys=True).encode()).hexdigest()
-    return {"float": base, "qdq": qdq, CPU_INT8: int8}
+    base = _digest({"build": BUILD_VERSION, "source": _source_digest(spec), "shape": spec.input_shape,
+                    "onnx": onnx.__version__})
+    # A quantized variant depends on the float graph, the quantizer, the calibration photos and its recipe.
+    calibrated = {"float": base, "ort": onnxruntime.__version__, "photos": photos_digest(CALIBRATION_PHOTOS)}
+    return {"float": base, "qdq": _digest({**calibrated, "recipe": recipe_name(spec)}),
+            CPU_INT8: _digest({**calibrated, "recipe": CPU_INT8_RECIPE})}
 
 
 def build(out_dir: str | Path | None = None, names: Iterable[str] | None = None, *, quantize: bool = True,
