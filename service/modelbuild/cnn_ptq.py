@@ -34,7 +34,7 @@ import structlog
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import numpy_helper
 
-from . import qdq
+from . import htp_requant, qdq, split_conv
 from .weight_codec import channel_scale, round_to_grid
 
 log = structlog.get_logger(__name__)
@@ -242,27 +242,7 @@ def _set(model, name, array):
 
 def _split(model: onnx.ModelProto, names: set[str], weights: Mapping[str, np.ndarray]) -> None:
     """Each named Conv(x, W, b) -> Add(Conv(x, s1 q1, b), Conv(x, W - s1 q1)): two int8 convs, ~15-bit weights."""
-    nodes = []
-    for node in model.graph.node:
-        if node.name not in names:
-            nodes.append(node)
-            continue
-        w = weights[node.name]
-        hi = round_to_grid(w, channel_scale(w, 8, 0), 8, 0) * channel_scale(w, 8, 0)[:, None, None, None]
-        lo_name, out = node.input[1] + ".residual", node.output[0]
-        _set(model, node.input[1], hi)
-        _set(model, lo_name, w - hi)
-        main = onnx.NodeProto()
-        main.CopyFrom(node)
-        main.output[0] = out + "_hi"
-        lo = onnx.NodeProto()
-        lo.CopyFrom(node)
-        lo.name, lo.output[0] = node.name + "_residual", out + "_lo"
-        del lo.input[2:]
-        lo.input[1] = lo_name
-        nodes += [main, lo, onnx.helper.make_node("Add", [out + "_hi", out + "_lo"], [out], name=node.name + "_sum")]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    split_conv.split_layers(model, dict(weights), {name: None for name in names})
 
 
 def spread(samples: Sequence, count: int) -> list:
@@ -393,4 +373,5 @@ def quantize_cnn(float_path: str | Path, out_path: str | Path, calibration: Sequ
         staged = Path(tmp) / "prepared.onnx"
         onnx.save(prepared, str(staged))
         qdq.quantize_qdq(staged, out_path, calibration, "w8a16", integers=integers)
+    htp_requant.align_file(out_path)        # CPU QDQ then computes what the HTP computes (its 11-bit multipliers)
     return Path(out_path), report
