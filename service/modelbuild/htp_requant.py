@@ -1,4 +1,4 @@
-"""Conv weight scales the QNN HTP requantizes exactly.
+"""Weight scales the QNN HTP requantizes exactly (Conv, MatMul, Gemm).
 
 The HTP computes a quantized Conv's output code as the int32 accumulator (zero points and bias folded in)
 times one multiplier per output channel, M = s_in * s_w / s_out, and it holds M with 11 significant bits
@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .weight_codec import _index, set_weight, weight_dequantizers
+from .weight_codec import _attr, _index, set_weight, weight_dequantizers
 
 MULTIPLIER_BITS = 11          # significant bits of the HTP's requantization multiplier (fp16 mantissa + 1)
 
@@ -47,23 +47,27 @@ def _activation_scale(tensor: str, inits, producer, consumers) -> float | None:
 
 
 def align_requant_scales(model: onnx.ModelProto) -> int:
-    """In place: every quantized Conv's weight scales moved so that its requantization multipliers are exact
-    on the HTP. Returns the number of convs changed. All-zero channels are left alone."""
+    """In place: every quantized Conv/MatMul/Gemm weight's scales moved so that its requantization multipliers
+    are exact on the HTP (MatMul measured the same as Conv: 62 -> 80 dB from CPU QDQ). Returns the number of
+    weights changed. All-zero channels, and weights whose scale is computed (LPBQ blocks), are left alone."""
     changed = 0
     for weight, (dq, node) in weight_dequantizers(model).items():
-        if node.op_type != "Conv":
-            continue
         inits, producer, consumers = _index(model)
+        if dq.input[1] not in inits or _attr(dq, "block_size", 0):
+            continue
         s_in = _activation_scale(node.input[0], inits, producer, consumers)
         s_out = _activation_scale(node.output[0], inits, producer, consumers)
         if not s_in or not s_out:
             continue
         q = numpy_helper.to_array(inits[dq.input[0]])
         s_w = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
-        live = np.abs(q.reshape(q.shape[0], -1)).max(axis=1) > 0 if s_w.size > 1 else np.array([np.any(q)])
+        if s_w.size > 1:
+            axis = _attr(dq, "axis", 1) % q.ndim
+            live = np.abs(np.moveaxis(q, axis, 0).reshape(q.shape[axis], -1)).max(axis=1) > 0
+        else:
+            live = np.array([np.any(q)])
         m = (np.float32(s_in) * s_w.ravel() / np.float32(s_out)).astype(np.float64)
-        aligned = (htp_multiplier(m) * s_out / s_in).astype(np.float32)
-        aligned = np.where(live, aligned, s_w.ravel())
+        aligned = np.where(live, (htp_multiplier(m) * s_out / s_in).astype(np.float32), s_w.ravel())
         if np.array_equal(aligned, s_w.ravel()):
             continue
         set_weight(model, weight, q, aligned.reshape(s_w.shape))

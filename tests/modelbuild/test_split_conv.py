@@ -1,7 +1,7 @@
 """The split-conv graph form (split_conv: ~15-bit weights as two int8 convs, optionally only some output
 channels) and the requantization scales the HTP computes exactly (htp_requant), on tiny graphs: the split is
-the float layer, and on the QNN HTP emulator (CPU fallback disabled) a conv with a signed output parts from
-CPU QDQ by the HTP's 11-bit multipliers until its scales are aligned."""
+the float layer, and on the QNN HTP emulator (CPU fallback disabled) a conv or MatMul with a signed output
+parts from CPU QDQ by the HTP's 11-bit multipliers until its scales are aligned."""
 from __future__ import annotations
 
 import json
@@ -87,12 +87,24 @@ def test_split_form_is_the_float_layer_and_its_hi_rows_are_on_the_int8_grid(tmp_
         split_conv.split_node(model, model.graph.node[0], w, np.array([32]))
 
 
-def test_aligned_scales_make_the_htp_emulator_compute_a_conv_as_cpu_qdq(tmp_path):
+def _matmul_graph(path, rng):
+    """x [1, 16, 12, 12] @ W [12, 32]: a MatMul with a signed output, weights per-channel on axis 1."""
+    w = numpy_helper.from_array((rng.standard_normal((12, 32)) / np.sqrt(12)).astype(np.float32), "a.weight")
+    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "a.weight"], ["y"], name="a")], "matmul",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16, 12, 12])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [w])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10), str(path))
+    return path
+
+
+@pytest.mark.parametrize("op", ["Conv", "MatMul"])
+def test_aligned_scales_make_the_htp_emulator_compute_a_layer_as_cpu_qdq(tmp_path, op):
     """The cause of the deep-split loss: the HTP holds each channel's requantization multiplier with 11
-    significant bits. Before alignment a signed-output conv parts from CPU QDQ by that; after, it does not,
-    while the integers stay and the scales move by under 2^-11."""
+    significant bits. Before alignment a signed-output conv (or MatMul) parts from CPU QDQ by that; after,
+    it does not, while the integers stay and the scales move by under 2^-11."""
     rng = np.random.default_rng(1)
-    path = _conv_graph(tmp_path / "conv.onnx", rng, depthwise_too=False)
+    path = (_conv_graph(tmp_path / "conv.onnx", rng, depthwise_too=False) if op == "Conv"
+            else _matmul_graph(tmp_path / "matmul.onnx", rng))
     calibration, held = _feeds(rng, 16), _feeds(rng, 2)
     plain = qdq.quantize_qdq(path, tmp_path / "conv.w8a16.onnx", calibration, "w8a16")
     model = onnx.load(str(plain))
@@ -102,18 +114,18 @@ def test_aligned_scales_make_the_htp_emulator_compute_a_conv_as_cpu_qdq(tmp_path
     np.testing.assert_array_equal(after["a.weight_quantized"], before["a.weight_quantized"])
     moved = np.abs(after["a.weight_scale"] / before["a.weight_scale"] - 1)
     assert moved.max() < 2.0 ** -11 and moved.max() > 0
-    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    layer = next(n for n in model.graph.node if n.op_type == op)
     inits, producer, consumers = weight_codec._index(model)
-    s_in, s_out = (htp_requant._activation_scale(t, inits, producer, consumers) for t in (conv.input[0], conv.output[0]))
+    s_in, s_out = (htp_requant._activation_scale(t, inits, producer, consumers) for t in (layer.input[0], layer.output[0]))
     multiplier = np.float32(s_in) * after["a.weight_scale"] / np.float32(s_out)
     np.testing.assert_allclose(htp_requant.htp_multiplier(multiplier), multiplier, rtol=1e-6)
     aligned = tmp_path / "conv.aligned.onnx"
     onnx.save(model, str(aligned))
     figures = {}
     for tag, graph in (("plain", plain), ("aligned", aligned)):
-        cpu, htp = _htp_and_cpu(graph, held, f"conv.{tag}")
+        cpu, htp = _htp_and_cpu(graph, held, f"{op}.{tag}")
         figures[tag] = round(qdq.sqnr_db(np.concatenate(cpu), np.concatenate(htp)), 2)
-    print(json.dumps({"conv_htp_vs_cpu_db": figures}))
+    print(json.dumps({f"{op}_htp_vs_cpu_db": figures}))
     assert figures["aligned"] > 70.0 and figures["aligned"] > figures["plain"] + 10.0, figures
 
 
