@@ -33,8 +33,8 @@ def _cases(qat: cnn_qat.QatRecipe, only: tuple[str, ...]) -> list[tuple]:
               cnn_ptq.CnnRecipe(split_budget=0.0)),
              ("vision_w8a16_qat_nosplit", qat_text.replace("recipe +", "recipe without split layers +"),
               cnn_ptq.CnnRecipe(split_budget=0.0, qat=qat)),
-             ("vision_w8a16_cpu_splits", "post-training recipe also splitting 3x3/depthwise convs: better on the "
-              "CPU, worse on the HTP (docs/quantization.md)", cnn_ptq.CnnRecipe(split_spatial=True)),
+             ("vision_w8a16_cpu_splits", "post-training recipe also splitting 3x3/depthwise convs (faithful on the "
+              "HTP since exact requantization scales: docs/quantization.md)", cnn_ptq.CnnRecipe(split_spatial=True)),
              ("vision_w8a16_budget50", "post-training recipe with up to 50 % of weight bytes split (over the "
               "issue's 15 %): how far mixed precision alone goes", cnn_ptq.CnnRecipe(split_budget=0.5))]
     return [c for c in cases if not only or c[0] in only]
