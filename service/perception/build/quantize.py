@@ -30,6 +30,7 @@ def quantize_w8a16(float_path: Path, dst: Path, spec: ModelSpec) -> None:
     from onnxruntime.quantization.execution_providers.qnn import qnn_preprocess_model
 
     from service.modelbuild.cnn_ptq import CnnRecipe, augment, quantize_cnn
+    from service.modelbuild.htp_rewrites import fold_bias_adds
     from service.modelbuild.qdq import quantize_qdq
     with tempfile.TemporaryDirectory() as tmp:
         # qnn_preprocess_model (ORT 1.31) crashes on graphs with metadata_props; strip them here, restore below.
@@ -39,6 +40,9 @@ def quantize_w8a16(float_path: Path, dst: Path, spec: ModelSpec) -> None:
         onnx.save(stripped, str(bare))
         if not qnn_preprocess_model(str(bare), str(pre)):  # fuses Erf-GELU etc. into ops QNN has
             shutil.copyfile(bare, pre)
+        prepared = onnx.load(str(pre))
+        if fold_bias_adds(prepared):    # the HTP computes ConvTranspose + Add(bias) wrongly (OCR detector)
+            onnx.save(prepared, str(pre))
         input_name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
         tmp_dst = Path(tmp) / "out.onnx"
         # The quantizer warns (root logger) that it lifts opset 11 to 21 for 16-bit QDQ: expected, and checked
