@@ -27,8 +27,10 @@ def _cases(qat: cnn_qat.QatRecipe, only: tuple[str, ...]) -> list[tuple]:
                 f"{' and block outputs' if qat.intermediate else ''}; cnn_qat)")
     cases = [("vision_w8a16_baseline", "per-channel int8 weights (round to nearest), uint16 activations", None),
              ("vision_w8a16", qat_text, cnn_ptq.CnnRecipe(qat=qat)),
-             ("vision_w8a16_ptq", "post-training recipe: per-channel, equalization, sequential rounding, bias "
-              "correction, split layers", cnn_ptq.CnnRecipe()),
+             ("vision_w8a16_ptq", "post-training recipe: per-channel, equalization, sequential rounding against "
+              "the quantized network's inputs (cnn_sequential), bias correction, split layers", cnn_ptq.CnnRecipe()),
+             ("vision_w8a16_ptq_float_inputs", "post-training recipe rounding against the float network's inputs "
+              "(GPTQ + bias correction as before cnn_sequential)", cnn_ptq.CnnRecipe(quantized_inputs=False)),
              ("vision_w8a16_nosplit", "post-training recipe without split layers (all weights int8)",
               cnn_ptq.CnnRecipe(split_budget=0.0)),
              ("vision_w8a16_qat_nosplit", qat_text.replace("recipe +", "recipe without split layers +"),
@@ -89,8 +91,9 @@ def vision_component(work: Path, calib_count: int, size: int, held_crops: int = 
         else:
             _, report = cnn_ptq.quantize_cnn(float_path, out, feeds_cal, outputs=["features"], recipe=recipe)
             extra = report.to_dict()
+            extra["recipe_name"] = "cnn-ptq-v3" if report.rounding == "gptq-quantized-inputs" else "cnn-ptq-v2"
             if report.qat.get("qat_steps"):
-                extra["recipe_name"] = f"cnn-ptq-v2+qat{report.qat['qat_steps']}"
+                extra["recipe_name"] += f"+qat{report.qat['qat_steps']}"
             unsplit = {k: v for k, v in report.layer_noise_db.items()      # node b3_dw_39 -> b3_dw.weight
                        if f"{k.rsplit('_', 1)[0]}.weight" not in report.split}
             extra["noisiest_int8_layers_db"] = {k: round(float(v), 1) for k, v in
