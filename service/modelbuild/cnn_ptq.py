@@ -11,7 +11,8 @@ Why each step (measured on EfficientNet-Lite0, docs/quantization.md):
   function).
 - sequential rounding: rounds one input column at a time and pushes its error onto the columns not yet
   rounded, weighted by the layer's input second moments (GPTQ, Frantar et al. 2022), so the layer's output,
-  not its weights, is what stays close.
+  not its weights, is what stays close. By default against the input the layer gets in the network whose
+  earlier convs are already rounded, cancelling the part of their error that is linear in it (cnn_sequential).
 - bias correction: the rounding error has a non-zero mean per output channel (sum of dW times the input mean);
   it is folded into the bias.
 - splitting: the HTP refuses 16-bit weights (emulator: 'Unsupported nodes' for W16A16 Conv and MatMul), so a
