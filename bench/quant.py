@@ -1,8 +1,8 @@
 """Quantization accuracy per component, precision and recipe, on real weights, beside the AutoNeural paper.
 
 - Vision (bench/quant_vision.py): EfficientNet-Lite0's feature map and classifier at W8A16, round-to-nearest
-  per-channel against the recipe of service/modelbuild/cnn_ptq.py (post-training, and with the
-  quantization-aware fine-tuning step of cnn_qat.py: `vision_w8a16`), on held-out photos.
+  per-channel against the recipe of service/modelbuild/cnn_ptq.py (post-training: `vision_w8a16`; with the
+  quantization-aware fine-tuning step of cnn_qat.py: `vision_w8a16_qat`), on held-out photos.
 - Language (bench/quant_lm.py): SmolLM2-135M logits, teacher-forced on held-out real text, at W8A16 and
   W4A16 (LPBQ) with the residual rotation of service/modelbuild/rotation.py, and the CPU int4/int8 variants.
 QDQ graphs run through ORT's CPU EP (the HTP emulator is far too slow for these sizes; on the tiny graphs of
@@ -10,7 +10,7 @@ tests/modelbuild/test_qnn_recipes.py it lands within 1 dB of CPU QDQ). Prints a 
 flat keys (`vision_w8a16_sqnr_db`, `lm_w8a16_top1_agree`, `lm_w4a16_top1_agree`, ...) and the rows.
 
     .venv/bin/python bench/quant.py [--components vision,lm] [--calib 200] [--qat-steps 300] [--htp-inputs 0]
-                                    [--vision-keys vision_w8a16,vision_w8a16_ptq] [--lm-tokens 64]
+                                    [--vision-keys vision_w8a16,vision_w8a16_qat] [--lm-tokens 64]
                                     [--lm-calib-tokens 20480] [--lm-held-chunks 16]
 """
 from __future__ import annotations

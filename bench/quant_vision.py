@@ -26,9 +26,11 @@ def _cases(qat: cnn_qat.QatRecipe, only: tuple[str, ...]) -> list[tuple]:
                 f"{qat.train_size or 'full size'}, LSQ steps, distilled from the float features"
                 f"{' and block outputs' if qat.intermediate else ''}; cnn_qat)")
     cases = [("vision_w8a16_baseline", "per-channel int8 weights (round to nearest), uint16 activations", None),
-             ("vision_w8a16", qat_text, cnn_ptq.CnnRecipe(qat=qat)),
-             ("vision_w8a16_ptq", "post-training recipe: per-channel, equalization, sequential rounding against "
+             # the post-training recipe is the best measured one: from its rounding (against the quantized
+             # inputs) the QAT step ends below its start (30.63 vs 31.14 dB, docs/quantization.md)
+             ("vision_w8a16", "post-training recipe: per-channel, equalization, sequential rounding against "
               "the quantized network's inputs (cnn_sequential), bias correction, split layers", cnn_ptq.CnnRecipe()),
+             ("vision_w8a16_qat", qat_text, cnn_ptq.CnnRecipe(qat=qat)),
              ("vision_w8a16_ptq_float_inputs", "post-training recipe rounding against the float network's inputs "
               "(GPTQ + bias correction as before cnn_sequential)", cnn_ptq.CnnRecipe(quantized_inputs=False)),
              ("vision_w8a16_nosplit", "post-training recipe without split layers (all weights int8)",
