@@ -88,7 +88,7 @@ class _Net:
     """The graph's convs as fake-quantized (or float) layers over latent parameters, and its jax function."""
 
     def __init__(self, model: onnx.ModelProto, integers: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                 keep_float: set[str], start_biases: Mapping[str, np.ndarray]):
+                 keep_float: set[str], start: Mapping[str, np.ndarray]):
         from .onnx_jax import graph_function
         inits = {t.name for t in model.graph.initializer}
         self.convs = [n for n in model.graph.node if n.op_type == "Conv" and n.input[1] in inits]
@@ -100,6 +100,8 @@ class _Net:
         self.s0, self.q0, self.bunit = {}, {}, {}
         for n in self.convs:
             w = floats[n.input[1]]
+            if n.input[1] in keep_float:       # start where the post-training step left it (e.g. cnn_sequential's
+                w = start.get(n.input[1], w)   # input-error correction), not at the teacher's weights
             q, s = integers.get(n.input[1], (None, None))
             if s is None:                          # float-trained layers: unit = their int8 step all the same
                 s = np.where(np.abs(w).reshape(len(w), -1).max(1) > 0,
@@ -108,7 +110,7 @@ class _Net:
             self.q0[n.input[1]] = (w / s[:, None, None, None] if q is None or n.input[1] in keep_float
                                    else q).astype(np.float32)
             self.bunit[n.input[1]] = (s * np.sqrt(w[0].size)).astype(np.float32)
-        self.u0 = {k: ((start_biases[b] - floats[b]) / self.bunit[k]).astype(np.float32) if b in start_biases
+        self.u0 = {k: ((start[b] - floats[b]) / self.bunit[k]).astype(np.float32) if b in start
                    else np.zeros_like(self.s0[k]) for k, b in self.biases.items()}
 
     def init_params(self) -> dict:
@@ -170,10 +172,11 @@ def _batches(data: np.ndarray, recipe: QatRecipe, rng):
 def finetune(model: onnx.ModelProto, calibration: Sequence[Mapping], outputs: Sequence[str],
              integers: Mapping[str, tuple[np.ndarray, np.ndarray]], keep_float: set[str] = frozenset(),
              recipe: QatRecipe = QatRecipe(), monitor: Sequence[Mapping] = (),
-             start_biases: Mapping[str, np.ndarray] | None = None
+             start: Mapping[str, np.ndarray] | None = None
              ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray], QatReport]:
     """Train the conv weights of the float `model` (the teacher; the student starts at `integers`, weight name ->
-    (q, scale), and at `start_biases`, e.g. bias-corrected; layers in `keep_float` train in float). Returns the
+    (q, scale), and at `start`'s values: biases, e.g. bias-corrected, and the float starts of the layers in
+    `keep_float`, which train in float; the teacher's own weights otherwise). Returns the
     int8 layers' integers, every trained initializer's float value (weights on their grid, biases, float
     layers) and the report. `monitor`: held-out feeds, only evaluated (weights-only SQNR), never trained on."""
     import jax
@@ -181,8 +184,8 @@ def finetune(model: onnx.ModelProto, calibration: Sequence[Mapping], outputs: Se
 
     started = time.monotonic()
     if recipe.init == "float":
-        integers, start_biases = {k: (None, s) for k, (_, s) in integers.items()}, {}
-    net = _Net(model, integers, set(keep_float), start_biases or {})
+        integers, start = {k: (None, s) for k, (_, s) in integers.items()}, {}
+    net = _Net(model, integers, set(keep_float), start or {})
     input_name = model.graph.input[0].name
     names = list(outputs) + list(recipe.intermediate)
     weights_of = {n: 1.0 for n in outputs} | {n: recipe.intermediate_weight for n in recipe.intermediate}
@@ -251,9 +254,9 @@ def apply(model: onnx.ModelProto, teacher: onnx.ModelProto, calibration: Sequenc
         log.warning("cnn_qat.unavailable", reason="jax is not installed (the bench extra installs it)")
         return None
     try:
-        biases = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        start = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}   # post-training values
         trained, values, report = finetune(teacher, calibration, outputs, integers, keep_float, recipe,
-                                           recipe.monitor, biases)
+                                           recipe.monitor, start)
     except UnsupportedGraph as e:
         log.warning("cnn_qat.unsupported", reason=str(e))
         return None
