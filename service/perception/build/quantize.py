@@ -28,14 +28,21 @@ TEXT_RECIPE = "W8A16-perchannel-minmax-v3"
 AUGMENT_COPIES = 8          # each calibration photo + 7 flipped/jittered/shifted variants
 
 
+def cnn_recipe():
+    from service.modelbuild.cnn_ptq import CnnRecipe
+    return CnnRecipe(stat_samples=16, sensitivity_samples=2, min_rounding_samples=16)
+
+
 def recipe_name(spec: ModelSpec) -> str:
-    return TEXT_RECIPE if spec.name.startswith("ocr") else RECIPE
+    """The cache key's recipe: for the CNN models with every CnnRecipe field, so that a changed default in
+    cnn_ptq (e.g. split_spatial) rebuilds them everywhere instead of leaving old graphs under the same key."""
+    return TEXT_RECIPE if spec.name.startswith("ocr") else f"{RECIPE} {cnn_recipe()!r}"
 
 
 def quantize_w8a16(float_path: Path, dst: Path, spec: ModelSpec) -> None:
     from onnxruntime.quantization.execution_providers.qnn import qnn_preprocess_model
 
-    from service.modelbuild.cnn_ptq import CnnRecipe, augment, quantize_cnn
+    from service.modelbuild.cnn_ptq import augment, quantize_cnn
     from service.modelbuild.htp_requant import align_file
     from service.modelbuild.htp_rewrites import fold_bias_adds
     from service.modelbuild.qdq import quantize_qdq
@@ -61,8 +68,7 @@ def quantize_w8a16(float_path: Path, dst: Path, spec: ModelSpec) -> None:
                 align_file(tmp_dst)     # as quantize_cnn does: CPU QDQ then computes what the HTP computes
             else:
                 samples = [{input_name: t} for t in augment(spec.calibration(), AUGMENT_COPIES)]
-                quantize_cnn(pre, tmp_dst, samples, recipe=CnnRecipe(stat_samples=16, sensitivity_samples=2,
-                                                                     min_rounding_samples=16))
+                quantize_cnn(pre, tmp_dst, samples, recipe=cnn_recipe())
         finally:
             logging.disable(logging.NOTSET)
         model = onnx.load(str(tmp_dst))
