@@ -21,7 +21,8 @@ def _upsampler(path, rng, bias_shape=(1, C_OUT, 1, 1)):
              numpy_helper.from_array((rng.standard_normal(bias_shape) * 0.4).astype(np.float32), "up.bias"),
              numpy_helper.from_array((rng.standard_normal((8, C_OUT, 1, 1)) * 0.3).astype(np.float32), "head.weight"),
              numpy_helper.from_array((rng.standard_normal((1, 8, 1, 1)) * 0.2).astype(np.float32), "head.bias")]
-    nodes = [helper.make_node("ConvTranspose", ["x", "up.weight"], ["up"], name="up", strides=[2, 2], kernel_shape=[2, 2]),
+    nodes = [helper.make_node("ConvTranspose", ["x", "up.weight"], ["up"], name="up", strides=[2, 2],
+                              kernel_shape=[2, 2]),
              helper.make_node("Add", ["up", "up.bias"], ["up_b"], name="up_add"),
              helper.make_node("Relu", ["up_b"], ["up_r"], name="up_relu"),
              helper.make_node("Conv", ["up_r", "head.weight"], ["head"], name="head"),
@@ -44,7 +45,8 @@ def test_folded_bias_is_the_same_float_graph_and_skips_what_is_not_a_channel_bia
     model = onnx.load(str(path))
     assert htp_rewrites.fold_bias_adds(model) == 2
     assert [n.op_type for n in model.graph.node] == ["ConvTranspose", "Relu", "Conv"]
-    assert {t.name for t in model.graph.initializer} == {"up.weight", "head.weight", "up.folded_bias", "head.folded_bias"}
+    assert {t.name for t in model.graph.initializer} == {"up.weight", "head.weight", "up.folded_bias",
+                                                         "head.folded_bias"}
     for feed in _feeds(rng, 2):
         want = cnn_ptq.quiet_session(str(path)).run(None, feed)[0]
         got = cnn_ptq.quiet_session(model.SerializeToString()).run(None, feed)[0]

@@ -1,8 +1,8 @@
 """The CNN recipe (cnn_ptq: per-channel int8, equalization, sequential rounding, bias correction, split layers)
 on real pretrained weights, on the QNN HTP emulator with CPU fallback disabled: EfficientNet-Lite0's stem and
 first three blocks (the layers the recipe splits) and stem + blocks 0-5 (split layers deep in the network),
-calibrated on augmented crops of the calibration photos, compared on a held-out photo. The emulator must land where ORT's CPU QDQ simulation does (within 1 dB), so
-the CPU figures of bench/quant.py stand for the HTP."""
+calibrated on augmented crops of the calibration photos, compared on a held-out photo. The emulator must land
+where ORT's CPU QDQ simulation does (within 1 dB), so the CPU figures of bench/quant.py stand for the HTP."""
 from __future__ import annotations
 
 import json

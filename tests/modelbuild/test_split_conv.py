@@ -116,7 +116,8 @@ def test_aligned_scales_make_the_htp_emulator_compute_a_layer_as_cpu_qdq(tmp_pat
     assert moved.max() < 2.0 ** -11 and moved.max() > 0
     layer = next(n for n in model.graph.node if n.op_type == op)
     inits, producer, consumers = weight_codec._index(model)
-    s_in, s_out = (htp_requant._activation_scale(t, inits, producer, consumers) for t in (layer.input[0], layer.output[0]))
+    s_in, s_out = (htp_requant._activation_scale(t, inits, producer, consumers)
+                   for t in (layer.input[0], layer.output[0]))
     multiplier = np.float32(s_in) * after["a.weight_scale"] / np.float32(s_out)
     np.testing.assert_allclose(htp_requant.htp_multiplier(multiplier), multiplier, rtol=1e-6)
     aligned = tmp_path / "conv.aligned.onnx"
