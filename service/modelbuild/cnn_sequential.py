@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .weight_codec import channel_scale
+from .weight_codec import _attr, channel_scale
 
 
 @dataclass
@@ -79,7 +79,7 @@ def round_sequentially(model: onnx.ModelProto, convs: Sequence[onnx.NodeProto], 
     """Round `convs` (graph order) of the float `model` one at a time against their inputs in the network
     whose earlier convs are already rounded (split layers: W* in float). `weights`: node name -> float
     weights; `feeds`: the calibration inputs for the statistics."""
-    from .cnn_ptq import _attr, gptq_round, quiet_session
+    from .cnn_ptq import gptq_round, quiet_session
     inits = {t.name: t for t in model.graph.initializer}
     probe = onnx.load_from_string(model.SerializeToString())
     overridable = [n.input[1] for n in convs] + [n.input[2] for n in convs if len(n.input) > 2 and n.input[2]]

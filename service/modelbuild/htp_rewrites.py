@@ -13,12 +13,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .weight_codec import _attr, _index
+
 
 def _output_channels(node: onnx.NodeProto, weight: np.ndarray) -> int:
     if node.op_type == "Conv":
         return weight.shape[0]
-    group = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
-    return weight.shape[1] * group                # ConvTranspose weights are [C_in, C_out / group, kh, kw]
+    return weight.shape[1] * _attr(node, "group", 1)      # ConvTranspose weights: [C_in, C_out / group, kh, kw]
 
 
 def _channel_vector(value: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
@@ -35,11 +36,7 @@ def _channel_vector(value: np.ndarray, channels: int, rank: int) -> np.ndarray |
 def fold_bias_adds(model: onnx.ModelProto) -> int:
     """In place: every Conv/ConvTranspose whose only consumer is an Add of a per-channel constant takes that
     constant into its bias, and the Add goes. Returns the number folded."""
-    inits = {t.name: t for t in model.graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    inits, _, consumers = _index(model)
     outputs = {o.name for o in model.graph.output}
     dropped, folded = set(), 0
     for node in model.graph.node:

@@ -15,22 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from .weight_codec import channel_scale, round_to_grid
-
-
-def _set(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
-    tensor = numpy_helper.from_array(np.asarray(array, np.float32), name)
-    for t in model.graph.initializer:
-        if t.name == name:
-            t.CopyFrom(tensor)
-            return
-    model.graph.initializer.append(tensor)
-
-
-def _group(node: onnx.NodeProto) -> int:
-    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
+from .weight_codec import _attr, _replace_init, channel_scale, round_to_grid
 
 
 def split_weights(w: np.ndarray, channels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -55,14 +41,14 @@ def split_node(model: onnx.ModelProto, node: onnx.NodeProto, w: np.ndarray,
         if channels.size == w.shape[0]:
             channels = None
     hi, residual = split_weights(w, channels)
-    grouped = _group(node) > 1
+    grouped = _attr(node, "group", 1) > 1
     if grouped and channels is not None:       # a residual row per channel: zero where not selected
         full = np.zeros_like(w, dtype=np.float32)
         full[channels] = residual
         residual, channels = full, None
     out, lo_name = node.output[0], node.input[1] + ".residual"
-    _set(model, node.input[1], hi)
-    _set(model, lo_name, residual)
+    _replace_init(model, node.input[1], hi)
+    _replace_init(model, lo_name, residual)
     main = onnx.NodeProto()
     main.CopyFrom(node)
     main.output[0] = out + "_hi"
@@ -76,7 +62,7 @@ def split_node(model: onnx.ModelProto, node: onnx.NodeProto, w: np.ndarray,
         place_name = node.input[1] + ".residual_place"
         place = np.zeros((w.shape[0], channels.size, 1, 1), np.float32)
         place[channels, np.arange(channels.size)] = 1.0
-        _set(model, place_name, place)
+        _replace_init(model, place_name, place)
         nodes.append(onnx.helper.make_node("Conv", [out + "_lo", place_name], [out + "_lo_placed"],
                                            name=node.name + "_residual_place"))
     nodes.append(onnx.helper.make_node("Add", [out + "_hi", nodes[-1].output[0]], [out], name=node.name + "_sum"))
