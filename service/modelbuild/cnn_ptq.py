@@ -37,7 +37,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import numpy_helper
 
 from . import htp_requant, qdq, split_conv
-from .weight_codec import channel_scale, round_to_grid
+from .weight_codec import _attr, _replace_init, channel_scale, round_to_grid
 
 log = structlog.get_logger(__name__)
 MAX_POSITIONS = 4096        # output positions per input used for a conv's second moments
@@ -81,10 +81,6 @@ class CnnReport:
         return {"equalized_pairs": self.equalized_pairs, "rounding": self.rounding, "rounded_layers": len(self.rounded),
                 "split_layers": self.split, "bytes_above_8bit_pct": round(self.bytes_above_8bit_pct, 2),
                 "predicted_weight_sqnr_db": round(float(self.predicted_weight_sqnr_db), 2), **self.qat}
-
-
-def _attr(node, name, default=None):
-    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def _convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -241,11 +237,7 @@ def gptq_round(w: np.ndarray, H: np.ndarray, scale: np.ndarray, bits: int = 8, d
 
 # -------------------------------------------------------------------------------------------- recipe
 def _set(model, name, array):
-    for t in model.graph.initializer:
-        if t.name == name:
-            t.CopyFrom(numpy_helper.from_array(np.asarray(array, np.float32), name))
-            return
-    model.graph.initializer.append(numpy_helper.from_array(np.asarray(array, np.float32), name))
+    _replace_init(model, name, np.asarray(array, np.float32))
 
 
 def _split(model: onnx.ModelProto, names: set[str], weights: Mapping[str, np.ndarray]) -> None:
@@ -338,24 +330,21 @@ def prepare(model: onnx.ModelProto, calibration: Sequence[Mapping], outputs: Seq
             weights[n.name] = done.weights[n.name]
         for name, value in done.biases.items():
             _set(model, name, value)
-    for n in convs:
-        w, bias_name = weights[n.name], n.input[2] if len(n.input) > 2 else None
-        if report.rounding == "gptq-quantized-inputs":
+    else:                        # rounded against the float inputs: split layers' integers out, biases corrected
+        for n in convs:
+            w, bias_name = weights[n.name], n.input[2] if len(n.input) > 2 else None
             if n.name in chosen:
-                report.split.append(n.input[1])
-            continue
-        if n.name in chosen:
-            integers.pop(n.input[1])
-            report.split.append(n.input[1])
-            continue
-        if recipe.bias_correction and bias_name:
-            dw = dequant[n.name] - w                                     # [Cout, Cin/g, k, k]
-            mean = stats[n.name]["mean"]
-            if _attr(n, "group", 1) == 1:
-                shift = dw.sum(axis=(2, 3)) @ mean
-            else:
-                shift = dw.sum(axis=(1, 2, 3)) * mean
-            _set(model, bias_name, numpy_helper.to_array(inits[bias_name]) - shift)
+                integers.pop(n.input[1])
+                continue
+            if recipe.bias_correction and bias_name:
+                dw = dequant[n.name] - w                                     # [Cout, Cin/g, k, k]
+                mean = stats[n.name]["mean"]
+                if _attr(n, "group", 1) == 1:
+                    shift = dw.sum(axis=(2, 3)) @ mean
+                else:
+                    shift = dw.sum(axis=(1, 2, 3)) * mean
+                _set(model, bias_name, numpy_helper.to_array(inits[bias_name]) - shift)
+    report.split = [n.input[1] for n in convs if n.name in chosen]
     if recipe.qat is not None:          # from the rounded, bias-corrected weights; split layers train in float
         from . import cnn_qat
         split_weights = {n.input[1]: n.name for n in convs if n.name in chosen}
