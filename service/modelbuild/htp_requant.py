@@ -51,8 +51,8 @@ def align_requant_scales(model: onnx.ModelProto) -> int:
     are exact on the HTP (MatMul measured the same as Conv: 62 -> 80 dB from CPU QDQ). Returns the number of
     weights changed. All-zero channels, and weights whose scale is computed (LPBQ blocks), are left alone."""
     changed = 0
+    inits, producer, consumers = _index(model)       # set_weight rewrites initializers in place (CopyFrom)
     for weight, (dq, node) in weight_dequantizers(model).items():
-        inits, producer, consumers = _index(model)
         if dq.input[1] not in inits or _attr(dq, "block_size", 0):
             continue
         s_in = _activation_scale(node.input[0], inits, producer, consumers)
