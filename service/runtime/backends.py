@@ -19,7 +19,7 @@ import onnxruntime as ort
 import structlog
 from prometheus_client import Gauge
 
-from service.runtime import qnn_context
+from service.runtime import htp_lowering, qnn_context
 from service.runtime.providers import (BACKENDS, PERFORMANCE_MODES, QNN_BACKENDS, BackendError, Placement,
                                        check_backend, context_placement, count_nodes, is_context_model,
                                        is_emulator_host, qnn_session_options, session_options)
@@ -95,8 +95,11 @@ def create_session(model_path: str | Path, backend: str = "cpu", *, threads: int
     elif disable_cpu_fallback:
         # Session creation fails unless every node is placed on QNN.
         placement = Placement(count_nodes(model_path), 0, "no-fallback")
+    source = str(load_path)
+    if load_path == model_path and not is_context_model(model_path):        # compiled online: lower it first
+        source = htp_lowering.lowered_bytes(model_path) or source
     try:
-        session = ort.InferenceSession(str(load_path), sess_options=so)
+        session = ort.InferenceSession(source, sess_options=so)
     except Exception as exc:
         raise BackendError(f"{backend}: cannot open {model_path.name}: {exc}") from exc
     if placement is None:

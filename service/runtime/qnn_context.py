@@ -30,6 +30,7 @@ import onnx
 import onnxruntime as ort
 import structlog
 
+from service.runtime import htp_lowering
 from service.runtime.bundle import Bundle, BundleError, hash_file
 from service.runtime.providers import (QNN_BACKENDS, BackendError, Placement, count_nodes, is_emulator_host,
                                        qnn_session_options)
@@ -139,7 +140,8 @@ def content_hash(model_path: str | Path, target: str, provider_options: dict | N
     options = {**TARGETS[target], **{k: str(v) for k, v in (provider_options or {}).items()
                                     if k not in _RUNTIME_ONLY_OPTIONS}}
     h.update(json.dumps({"target": target, "options": options, "versions": _versions(),
-                         "no_fallback": disable_cpu_fallback}, sort_keys=True).encode())
+                         "no_fallback": disable_cpu_fallback, "lowering": htp_lowering.VERSION},
+                        sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -180,7 +182,8 @@ def compile_context(model_path: str | Path, out_dir: str | Path, target: str = "
     ctx_path = out_dir / f"{model_path.name.removesuffix('.onnx')}_ctx.onnx"
     started = time.monotonic()
     try:
-        compiler = ort.ModelCompiler(so, str(model_path), embed_compiled_data_into_model=False,
+        source = htp_lowering.lowered_bytes(model_path) or str(model_path)     # what the HTP should compile
+        compiler = ort.ModelCompiler(so, source, embed_compiled_data_into_model=False,
                                      graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
         compiler.compile_to_file(str(ctx_path))
     except Exception as exc:
