@@ -7,6 +7,7 @@ always against the ORIGINAL float model, also where QAT changed the weights.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -93,6 +94,9 @@ def vision_component(work: Path, calib_count: int, size: int, held_crops: int = 
         if recipe is None:
             qdq.quantize_qdq(float_path, out, feeds_cal, precision)
         else:
+            # the HTP truncation fit runs the emulator 14 times at full size: only where the HTP row is measured
+            recipe = dataclasses.replace(recipe, htp_calibration_inputs=recipe.htp_calibration_inputs if htp_inputs
+                                         else 0)
             _, report = cnn_ptq.quantize_cnn(float_path, out, feeds_cal, outputs=["features"], recipe=recipe)
             extra = report.to_dict()
             extra["recipe_name"] = "cnn-ptq-v3" if report.rounding == "gptq-quantized-inputs" else "cnn-ptq-v2"

@@ -36,7 +36,7 @@ import structlog
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import numpy_helper
 
-from . import htp_requant, qdq, split_conv
+from . import htp_requant, htp_truncation, qdq, split_conv
 from .weight_codec import _attr, _replace_init, channel_scale, round_to_grid
 
 log = structlog.get_logger(__name__)
@@ -64,6 +64,7 @@ class CnnRecipe:
     quantized_inputs: bool = True
     compensation_damp: float = 1.0
     qat: object | None = None             # a cnn_qat.QatRecipe: fine-tune the rounded weights (needs jax)
+    htp_calibration_inputs: int = 2       # fit the HTP truncation compensation on these (htp_truncation); 0: not
 
 
 @dataclass
@@ -76,11 +77,13 @@ class CnnReport:
     layer_noise_db: dict[str, float] = field(default_factory=dict)
     qat: dict = field(default_factory=dict)          # cnn_qat.QatReport.to_dict(), when that step ran
     rounding: str = "nearest"                        # "gptq", or "gptq-quantized-inputs" (cnn_sequential)
+    htp_truncation: dict = field(default_factory=dict)  # htp_truncation.calibrate_file's result, when it ran
 
     def to_dict(self) -> dict:
         return {"equalized_pairs": self.equalized_pairs, "rounding": self.rounding, "rounded_layers": len(self.rounded),
                 "split_layers": self.split, "bytes_above_8bit_pct": round(self.bytes_above_8bit_pct, 2),
-                "predicted_weight_sqnr_db": round(float(self.predicted_weight_sqnr_db), 2), **self.qat}
+                "predicted_weight_sqnr_db": round(float(self.predicted_weight_sqnr_db), 2), **self.qat,
+                **({"htp_truncation_units": self.htp_truncation["units"]} if self.htp_truncation else {})}
 
 
 def _convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -387,4 +390,7 @@ def quantize_cnn(float_path: str | Path, out_path: str | Path, calibration: Sequ
         onnx.save(prepared, str(staged))
         qdq.quantize_qdq(staged, out_path, calibration, "w8a16", integers=integers)
     htp_requant.align_file(out_path)        # CPU QDQ then computes what the HTP computes (its 11-bit multipliers)
+    if recipe.htp_calibration_inputs:       # and the HTP's truncating requantization gets its compensation
+        report.htp_truncation = htp_truncation.calibrate_file(
+            out_path, spread(calibration, recipe.htp_calibration_inputs)) or {}
     return Path(out_path), report

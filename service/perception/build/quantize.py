@@ -15,8 +15,9 @@ from service.perception.build.spec import ModelSpec
 
 # v2: statistics spread over all photos, only 1x1 convs split. v3: weight scales that the HTP requantizes exactly
 # (htp_requant, inside quantize_cnn), Conv/ConvTranspose + Add(bias) folded (htp_rewrites), rounding against the
-# quantized inputs (cnn_sequential).
-RECIPE = "W8A16-cnn_ptq-v3"
+# quantized inputs (cnn_sequential). v4: the HTP's truncating requantization compensated, fitted per model on the
+# emulator (htp_truncation, inside quantize_cnn) and recorded in the file for the QNN compile (htp_lowering).
+RECIPE = "W8A16-cnn_ptq-v4"
 # The text models keep the plain per-channel recipe (service.modelbuild.qdq: int8 per-channel on every weight,
 # MinMax ranges from the rendered signs as they are). Measured on the held-out signs: with it both detectors read
 # every sign exactly (box IoU >= 0.96); the CNN recipe's augmented ranges cut "P2 LEVEL C-14" short on the CPU
@@ -73,7 +74,8 @@ def quantize_w8a16(float_path: Path, dst: Path, spec: ModelSpec) -> None:
             logging.disable(logging.NOTSET)
         model = onnx.load(str(tmp_dst))
         src_meta = {p.key: p.value for p in onnx.load(str(float_path), load_external_data=False).metadata_props}
-        onnx.helper.set_model_props(model, src_meta)   # keeps e.g. the OCR dictionary with the graph
+        # keeps e.g. the OCR dictionary with the graph, beside what the recipe recorded (the HTP lowering's units)
+        onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **src_meta})
         staged = dst.with_suffix(".tmp")
         onnx.save(model, str(staged))
         os.replace(staged, dst)   # whole files only: a reader never sees a half-written model
