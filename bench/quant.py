@@ -44,6 +44,8 @@ def flat_keys(rows: list[dict]) -> dict:
             out[f"{base}_recipe"] = r["recipe_name"]
         if "qat_steps" in r:
             out[f"{base}_qat_steps"] = r["qat_steps"]
+        if "htp_truncation_units" in r:                 # the compensation the HTP compile applies (htp_lowering)
+            out[f"{base}_htp_truncation_units"] = r["htp_truncation_units"]
         out.update({k: v for k, v in r.items() if k.startswith(f"{base}_htp")})
     return out
 
