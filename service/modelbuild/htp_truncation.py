@@ -34,11 +34,10 @@ def _sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
 
 
 def _score(cpu: list[list[np.ndarray]], htp: list[list[np.ndarray]]) -> float:
-    """Mean over the graph's outputs of HTP-vs-CPU SQNR (dB), each pooled over the inputs."""
-    per_output = zip(*cpu), zip(*htp)
-    return float(np.mean([_sqnr_db(np.concatenate([a.ravel() for a in c]).astype(np.float64),
-                                   np.concatenate([b.ravel() for b in h]).astype(np.float64))
-                          for c, h in zip(*per_output)]))
+    """Mean over the graph's outputs of HTP-vs-CPU SQNR (dB), each pooled over the inputs (one run per input)."""
+    pooled = [(np.concatenate([run[i].ravel() for run in cpu]), np.concatenate([run[i].ravel() for run in htp]))
+              for i in range(len(cpu[0]))]
+    return float(np.mean([_sqnr_db(c.astype(np.float64), h.astype(np.float64)) for c, h in pooled]))
 
 
 def calibrate_file(qdq_path: str | Path, feeds: Sequence[Mapping], candidates: Sequence[int] = CANDIDATES
