@@ -17,7 +17,9 @@ from service.perception.build.spec import ModelSpec
 # (htp_requant, inside quantize_cnn), Conv/ConvTranspose + Add(bias) folded (htp_rewrites), rounding against the
 # quantized inputs (cnn_sequential). v4: the HTP's truncating requantization compensated, fitted per model on the
 # emulator (htp_truncation, inside quantize_cnn) and recorded in the file for the QNN compile (htp_lowering).
-RECIPE = "W8A16-cnn_ptq-v4"
+# v5: a Concat's inputs share its output scale (htp_requant.share_concat_scales: QNN folds the Concat's
+# requantization into the conv before it).
+RECIPE = "W8A16-cnn_ptq-v5"
 # The text models keep the plain per-channel recipe (service.modelbuild.qdq: int8 per-channel on every weight,
 # MinMax ranges from the rendered signs as they are). Measured on the held-out signs: with it both detectors read
 # every sign exactly (box IoU >= 0.96); the CNN recipe's augmented ranges cut "P2 LEVEL C-14" short on the CPU
