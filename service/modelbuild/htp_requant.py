@@ -81,6 +81,8 @@ _DATA_MOVES = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 def _exclusive_chain(dq: onnx.NodeProto, producer, consumers) -> list[onnx.NodeProto] | None:
     """The Q/DQ nodes from a Concat input's DequantizeLinear back through data moves to the op that computed the
     tensor, when each tensor on the way has that one use; None otherwise."""
+    if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) != 3:
+        return None
     chain, node = [dq], dq
     while True:
         q = producer.get(node.input[0])
@@ -105,10 +107,6 @@ def share_concat_scales(model: onnx.ModelProto) -> int:
     on face_short's classifier head one channel then came out 20 codes (0.49 logits) off. CPU QDQ loses nothing:
     the Concat requantizes to its own scale anyway. Returns the number of inputs changed."""
     inits, producer, consumers = _index(model)
-    uses: dict[str, int] = {}
-    for n in model.graph.node:
-        for name in n.input[1:3]:
-            uses[name] = uses.get(name, 0) + 1
     changed = 0
     for cat in [n for n in model.graph.node if n.op_type == "Concat"]:
         outs = consumers.get(cat.output[0], [])
@@ -117,12 +115,11 @@ def share_concat_scales(model: onnx.ModelProto) -> int:
         s_cat, z_cat = (numpy_helper.to_array(inits[t]) for t in outs[0].input[1:3])
         for name in cat.input:
             dq = producer.get(name)
-            chain = _exclusive_chain(dq, producer, consumers) if dq is not None and dq.op_type == \
-                "DequantizeLinear" and len(dq.input) == 3 else None
+            chain = _exclusive_chain(dq, producer, consumers)
             if chain is None or any(n.input[1:3] != dq.input[1:3] for n in chain):
                 continue
             s_name, z_name = dq.input[1], dq.input[2]
-            if uses.get(s_name) != len(chain) or uses.get(z_name) != len(chain):
+            if len(consumers[s_name]) != len(chain) or len(consumers[z_name]) != len(chain):
                 continue                                  # the scale is shared beyond the chain
             if np.array_equal(numpy_helper.to_array(inits[s_name]), s_cat) and \
                     np.array_equal(numpy_helper.to_array(inits[z_name]), z_cat):
@@ -141,7 +138,12 @@ def align_file(path: str | Path, concat_scales: bool = False) -> int:
     changed = share_concat_scales(model) if concat_scales else 0
     changed += align_requant_scales(model)
     if changed:
-        external = path.with_name(path.name + ".data")
-        onnx.save_model(model, str(path), save_as_external_data=external.exists(), all_tensors_to_one_file=True,
-                        location=external.name)
+        save_beside_data(model, path)
     return changed
+
+
+def save_beside_data(model: onnx.ModelProto, path: Path) -> None:
+    """Rewrite the QDQ file at `path`, its weights in `<name>.data` again if they were there."""
+    external = path.with_name(path.name + ".data")
+    onnx.save_model(model, str(path), save_as_external_data=external.exists(), all_tensors_to_one_file=True,
+                    location=external.name)

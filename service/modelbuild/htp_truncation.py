@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 import structlog
 
+from service.modelbuild import qdq
+from service.modelbuild.htp_requant import save_beside_data
 from service.runtime import htp_lowering
 from service.runtime.backends import create_session
 from service.runtime.providers import BackendError
@@ -28,16 +30,11 @@ log = structlog.get_logger("incar.modelbuild.htp_truncation")
 CANDIDATES = (0, 64, 128, 160, 192, 224, 256)
 
 
-def _sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
-    noise = float(np.sum((reference - other) ** 2))
-    return 10.0 * np.log10(float(np.sum(reference ** 2)) / noise) if noise > 0 else 200.0
-
-
 def _score(cpu: list[list[np.ndarray]], htp: list[list[np.ndarray]]) -> float:
     """Mean over the graph's outputs of HTP-vs-CPU SQNR (dB), each pooled over the inputs (one run per input)."""
     pooled = [(np.concatenate([run[i].ravel() for run in cpu]), np.concatenate([run[i].ravel() for run in htp]))
               for i in range(len(cpu[0]))]
-    return float(np.mean([_sqnr_db(c.astype(np.float64), h.astype(np.float64)) for c, h in pooled]))
+    return float(np.mean([min(qdq.sqnr_db(c, h), 200.0) for c, h in pooled]))      # identical output: 200
 
 
 def calibrate_file(qdq_path: str | Path, feeds: Sequence[Mapping], candidates: Sequence[int] = CANDIDATES
@@ -65,6 +62,6 @@ def calibrate_file(qdq_path: str | Path, feeds: Sequence[Mapping], candidates: S
             scores[units] = round(_score(cpu, [session.run(None, dict(f)) for f in feeds]), 2)
     best = max(scores, key=lambda u: (scores[u], -u))
     htp_lowering.set_truncation_units(model, best)
-    onnx.save(model, str(qdq_path))
+    save_beside_data(model, qdq_path)
     log.info("htp_truncation.calibrated", model=qdq_path.name, units=best, htp_vs_cpu_db=scores)
     return {"units": best, "htp_vs_cpu_db": scores}

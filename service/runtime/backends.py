@@ -82,7 +82,8 @@ def create_session(model_path: str | Path, backend: str = "cpu", *, threads: int
                              provider_options=provider_options, performance_mode=performance_mode)
     placement: Placement | None = None
     load_path = model_path
-    if is_context_model(model_path):
+    context_model = is_context_model(model_path)
+    if context_model:
         placement = context_placement(model_path)
     elif context_cache:
         try:
@@ -96,7 +97,7 @@ def create_session(model_path: str | Path, backend: str = "cpu", *, threads: int
         # Session creation fails unless every node is placed on QNN.
         placement = Placement(count_nodes(model_path), 0, "no-fallback")
     source = str(load_path)
-    if load_path == model_path and not is_context_model(model_path):        # compiled online: lower it first
+    if load_path == model_path and not context_model:        # compiled online: lower it first
         source = htp_lowering.lowered_bytes(model_path) or source
     try:
         session = ort.InferenceSession(source, sess_options=so)

@@ -43,14 +43,19 @@ def _attr(node, name: str, default):
     return default
 
 
-def _units(graph) -> list[tuple]:
-    """(conv, input DQ, weight DQ, bias DQ or None, output Q) of every W8A16 conv with uint16 activations."""
+def _index(graph):
     inits = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list] = {}
     for n in graph.node:
         for name in n.input:
             consumers.setdefault(name, []).append(n)
+    return inits, producer, consumers
+
+
+def _units(inits, producer, consumers, graph) -> list[tuple]:
+    """(conv, input DQ, weight DQ, bias DQ or None, output zero point) of every W8A16 conv with uint16
+    activations."""
     found = []
     for conv in graph.node:
         if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx"):
@@ -70,7 +75,7 @@ def _units(graph) -> list[tuple]:
         if dq_b is not None and (dq_b.op_type != "DequantizeLinear" or dq_b.input[0] not in inits
                                  or numpy_helper.to_array(inits[dq_b.input[0]]).dtype != np.int32):
             continue
-        found.append((conv, dq_x, dq_w, dq_b, outs[0], int(zp_out)))
+        found.append((conv, dq_x, dq_w, dq_b, int(zp_out)))
     return found
 
 
@@ -97,20 +102,17 @@ def compensate_truncation(model: onnx.ModelProto, units: int) -> int:
     if units <= 0:
         return 0
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    uses: dict[str, int] = {}
-    for n in graph.node:
-        for name in n.input:
-            uses[name] = uses.get(name, 0) + 1
+    inits, producer, consumers = _index(graph)
     changed = 0
-    for conv, dq_x, dq_w, dq_b, _, zp_out in _units(graph):
+    for conv, dq_x, dq_w, dq_b, zp_out in _units(inits, producer, consumers, graph):
         weights = numpy_helper.to_array(inits[dq_w.input[0]])
         group = int(_attr(conv, "group", 1))
         if group > 1 and group == weights.shape[0] and max(_attr(conv, "strides", [1])) > 1:
             continue                                     # stride-2 depthwise: exact on the HTP
         added = units // 2 if zp_out == 0 else units
         channels = weights.shape[0]
-        if dq_b is not None and uses.get(dq_b.output[0], 0) == 1 and uses.get(dq_b.input[0], 0) == 1:
+        if dq_b is not None and len(consumers.get(dq_b.output[0], [])) == 1 \
+                and len(consumers.get(dq_b.input[0], [])) == 1:
             bias = inits[dq_b.input[0]]
             raised = numpy_helper.to_array(bias).astype(np.int64) + added
             bias.CopyFrom(numpy_helper.from_array(np.clip(raised, -2**31, 2**31 - 1).astype(np.int32), bias.name))
@@ -140,11 +142,11 @@ def lowered_bytes(model_path: str | Path) -> bytes | None:
     """The model as the HTP should compile it, or None when lowering changes nothing (no units recorded, or no
     W8A16 conv: language models, float graphs): then the file is compiled as it is."""
     model_path = Path(model_path)
-    header = onnx.load(str(model_path), load_external_data=False)
-    units = truncation_units(header)
-    if not units or not any(n.op_type == "Conv" for n in header.graph.node):
+    model = onnx.load(str(model_path), load_external_data=False)      # one parse; weights read only if needed
+    units = truncation_units(model)
+    if not units or not any(n.op_type == "Conv" for n in model.graph.node):
         return None
-    model = onnx.load(str(model_path))
+    onnx.load_external_data_for_model(model, str(model_path.parent))
     if not compensate_truncation(model, units):
         return None
     return model.SerializeToString()

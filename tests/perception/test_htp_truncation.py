@@ -3,21 +3,16 @@ on the emulator (CPU fallback off) the held-out photo's outputs come much nearer
 compiled without the lowering (measured: classifier logits 34.7 -> 43 dB, boxes 47 -> 56 dB)."""
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 
+from service.modelbuild.qdq import sqnr_db
 from service.perception import faces
 from service.perception.calibration import HELD_OUT_PHOTOS, load_photo
 from service.perception.models import model_path
 from service.runtime import htp_lowering
 from service.runtime.backends import create_session
 from service.runtime.providers import qnn_session_options
-
-
-def _sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
-    reference, other = reference.astype(np.float64), other.astype(np.float64)
-    return float(10 * np.log10(np.sum(reference ** 2) / np.sum((reference - other) ** 2)))
 
 
 def test_face_short_on_the_htp_lands_on_cpu_qdq(models_dir):
@@ -32,5 +27,5 @@ def test_face_short_on_the_htp_lands_on_cpu_qdq(models_dir):
                                ).run(None, feed)
     lowered = create_session(path, "qnn-emulator", disable_cpu_fallback=True, context_cache=False).run(None, feed)
     for name, c, r, low in zip([o.name for o in session.get_outputs()], cpu, raw, lowered):
-        before, after = _sqnr_db(c, r), _sqnr_db(c, low)
+        before, after = sqnr_db(c, r), sqnr_db(c, low)
         assert after > before + 3.0, (name, before, after)
