@@ -37,7 +37,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import numpy_helper
 
 from . import htp_requant, htp_truncation, qdq, split_conv
-from .weight_codec import _attr, _replace_init, channel_scale, round_to_grid
+from .weight_codec import _replace_init, channel_scale, round_to_grid
+from service.runtime.onnx_graph import attribute
 
 log = structlog.get_logger(__name__)
 MAX_POSITIONS = 4096        # output positions per input used for a conv's second moments
@@ -125,11 +126,11 @@ def _same_pads(n: int, k: int, s: int, auto: str) -> tuple[int, int]:
 def _patches(x: np.ndarray, node: onnx.NodeProto, kh: int, kw: int) -> np.ndarray:
     """x [C, H, W] -> [C, kh*kw, P] input patches of the conv (its pads, strides and dilations; kernels and
     strides need not be square: PP-OCR's recogniser has 2x1 strides)."""
-    top, left, bottom, right = (_attr(node, "pads") or [0, 0, 0, 0])
-    sh, sw = (_attr(node, "strides") or [1, 1])
-    dh, dw = (_attr(node, "dilations") or [1, 1])
+    top, left, bottom, right = (attribute(node, "pads") or [0, 0, 0, 0])
+    sh, sw = (attribute(node, "strides") or [1, 1])
+    dh, dw = (attribute(node, "dilations") or [1, 1])
     eh, ew = (kh - 1) * dh + 1, (kw - 1) * dw + 1                  # the dilated kernel's extent
-    auto = _attr(node, "auto_pad")
+    auto = attribute(node, "auto_pad")
     if isinstance(auto, bytes):
         auto = auto.decode()
     if auto in ("SAME_UPPER", "SAME_LOWER"):   # TF's SAME (MoveNet): pad so that out = ceil(in / stride)
@@ -162,7 +163,7 @@ def equalize(model: onnx.ModelProto) -> int:
         b = nxt[0]
         wa, ba = numpy_helper.to_array(inits[a.input[1]]), numpy_helper.to_array(inits[a.input[2]])
         wb = numpy_helper.to_array(inits[b.input[1]])
-        if _attr(b, "group", 1) != 1 or wb.shape[1] != wa.shape[0]:
+        if attribute(b, "group", 1) != 1 or wb.shape[1] != wa.shape[0]:
             continue                     # a depthwise consumer would need the same scale per group
         ra = np.abs(wa).reshape(wa.shape[0], -1).max(1)
         rb = np.abs(wb).transpose(1, 0, 2, 3).reshape(wb.shape[1], -1).max(1)
@@ -182,7 +183,7 @@ def _statistics(model, convs, feeds) -> dict[str, dict]:
         for n in convs:
             x = values[n.input[0]][0].astype(np.float64)              # [C, H, W]
             w_shape = {t.name: t.dims for t in model.graph.initializer}[n.input[1]]
-            group = _attr(n, "group", 1)
+            group = attribute(n, "group", 1)
             st = stats[n.name]
             st["mean"] = st["mean"] + x.mean(axis=(1, 2))
             p = _patches(x, n, w_shape[-2], w_shape[-1])                # [C, kh*kw, P]
@@ -257,7 +258,7 @@ def spread(samples: Sequence, count: int) -> list:
 
 
 def _pointwise(node: onnx.NodeProto, w: np.ndarray) -> bool:
-    return _attr(node, "group", 1) == 1 and w.shape[-2:] == (1, 1)
+    return attribute(node, "group", 1) == 1 and w.shape[-2:] == (1, 1)
 
 
 def prepare(model: onnx.ModelProto, calibration: Sequence[Mapping], outputs: Sequence[str],
@@ -342,7 +343,7 @@ def prepare(model: onnx.ModelProto, calibration: Sequence[Mapping], outputs: Seq
             if recipe.bias_correction and bias_name:
                 dw = dequant[n.name] - w                                     # [Cout, Cin/g, k, k]
                 mean = stats[n.name]["mean"]
-                if _attr(n, "group", 1) == 1:
+                if attribute(n, "group", 1) == 1:
                     shift = dw.sum(axis=(2, 3)) @ mean
                 else:
                     shift = dw.sum(axis=(1, 2, 3)) * mean

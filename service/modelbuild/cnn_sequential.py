@@ -25,7 +25,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .weight_codec import _attr, channel_scale
+from .weight_codec import channel_scale
+from service.runtime.onnx_graph import attribute
 
 
 @dataclass
@@ -96,7 +97,7 @@ def round_sequentially(model: onnx.ModelProto, convs: Sequence[onnx.NodeProto], 
         w = weights[node.name]
         x_f = [session.run([node.input[0]], dict(f))[0] for f in feeds]
         x_q = [session.run([node.input[0]], {**dict(f), **current})[0] for f in feeds] if current else x_f
-        group = _attr(node, "group", 1)
+        group = attribute(node, "group", 1)
         H, D, mean_f, mean_q = _moments(node, x_f, x_q, w.shape[-2:], group)
         star = compensated(w, H, D, damp)
         if node.name in split:

@@ -20,7 +20,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .weight_codec import _attr, _index, set_weight, weight_dequantizers
+from .weight_codec import set_weight, weight_dequantizers
+from service.runtime.onnx_graph import attribute, graph_index
 
 MULTIPLIER_BITS = 11          # significant bits of the HTP's requantization multiplier (fp16 mantissa + 1)
 
@@ -51,9 +52,9 @@ def align_requant_scales(model: onnx.ModelProto) -> int:
     are exact on the HTP (MatMul measured the same as Conv: 62 -> 80 dB from CPU QDQ). Returns the number of
     weights changed. All-zero channels, and weights whose scale is computed (LPBQ blocks), are left alone."""
     changed = 0
-    inits, producer, consumers = _index(model)       # set_weight rewrites initializers in place (CopyFrom)
+    inits, producer, consumers = graph_index(model.graph)       # set_weight rewrites initializers in place (CopyFrom)
     for weight, (dq, node) in weight_dequantizers(model).items():
-        if dq.input[1] not in inits or _attr(dq, "block_size", 0):
+        if dq.input[1] not in inits or attribute(dq, "block_size", 0):
             continue
         s_in = _activation_scale(node.input[0], inits, producer, consumers)
         s_out = _activation_scale(node.output[0], inits, producer, consumers)
@@ -62,7 +63,7 @@ def align_requant_scales(model: onnx.ModelProto) -> int:
         q = numpy_helper.to_array(inits[dq.input[0]])
         s_w = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
         if s_w.size > 1:
-            axis = _attr(dq, "axis", 1) % q.ndim
+            axis = attribute(dq, "axis", 1) % q.ndim
             live = np.abs(np.moveaxis(q, axis, 0).reshape(q.shape[axis], -1)).max(axis=1) > 0
         else:
             live = np.array([np.any(q)])
@@ -106,7 +107,7 @@ def share_concat_scales(model: onnx.ModelProto) -> int:
     its multiplier becomes s_in * s_w / s_concat, which `align_requant_scales` cannot make exact for both scales;
     on face_short's classifier head one channel then came out 20 codes (0.49 logits) off. CPU QDQ loses nothing:
     the Concat requantizes to its own scale anyway. Returns the number of inputs changed."""
-    inits, producer, consumers = _index(model)
+    inits, producer, consumers = graph_index(model.graph)
     changed = 0
     for cat in [n for n in model.graph.node if n.op_type == "Concat"]:
         outs = consumers.get(cat.output[0], [])

@@ -13,13 +13,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .weight_codec import _attr, _index
+from service.runtime.onnx_graph import attribute, graph_index
 
 
 def _output_channels(node: onnx.NodeProto, weight: np.ndarray) -> int:
     if node.op_type == "Conv":
         return weight.shape[0]
-    return weight.shape[1] * _attr(node, "group", 1)      # ConvTranspose weights: [C_in, C_out / group, kh, kw]
+    return weight.shape[1] * attribute(node, "group", 1)      # ConvTranspose weights: [C_in, C_out / group, kh, kw]
 
 
 def _channel_vector(value: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
@@ -36,7 +36,7 @@ def _channel_vector(value: np.ndarray, channels: int, rank: int) -> np.ndarray |
 def fold_bias_adds(model: onnx.ModelProto) -> int:
     """In place: every Conv/ConvTranspose whose only consumer is an Add of a per-channel constant takes that
     constant into its bias, and the Add goes. Returns the number folded."""
-    inits, _, consumers = _index(model)
+    inits, _, consumers = graph_index(model.graph)
     outputs = {o.name for o in model.graph.output}
     dropped, folded = set(), 0
     for node in model.graph.node:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .weight_codec import _attr, _replace_init, channel_scale, round_to_grid
+from .weight_codec import _replace_init, channel_scale, round_to_grid
+from service.runtime.onnx_graph import attribute
 
 
 def split_weights(w: np.ndarray, channels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -41,7 +42,7 @@ def split_node(model: onnx.ModelProto, node: onnx.NodeProto, w: np.ndarray,
         if channels.size == w.shape[0]:
             channels = None
     hi, residual = split_weights(w, channels)
-    grouped = _attr(node, "group", 1) > 1
+    grouped = attribute(node, "group", 1) > 1
     if grouped and channels is not None:       # a residual row per channel: zero where not selected
         full = np.zeros_like(w, dtype=np.float32)
         full[channels] = residual

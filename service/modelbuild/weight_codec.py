@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from service.runtime.onnx_graph import attribute, graph_index
+
 WEIGHT_OPS = ("Conv", "MatMul", "Gemm", "ConvTranspose")
 LPBQ_SCALE_LEVELS = 16            # 4-bit block-scale integers 1..16 (the "decompressed" grid is 4+4 = 8 bits)
 _INT_TYPES = {8: onnx.TensorProto.INT8, 16: onnx.TensorProto.INT16, 4: onnx.TensorProto.INT4}
@@ -87,23 +89,9 @@ def lpbq_quantize(w: np.ndarray, block: int = 64, mse_search: bool = True) -> Lp
 
 
 # ------------------------------------------------------------------------------------ graph rewrites
-def _index(model: onnx.ModelProto):
-    inits = {t.name: t for t in model.graph.initializer}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    return inits, producer, consumers
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
 def weight_dequantizers(model: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProto, onnx.NodeProto]]:
     """Float weight name (as in the float graph) -> (its DequantizeLinear, the Conv/MatMul/Gemm using it)."""
-    inits, producer, _ = _index(model)
+    inits, producer, _ = graph_index(model.graph)
     out = {}
     for node in model.graph.node:
         if node.op_type not in WEIGHT_OPS or len(node.input) < 2:
@@ -130,7 +118,7 @@ def _replace_init(model: onnx.ModelProto, name: str, array: np.ndarray, data_typ
 def set_weight(model: onnx.ModelProto, weight: str, q: np.ndarray, scale: np.ndarray) -> None:
     """Give `weight` (quantized per-channel by onnxruntime) our integers and scale; keep its bias exact."""
     dq, node = weight_dequantizers(model)[weight]
-    inits, producer, _ = _index(model)
+    inits, producer, _ = graph_index(model.graph)
     old = inits[dq.input[0]]
     dtype = {onnx.TensorProto.INT8: np.int8, onnx.TensorProto.INT16: np.int16}.get(old.data_type)
     if dtype is None:
@@ -208,7 +196,7 @@ class WeightEncoding:
 def weight_encodings(model: onnx.ModelProto) -> list[WeightEncoding]:
     """Every Conv/MatMul/Gemm weight of a QDQ graph with its encoding; weights that reach the node
     without a DequantizeLinear show up as dtype 'float' (the HTP would refuse them)."""
-    inits, producer, _ = _index(model)
+    inits, producer, _ = graph_index(model.graph)
     out = []
     for node in model.graph.node:
         if node.op_type not in WEIGHT_OPS or len(node.input) < 2:
@@ -231,8 +219,8 @@ def weight_encodings(model: onnx.ModelProto) -> list[WeightEncoding]:
             scale_shape = tuple(ints.dims)
         out.append(WeightEncoding(dq.input[0].removesuffix("_quantized"), node.op_type, node.name,
                                   onnx.helper.tensor_dtype_to_np_dtype(q.data_type).name,
-                                  _channels(node, list(q.dims)), scale_shape, _attr(dq, "axis"),
-                                  _attr(dq, "block_size")))
+                                  _channels(node, list(q.dims)), scale_shape, attribute(dq, "axis"),
+                                  attribute(dq, "block_size")))
     return out
 
 
@@ -240,7 +228,7 @@ def _channels(node: onnx.NodeProto, dims: list[int]) -> int:
     if node.op_type == "MatMul":
         return dims[-1]
     if node.op_type == "Gemm":
-        return dims[0] if _attr(node, "transB", 0) else dims[1]
+        return dims[0] if attribute(node, "transB", 0) else dims[1]
     if node.op_type == "ConvTranspose":
-        return dims[1] * _attr(node, "group", 1)
+        return dims[1] * attribute(node, "group", 1)
     return dims[0]

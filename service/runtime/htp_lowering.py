@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from service.runtime.onnx_graph import attribute, graph_index
+
 VERSION = "truncation-v1"          # part of the QNN context-cache key: a change here recompiles
 METADATA_KEY = "incar.htp_truncation_units"
 
@@ -34,23 +36,6 @@ def _scalar_zero_point(node, inits) -> np.ndarray | None:
         return None
     zp = numpy_helper.to_array(inits[node.input[2]])
     return zp if zp.size == 1 else None
-
-
-def _attr(node, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _index(graph):
-    inits = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for name in n.input:
-            consumers.setdefault(name, []).append(n)
-    return inits, producer, consumers
 
 
 def _units(inits, producer, consumers, graph) -> list[tuple]:
@@ -102,12 +87,12 @@ def compensate_truncation(model: onnx.ModelProto, units: int) -> int:
     if units <= 0:
         return 0
     graph = model.graph
-    inits, producer, consumers = _index(graph)
+    inits, producer, consumers = graph_index(graph)
     changed = 0
     for conv, dq_x, dq_w, dq_b, zp_out in _units(inits, producer, consumers, graph):
         weights = numpy_helper.to_array(inits[dq_w.input[0]])
-        group = int(_attr(conv, "group", 1))
-        if group > 1 and group == weights.shape[0] and max(_attr(conv, "strides", [1])) > 1:
+        group = int(attribute(conv, "group", 1))
+        if group > 1 and group == weights.shape[0] and max(attribute(conv, "strides", [1])) > 1:
             continue                                     # stride-2 depthwise: exact on the HTP
         added = units // 2 if zp_out == 0 else units
         channels = weights.shape[0]

@@ -13,6 +13,7 @@ from onnx import numpy_helper
 
 from service.modelbuild import cnn_ptq, htp_requant, qdq, split_conv, weight_codec
 from service.runtime.backends import create_session
+from service.runtime.onnx_graph import graph_index
 
 
 def _conv_graph(path, rng, *, depthwise_too: bool = True):
@@ -115,7 +116,7 @@ def test_aligned_scales_make_the_htp_emulator_compute_a_layer_as_cpu_qdq(tmp_pat
     moved = np.abs(after["a.weight_scale"] / before["a.weight_scale"] - 1)
     assert moved.max() < 2.0 ** -11 and moved.max() > 0
     layer = next(n for n in model.graph.node if n.op_type == op)
-    inits, producer, consumers = weight_codec._index(model)
+    inits, producer, consumers = graph_index(model.graph)
     s_in, s_out = (htp_requant._activation_scale(t, inits, producer, consumers)
                    for t in (layer.input[0], layer.output[0]))
     multiplier = np.float32(s_in) * after["a.weight_scale"] / np.float32(s_out)
