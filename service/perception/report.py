@@ -1,5 +1,6 @@
 """Accuracy of each converted model against its float graph on held-out photos (box IoU, text equality), with
-each raw graph output's SQNR (QDQ against float) beside it.
+each raw graph output's SQNR (QDQ against float) beside it, and the detectors' score error where a decision could
+change (raw SQNR is dominated by background anchors far from the threshold).
 
 Used by `incar perception check`, the tests (same tolerances) and the bench. The QNN emulator runs the QDQ
 graphs bit-faithfully but slowly, so its check uses small inputs: the faces on one held-out photo, objects on
@@ -28,8 +29,13 @@ def _match_boxes(ref: list, got: list) -> dict:
             "mean_iou": round(float(np.mean(ious)), 4) if ious else 1.0}
 
 
-def output_sqnr(name: str, base: Path, backend: str, inputs: list[np.ndarray]) -> dict[str, float]:
-    """SQNR (dB) of every raw graph output, QDQ against float, on held-out preprocessed inputs."""
+# A detector decides on its scores near its threshold: raw-output SQNR is dominated by the many background
+# anchors far from it, so the report also gives the score error where a decision could change.
+CANDIDATE_SCORE = 0.05
+
+
+def _raw_outputs(name: str, base: Path, backend: str, inputs: list[np.ndarray]) -> dict[str, tuple]:
+    """Every raw graph output, float and QDQ, each flattened over the held-out preprocessed inputs."""
     from service.runtime.backends import create_session
     ref = create_session(model_path(name, "float", base), "cpu", model_name=f"{name}.float")
     test = create_session(model_path(name, "qdq", base), backend, disable_cpu_fallback=backend != "cpu",
@@ -39,12 +45,36 @@ def output_sqnr(name: str, base: Path, backend: str, inputs: list[np.ndarray]) -
     for x in inputs:
         for o, a, b in zip(ref.get_outputs(), ref.run(None, {feed_name: x}), test.run(None, {feed_name: x})):
             out.setdefault(o.name, []).append((np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()))
-    sqnr = {}
-    for o, pairs in out.items():
-        a, b = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
-        noise = float(np.sum((a - b) ** 2))
-        sqnr[o] = round(10 * np.log10(float(np.sum(a ** 2)) / noise), 2) if noise > 0 else float("inf")
-    return sqnr
+    return {o: (np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs]))
+            for o, pairs in out.items()}
+
+
+def _sqnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    noise = float(np.sum((a - b) ** 2))
+    return round(10 * np.log10(float(np.sum(a ** 2)) / noise), 2) if noise > 0 else float("inf")
+
+
+def score_error(ref: np.ndarray, got: np.ndarray) -> dict:
+    """Probability error on the candidates: scores (0..1) where the float or the QDQ graph reaches
+    CANDIDATE_SCORE; rms and max of |QDQ - float| there."""
+    near = (ref >= CANDIDATE_SCORE) | (got >= CANDIDATE_SCORE)
+    diff = np.abs(got[near] - ref[near])
+    return {"candidates": int(near.sum()), "rms": round(float(np.sqrt(np.mean(diff ** 2))), 4) if diff.size else 0.0,
+            "max": round(float(diff.max()), 4) if diff.size else 0.0}
+
+
+def compare_outputs(name: str, base: Path, backend: str, inputs: list[np.ndarray],
+                    scores: dict[str, str] | None = None) -> dict:
+    """SQNR (dB) of every raw graph output, QDQ against float; and for the outputs named in `scores`
+    ("logit": sigmoid first, "probability": as they are) the score error near the decision."""
+    raw = _raw_outputs(name, base, backend, inputs)
+    out = {"output_sqnr_db": {o: _sqnr_db(a, b) for o, (a, b) in raw.items()}}
+    if scores:
+        def prob(v, kind):
+            return 1.0 / (1.0 + np.exp(-np.clip(v, -100, 100))) if kind == "logit" else v
+        picked = [(prob(raw[o][0], kind), prob(raw[o][1], kind)) for o, kind in scores.items()]
+        out["score_error"] = score_error(np.concatenate([p[0] for p in picked]), np.concatenate([p[1] for p in picked]))
+    return out
 
 
 def _faces(name: str, range_: str, base: Path, backend: str, photos) -> dict:
@@ -58,8 +88,9 @@ def _faces(name: str, range_: str, base: Path, backend: str, photos) -> dict:
     ok = all(p["reference"] == p["found"] and p["min_iou"] >= FACE_MIN_IOU for p in per_photo.values())
     from service.perception.faces import FULL_RANGE, SHORT_RANGE, preprocess
     size = (SHORT_RANGE if range_ == "short" else FULL_RANGE).input_size
-    sqnr = output_sqnr(name, base, backend, [preprocess(load_photo(p), size)[0] for p in photos])
-    return {"model": name, "backend": backend, "variant": "qdq", "photos": per_photo, "ok": ok, "output_sqnr_db": sqnr,
+    figures = compare_outputs(name, base, backend, [preprocess(load_photo(p), size)[0] for p in photos],
+                              scores={test.score_name: "logit"})
+    return {"model": name, "backend": backend, "variant": "qdq", "photos": per_photo, "ok": ok, **figures,
             "seconds": round(time.perf_counter() - t, 2), "tolerance": f"same count, box IoU >= {FACE_MIN_IOU}"}
 
 
@@ -78,9 +109,9 @@ def _objects(base: Path, backend: str, photos) -> dict:
                             "mean_iou": round(float(np.mean(ious)), 4) if ious else 1.0}
     ok = all(p["min_iou"] >= OBJECT_MIN_IOU for p in per_photo.values())
     from service.perception.objects import preprocess
-    sqnr = output_sqnr("objects", base, backend, [preprocess(load_photo(p)) for p in photos])
-    return {"model": "objects", "backend": backend, "variant": "qdq", "photos": per_photo, "ok": ok,
-            "output_sqnr_db": sqnr,
+    figures = compare_outputs("objects", base, backend, [preprocess(load_photo(p)) for p in photos],
+                              scores=dict.fromkeys(test.score_names, "probability"))
+    return {"model": "objects", "backend": backend, "variant": "qdq", "photos": per_photo, "ok": ok, **figures,
             "seconds": round(time.perf_counter() - t, 2),
             "tolerance": f"each float detection has a same-class QDQ box with IoU >= {OBJECT_MIN_IOU}"}
 
@@ -101,10 +132,12 @@ def _text(det_name: str, base: Path, backend: str, images: list[np.ndarray]) -> 
     from service.perception.text import DET_SIZE, DET_STRIP, crop_quad, det_preprocess, rec_preprocess
     size = DET_STRIP if det_name == "ocr_det_strip" else DET_SIZE
     crops = [rec_preprocess(crop_quad(img, quad)) for img in images for quad in ref.detect(img)]
-    sqnr = {det_name: output_sqnr(det_name, base, backend, [det_preprocess(img, size)[0] for img in images]),
-            "ocr_rec": output_sqnr("ocr_rec", base, backend, crops) if crops else {}}
+    det = compare_outputs(det_name, base, backend, [det_preprocess(img, size)[0] for img in images],
+                          scores={test.det.get_outputs()[0].name: "probability"})
+    rec = compare_outputs("ocr_rec", base, backend, crops) if crops else {"output_sqnr_db": {}}
     return {"model": f"{det_name}+ocr_rec", "backend": backend, "variant": "qdq", "signs": results, "ok": ok,
-            "output_sqnr_db": sqnr,
+            "output_sqnr_db": {det_name: det["output_sqnr_db"], "ocr_rec": rec["output_sqnr_db"]},
+            "score_error": {det_name: det["score_error"]},
             "seconds": round(time.perf_counter() - t, 2),
             "tolerance": f"text equal, line box IoU >= {TEXT_BOX_MIN_IOU}"}
 

@@ -1,6 +1,19 @@
 """QDQ graphs against float, on CPU (all held-out photos) and once on the QNN HTP emulator with CPU fallback off."""
 from service.perception.report import accuracy_report
 
+# Score error (probability, rms over the candidates) where a detector decides: measured on CPU / emulator
+# face_short 0.0033 / 0.0034, face_full 0.0008 / 0.0008, objects 0.0068 / 0.0149, strip 0.019 / 0.028.
+# The full-size text detector's map (0.21 on CPU) is not held to one: its boxes are (docs/quantization-htp.md).
+SCORE_RMS = {"face_short": 0.01, "face_full": 0.01, "objects": 0.03, "ocr_det_strip+ocr_rec": 0.05}
+
+
+def _check_scores(report):
+    for entry in report:
+        if entry["model"] in SCORE_RMS:
+            error = entry["score_error"]
+            error = error.get("ocr_det_strip", error)
+            assert error["candidates"] > 0 and error["rms"] < SCORE_RMS[entry["model"]], entry
+
 
 def test_qdq_matches_float_on_cpu_for_every_model(models_dir):
     report = accuracy_report(models_dir, "cpu")
@@ -8,6 +21,7 @@ def test_qdq_matches_float_on_cpu_for_every_model(models_dir):
                                            "ocr_det_strip+ocr_rec"}
     for entry in report:
         assert entry["ok"], entry
+    _check_scores(report)
     signs = next(e for e in report if e["model"] == "ocr_det+ocr_rec")["signs"]
     assert signs[0]["qdq"] == ["P2 LEVEL C-14"]
 
@@ -17,6 +31,7 @@ def test_qdq_on_qnn_emulator_without_cpu_fallback(models_dir):
     report = accuracy_report(models_dir, "qnn-emulator")
     for entry in report:
         assert entry["backend"] == "qnn-emulator" and entry["ok"], entry
+    _check_scores(report)
     strip = next(e for e in report if e["model"] == "ocr_det_strip+ocr_rec")
     assert strip["signs"][0]["qdq"] == ["P2 LEVEL C-14"]
     faces = next(e for e in report if e["model"] == "face_full")
