@@ -11,6 +11,14 @@ agrees with CPU QDQ to ~58 dB, which is harmless beside 8-bit weights but is the
 
 `align_requant_scales` moves each channel's weight scale by less than 2^-12 so that M is exactly one of
 those values: the integers stay, the bias is re-encoded, and CPU QDQ computes what the HTP computes.
+
+M also has floors. A channel whose M is below 2^-24, or below its output zero point x 2^-39 (the zero point
+folded into the accumulator must stay under 2^39), comes out near its zero point or saturated, whatever its bias
+and weights. Measured on one conv on the emulator: zero point 65535 is right at M = 2^-22.83 and 65,535 codes
+off at 2^-23.83; 47,889 is right at 2^-23 and off at 2^-23.5; 16,384 is right at 2^-23.95; zero points 0 and
+1000 are off at 2^-24.3. The same bound separates the good and the broken channels of six convs of PP-OCR's
+detector through the CNN recipe, where near-dead filters (tiny weights, a real bias) have such multipliers.
+Their scale is raised to the floor and their integers re-rounded, which costs such a channel under one code.
 """
 from __future__ import annotations
 
@@ -24,6 +32,9 @@ from .weight_codec import set_weight, weight_dequantizers
 from service.runtime.onnx_graph import attribute, graph_index
 
 MULTIPLIER_BITS = 11          # significant bits of the HTP's requantization multiplier (fp16 mantissa + 1)
+MIN_MULTIPLIER = 2.0 ** -24             # the HTP's floors on M (module docstring) ...
+ZERO_POINT_SHIFT = 2.0 ** -39           # ... and M >= output zero point x this
+FLOOR_MARGIN = 1.125                    # what the floors are raised to: 1/8 above them (exact in 11 bits)
 
 
 def htp_multiplier(m: np.ndarray) -> np.ndarray:
@@ -36,44 +47,68 @@ def htp_multiplier(m: np.ndarray) -> np.ndarray:
 def _activation_scale(tensor: str, inits, producer, consumers) -> float | None:
     """The scale an activation is quantized with: its DequantizeLinear (conv input) or QuantizeLinear
     (conv output); None when it has none (e.g. a float graph output)."""
+    quantization = _activation_quantization(tensor, inits, producer, consumers)
+    return quantization and quantization[0]
+
+
+def _activation_quantization(tensor: str, inits, producer, consumers) -> tuple[float, float] | None:
+    """(scale, |zero point|) of an activation, found as `_activation_scale` finds the scale."""
     node = producer.get(tensor)
-    if node is not None and node.op_type == "DequantizeLinear":
-        scale = numpy_helper.to_array(inits[node.input[1]])
-        return float(scale) if scale.size == 1 else None
-    for node in consumers.get(tensor, []):
-        if node.op_type == "QuantizeLinear":
-            scale = numpy_helper.to_array(inits[node.input[1]])
-            return float(scale) if scale.size == 1 else None
-    return None
+    if node is None or node.op_type != "DequantizeLinear":
+        node = next((n for n in consumers.get(tensor, []) if n.op_type == "QuantizeLinear"), None)
+    if node is None:
+        return None
+    scale = numpy_helper.to_array(inits[node.input[1]])
+    if scale.size != 1:
+        return None
+    zero_point = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] else 0
+    return float(scale), abs(float(np.asarray(zero_point).ravel()[0]))
 
 
 def align_requant_scales(model: onnx.ModelProto) -> int:
     """In place: every quantized Conv/MatMul/Gemm weight's scales moved so that its requantization multipliers
-    are exact on the HTP (MatMul measured the same as Conv: 62 -> 80 dB from CPU QDQ). Returns the number of
-    weights changed. All-zero channels, and weights whose scale is computed (LPBQ blocks), are left alone."""
+    are exact on the HTP (MatMul measured the same as Conv: 62 -> 80 dB from CPU QDQ) and not under its floor.
+    Returns the number of weights changed. All-zero channels above the floor, and weights whose scale is
+    computed (LPBQ blocks), are left alone."""
     changed = 0
     inits, producer, consumers = graph_index(model.graph)       # set_weight rewrites initializers in place (CopyFrom)
     for weight, (dq, node) in weight_dequantizers(model).items():
         if dq.input[1] not in inits or attribute(dq, "block_size", 0):
             continue
         s_in = _activation_scale(node.input[0], inits, producer, consumers)
-        s_out = _activation_scale(node.output[0], inits, producer, consumers)
-        if not s_in or not s_out:
+        output = _activation_quantization(node.output[0], inits, producer, consumers)
+        if not s_in or not output or not output[0]:
             continue
+        s_out, zero_point = output
+        floor = max(MIN_MULTIPLIER, zero_point * ZERO_POINT_SHIFT) * FLOOR_MARGIN
         q = numpy_helper.to_array(inits[dq.input[0]])
         s_w = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
-        if s_w.size > 1:
-            axis = attribute(dq, "axis", 1) % q.ndim
-            live = np.abs(np.moveaxis(q, axis, 0).reshape(q.shape[axis], -1)).max(axis=1) > 0
-        else:
-            live = np.array([np.any(q)])
+        axis = attribute(dq, "axis", 1) % q.ndim if s_w.size > 1 else None
+        rows = np.moveaxis(q, axis, 0).reshape(q.shape[axis], -1) if axis is not None else q.reshape(1, -1)
+        live = np.abs(rows).max(axis=1) > 0
         m = (np.float32(s_in) * s_w.ravel() / np.float32(s_out)).astype(np.float64)
-        aligned = np.where(live, (htp_multiplier(m) * s_out / s_in).astype(np.float32), s_w.ravel())
+        floored = m < floor                        # all-zero channels too: their bias is still requantized
+        m = np.maximum(m, floor)
+        aligned = np.where(live | floored, (htp_multiplier(m) * s_out / s_in).astype(np.float32), s_w.ravel())
         if np.array_equal(aligned, s_w.ravel()):
             continue
+        raised = floored & (aligned > s_w.ravel() * (1 + 2.0 ** -10))    # its integers re-rounded
+        if raised.any():
+            q = _rerounded(q, axis, np.where(raised, s_w.ravel() / aligned, 1.0))
         set_weight(model, weight, q, aligned.reshape(s_w.shape))
         changed += 1
     return changed
+
+
+def _rerounded(q: np.ndarray, axis: int | None, ratio: np.ndarray) -> np.ndarray:
+    """`q`'s integers times `ratio` (one per channel along `axis`; one in all for a per-tensor weight),
+    rounded and clipped to the symmetric range of `q`'s type."""
+    top = np.iinfo(q.dtype).max
+    if axis is None:
+        return np.clip(np.rint(q * ratio[0]), -top, top).astype(q.dtype)
+    moved = np.moveaxis(q, axis, 0).astype(np.float64)
+    moved = np.clip(np.rint(moved * ratio.reshape(-1, *[1] * (q.ndim - 1))), -top, top)
+    return np.moveaxis(moved, 0, axis).astype(q.dtype)
 
 
 _DATA_MOVES = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
