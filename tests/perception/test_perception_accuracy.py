@@ -1,17 +1,18 @@
 """QDQ graphs against float, on CPU (all held-out photos) and once on the QNN HTP emulator with CPU fallback off."""
 from service.perception.report import accuracy_report
 
-# Score error (probability, rms over the candidates) where a detector decides: measured on CPU / emulator
-# face_short 0.0033 / 0.0034, face_full 0.0008 / 0.0008, objects 0.0068 / 0.0149, strip 0.019 / 0.028.
-# The full-size text detector's map (0.21 on CPU) is not held to one: its boxes are (docs/quantization-htp.md).
-SCORE_RMS = {"face_short": 0.01, "face_full": 0.01, "objects": 0.03, "ocr_det_strip+ocr_rec": 0.05}
+# Score error (probability, rms over the candidates) where a detector decides: measured on CPU / emulator (v7)
+# face_short 0.0033 / 0.0034, face_full 0.0008 / 0.0008, objects 0.0068 / 0.0149, strip 0.0071 / 0.0241, the
+# full-size text detector 0.127 / 0.120 (0.21 on CPU with the plain recipe it had until v7).
+SCORE_RMS = {"face_short": 0.01, "face_full": 0.01, "objects": 0.03, "ocr_det_strip+ocr_rec": 0.04,
+             "ocr_det+ocr_rec": 0.18}
 
 
 def _check_scores(report):
     for entry in report:
         if entry["model"] in SCORE_RMS:
             error = entry["score_error"]
-            error = error.get("ocr_det_strip", error)
+            error = error.get(entry["model"].split("+")[0], error)     # a text entry: its detector's
             assert error["candidates"] > 0 and error["rms"] < SCORE_RMS[entry["model"]], entry
 
 
