@@ -18,7 +18,7 @@ and weights. Measured on one conv on the emulator: zero point 65535 is right at 
 off at 2^-23.83; 47,889 is right at 2^-23 and off at 2^-23.5; 16,384 is right at 2^-23.95; zero points 0 and
 1000 are off at 2^-24.3. The same bound separates the good and the broken channels of six convs of PP-OCR's
 detector through the CNN recipe, where near-dead filters (tiny weights, a real bias) have such multipliers.
-Their scale is raised to the floor and their integers re-rounded, which costs such a channel under one code.
+Their scale is raised to 1.125 x the floor and their integers re-rounded, which costs such a channel under one code.
 """
 from __future__ import annotations
 
