@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .weight_codec import set_weight, weight_dequantizers
+from .weight_codec import rescaled_integers, set_weight, weight_dequantizers
 from service.runtime.onnx_graph import attribute, graph_index
 
 MULTIPLIER_BITS = 11          # significant bits of the HTP's requantization multiplier (fp16 mantissa + 1)
@@ -94,21 +94,10 @@ def align_requant_scales(model: onnx.ModelProto) -> int:
             continue
         raised = floored & (aligned > s_w.ravel() * (1 + 2.0 ** -10))    # its integers re-rounded
         if raised.any():
-            q = _rerounded(q, axis, np.where(raised, s_w.ravel() / aligned, 1.0))
+            q = rescaled_integers(q, axis, np.where(raised, s_w.ravel() / aligned, 1.0), 8 * q.dtype.itemsize)
         set_weight(model, weight, q, aligned.reshape(s_w.shape))
         changed += 1
     return changed
-
-
-def _rerounded(q: np.ndarray, axis: int | None, ratio: np.ndarray) -> np.ndarray:
-    """`q`'s integers times `ratio` (one per channel along `axis`; one in all for a per-tensor weight),
-    rounded and clipped to the symmetric range of `q`'s type."""
-    top = np.iinfo(q.dtype).max
-    if axis is None:
-        return np.clip(np.rint(q * ratio[0]), -top, top).astype(q.dtype)
-    moved = np.moveaxis(q, axis, 0).astype(np.float64)
-    moved = np.clip(np.rint(moved * ratio.reshape(-1, *[1] * (q.ndim - 1))), -top, top)
-    return np.moveaxis(moved, 0, axis).astype(q.dtype)
 
 
 _DATA_MOVES = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}

@@ -120,6 +120,18 @@ def _replace_init(model: onnx.ModelProto, name: str, array: np.ndarray, data_typ
 BIAS_LIMIT = float(2 ** 31 - 2 ** 24)
 
 
+def rescaled_integers(q: np.ndarray, axis: int | None, ratio: np.ndarray, bits: int) -> np.ndarray:
+    """`q`'s integers for a coarser scale: each channel along `axis` (None: `q` is one per-tensor channel)
+    whose `ratio` (old scale / new) is not 1 is multiplied by it, rounded and clipped to the symmetric `bits`
+    range; the others stay as they are. Returned as float64."""
+    moved = np.moveaxis(q, axis, 0).astype(np.float64) if axis is not None else q.astype(np.float64)[None]
+    ratio = np.asarray(ratio, np.float64).ravel()
+    change = ratio != 1
+    top = qmax(bits)
+    moved[change] = np.clip(np.rint(moved[change] * ratio[change].reshape(-1, *[1] * (moved.ndim - 1))), -top, top)
+    return np.moveaxis(moved, 0, axis) if axis is not None else moved[0]
+
+
 def set_weight(model: onnx.ModelProto, weight: str, q: np.ndarray, scale: np.ndarray) -> None:
     """Give `weight` (quantized per-channel by onnxruntime) our integers and scale; keep its bias exact.
 
@@ -145,12 +157,9 @@ def set_weight(model: onnx.ModelProto, weight: str, q: np.ndarray, scale: np.nda
         needed = np.divide(np.abs(bias), input_scale * BIAS_LIMIT, out=np.zeros_like(bias), where=input_scale > 0)
         low = (scale > 0) & (scale < needed)
         if low.any() and scale.ndim == 1:
-            axis = attribute(dq, "axis", 1) % q.ndim
-            rows = np.moveaxis(q.astype(np.float64), axis, 0)
-            ratio = (scale[low] / needed[low]).reshape(-1, *[1] * (q.ndim - 1))
-            top = qmax(8 * np.dtype(dtype).itemsize)
-            rows[low] = np.clip(np.rint(rows[low] * ratio), -top, top)
-            q, scale = np.moveaxis(rows, 0, axis), scale.copy()
+            ratio = np.divide(scale, needed, out=np.ones(scale.shape, np.float64), where=low)
+            q = rescaled_integers(q, attribute(dq, "axis", 1) % q.ndim, ratio, 8 * np.dtype(dtype).itemsize)
+            scale = scale.copy()
             scale[low] = (needed[low] * (1 + 2 ** -20)).astype(np.float32)   # float32 rounds either way
     _replace_init(model, dq.input[0], q.astype(dtype))
     _replace_init(model, dq.input[1], scale)
