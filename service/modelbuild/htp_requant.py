@@ -29,19 +29,12 @@ import onnx
 from onnx import numpy_helper
 
 from .weight_codec import rescaled_integers, set_weight, weight_dequantizers
+from service.runtime.htp_numerics import htp_multiplier
 from service.runtime.onnx_graph import attribute, graph_index
 
-MULTIPLIER_BITS = 11          # significant bits of the HTP's requantization multiplier (fp16 mantissa + 1)
 MIN_MULTIPLIER = 2.0 ** -24             # the HTP's floors on M (module docstring) ...
 ZERO_POINT_SHIFT = 2.0 ** -39           # ... and M >= output zero point x this
 FLOOR_MARGIN = 1.125                    # what the floors are raised to: 1/8 above them (exact in 11 bits)
-
-
-def htp_multiplier(m: np.ndarray) -> np.ndarray:
-    """`m` rounded to the HTP's multiplier precision (11 significant bits, exponent unbounded: a multiplier
-    below fp16's normal range keeps its 11 bits too, measured)."""
-    mant, exp = np.frexp(np.asarray(m, np.float64))
-    return np.ldexp(np.rint(mant * 2.0 ** MULTIPLIER_BITS) / 2.0 ** MULTIPLIER_BITS, exp)
 
 
 def _activation_scale(tensor: str, inits, producer, consumers) -> float | None:

@@ -106,6 +106,22 @@ def weight_overrides(model: onnx.ModelProto, quant_type, lpbq: Iterable[str] = (
             for name, axis in weight_initializers(model).items()}
 
 
+# Ops the HTP computes in a fixed uint16 output encoding whatever the graph's Q node says (onnxruntime's QNN config
+# already fixes Sigmoid and Tanh). Measured on the emulator: a HardSigmoid of its own (not fused into the conv
+# before it) writes f(x) x 65536 whatever its scale, so with a calibrated range [0, 0.61] (PP-OCR's
+# squeeze-excitation gates) its codes read 0.61x too small; CPU QDQ then computes what the HTP does.
+FIXED_OUTPUT_ENCODINGS = {"HardSigmoid": (1.0 / 65536.0, 0)}
+
+
+def fixed_output_overrides(model: onnx.ModelProto) -> dict[str, list[dict]]:
+    """`init_overrides` giving each FIXED_OUTPUT_ENCODINGS op's output the encoding the HTP computes it in."""
+    from onnxruntime.quantization import QuantType
+    return {node.output[0]: [{"quant_type": QuantType.QUInt16,
+                              "scale": np.array(FIXED_OUTPUT_ENCODINGS[node.op_type][0], np.float32),
+                              "zero_point": np.array(FIXED_OUTPUT_ENCODINGS[node.op_type][1], np.uint16)}]
+            for node in model.graph.node if node.op_type in FIXED_OUTPUT_ENCODINGS}
+
+
 def lpbq_candidates(model: onnx.ModelProto, block: int = LPBQ_BLOCK, keep_8bit: Sequence[str] = KEEP_8BIT) -> list[str]:
     """MatMul weights W4A16 puts on LPBQ: [K, N] with K a multiple of `block`, none matching `keep_8bit`."""
     inits = {i.name: i for i in model.graph.initializer}
@@ -160,6 +176,7 @@ def quantize_qdq(float_path: str | Path, out_path: str | Path, calibration: Sequ
     overrides = weight_overrides(model, QuantType.QInt8, lpbq)
     if not overrides:
         raise QuantizationError(f"{float_path.name}: no MatMul/Gemm/Conv weights to quantize")
+    overrides.update(fixed_output_overrides(model))
     started = time.monotonic()
     config = get_qnn_qdq_config(str(float_path), calibration_reader(calibration), activation_type=QuantType.QUInt16,
                                 weight_type=QuantType.QUInt8, per_channel=False, init_overrides=overrides,

@@ -1,4 +1,5 @@
-"""What a QDQ graph needs before the QNN HTP compiles it: compensation of the HTP's truncating requantization.
+"""What a QDQ graph needs before the QNN HTP compiles it: compensation of the HTP's truncating requantization, and
+MatMuls of two 16-bit activations split so that the HTP does not read the second at 8 bits (htp_matmul.py).
 
 The HTP does not round a W8A16 conv's accumulator to its output code as QDQ arithmetic (and the CPU EP) does:
 it drops low accumulator bits by truncation on the way. Measured on the bit-faithful emulator (CPU fallback
@@ -25,9 +26,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from service.runtime import htp_matmul
 from service.runtime.onnx_graph import attribute, graph_index
 
-VERSION = "truncation-v1"          # part of the QNN context-cache key: a change here recompiles
+VERSION = "truncation-v1+matmul-split-v1"          # part of the QNN context-cache key: a change here recompiles
 METADATA_KEY = "incar.htp_truncation_units"
 
 
@@ -124,14 +126,15 @@ def compensate_truncation(model: onnx.ModelProto, units: int) -> int:
 
 
 def lowered_bytes(model_path: str | Path) -> bytes | None:
-    """The model as the HTP should compile it, or None when lowering changes nothing (no units recorded, or no
-    W8A16 conv: language models, float graphs): then the file is compiled as it is."""
+    """The model as the HTP should compile it, or None when lowering changes nothing (no truncation units recorded
+    or no W8A16 conv, and no 16-bit x 16-bit MatMul: float graphs, CPU variants): then the file is compiled as it
+    is."""
     model_path = Path(model_path)
     model = onnx.load(str(model_path), load_external_data=False)      # one parse; weights read only if needed
     units = truncation_units(model)
-    if not units or not any(n.op_type == "Conv" for n in model.graph.node):
+    convs = bool(units) and any(n.op_type == "Conv" for n in model.graph.node)
+    if not convs and not htp_matmul.has_activation_matmuls(model):
         return None
     onnx.load_external_data_for_model(model, str(model_path.parent))
-    if not compensate_truncation(model, units):
-        return None
-    return model.SerializeToString()
+    changed = (compensate_truncation(model, units) if convs else 0) + htp_matmul.split_activation_matmuls(model)
+    return model.SerializeToString() if changed else None

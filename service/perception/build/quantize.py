@@ -25,8 +25,11 @@ from service.perception.build.spec import ModelSpec
 # requantization multiplier (htp_requant: M >= 2^-24 and >= the output zero point x 2^-39), and with them PP-OCR's
 # two text detectors through the CNN recipe as well (unaugmented): CPU map SQNR 5.5 -> 10.4 dB (full frame) and
 # 33.7 -> 42.4 dB (strip); the emulator, which computed their CNN-recipe graphs 4.6 dB from CPU QDQ under the
-# floors, now agrees with it to 38-54 dB (docs/quantization-htp.md).
-RECIPE = "W8A16-cnn_ptq-v7"
+# floors, now agrees with it to 38-54 dB (docs/quantization-htp.md). v8: HardSigmoid's output in the fixed encoding
+# the HTP computes it in (qdq.FIXED_OUTPUT_ENCODINGS), and the truncation compensation fitted through the run-time
+# lowering that now also splits 16-bit x 16-bit MatMuls (service/runtime/htp_matmul.py; the recognizer's
+# attention), whose version is part of the key.
+RECIPE = "W8A16-cnn_ptq-v8"
 # The text models take the CNN recipe on their calibration signs and crops as they are: augmented ranges had cut
 # "P2 LEVEL C-14" short.
 UNAUGMENTED = ("ocr_rec", "ocr_det", "ocr_det_strip")
@@ -41,9 +44,10 @@ def cnn_recipe():
 def recipe_name(spec: ModelSpec) -> str:
     """The cache key's recipe: for the CNN models with every CnnRecipe field, so that a changed default in
     cnn_ptq (e.g. split_spatial) rebuilds them everywhere instead of leaving old graphs under the same key."""
+    from service.runtime.htp_lowering import VERSION as lowering
     if spec.name in UNAUGMENTED:
-        return f"{RECIPE} unaugmented {cnn_recipe()!r}"
-    return f"{RECIPE} {cnn_recipe()!r}"
+        return f"{RECIPE} {lowering} unaugmented {cnn_recipe()!r}"
+    return f"{RECIPE} {lowering} {cnn_recipe()!r}"
 
 
 def quantize_w8a16(float_path: Path, dst: Path, spec: ModelSpec) -> None:
