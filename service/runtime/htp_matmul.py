@@ -1,10 +1,12 @@
 """A MatMul of two 16-bit activations, rewritten so that the QNN HTP computes it at 16 bits.
 
-The HTP (v68, the SA8295P's) reads the second input of such a MatMul at 8 bits: measured on the bit-faithful
-emulator (CPU fallback off) on random uint16 codes, its output matches CPU QDQ's computed with the second input's
-codes floored to `code // 257` (an 8-bit encoding of the same range) to 1.7 codes rms, and CPU QDQ's own result
-only to 9.9 codes rms (45 dB); the first input is kept exact (scaled down 128x it is exact to 0.35 codes). That is
-the attention of PP-OCR's recognizer (Q K^T and P V; each 32-41 dB alone) and of any decoder's attention on the NPU.
+The HTP (v68, the SA8295P's) reads the second input of such a MatMul at 8 bits. Measured on the bit-faithful
+emulator (CPU fallback off) on random uint16 codes: the error grows with the first input's amplitude and not with
+the second's (the first kept exact: scaled down 128x it is exact to 0.35 codes); with both zero points at 32768
+the HTP matches CPU QDQ computed with the second input's codes floored to `code // 257` (an 8-bit encoding of the
+same range) to 1.7 codes rms, where CPU QDQ's own result is 9.9 codes away (45 dB); with other encodings the
+grid's phase differs (not pinned down). That is the attention of PP-OCR's recognizer (Q K^T and P V; each 32-41 dB
+alone) and of any decoder's attention on the NPU.
 
 `split_activation_matmuls` writes `A @ B` as `A @ B_hi + A @ B_lo`: B_hi is B quantized to uint8 on that same
 8-bit grid (scale 257 s_b), which the HTP reads exactly; B_lo = B - B_hi is at most about 129 of B's steps, held
@@ -25,7 +27,7 @@ from onnx import helper, numpy_helper
 from service.runtime.htp_numerics import htp_multiplier
 from service.runtime.onnx_graph import graph_index
 
-EIGHT_BIT_STEP = 257            # the HTP's 8-bit reading of a uint16 code: code // 257
+EIGHT_BIT_STEP = 257            # the HTP's 8-bit grid on a uint16 input: one step per 257 codes
 LOW_PART_SHIFT = 128            # B_lo's step: s_b / 128 (range +-256 steps of B, room for B_hi's rounding)
 LOW_PRODUCT_SHIFT = 4           # A @ B_lo's step: the output's / 4 (range a quarter of the output's)
 SPLIT_MARK = ".htp_split_"      # in the two products' names: A @ B_lo reads B_lo at 8 bits by design, not split again
