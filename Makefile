@@ -50,7 +50,7 @@ models: setup
 # and a final JSON line.
 LLAMA_CPP := llama-cpp-python==0.3.36
 BENCHES   := bench/decode.py bench/route.py bench/safety.py bench/skills.py bench/perception.py bench/ingest.py \
-             bench/soak.py bench/swap.py bench/mqtt_outbox.py bench/quant.py
+             bench/soak.py bench/swap.py bench/mqtt_outbox.py bench/quant.py bench/htp_attention.py
 bench: setup models
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[bench]' --config-settings editable_mode=compat
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || { echo "building $(LLAMA_CPP) with $$($(BIN)/python bench/llama_cpp_flags.py)"; \
