@@ -389,7 +389,7 @@ def quantize_cnn(float_path: str | Path, out_path: str | Path, calibration: Sequ
     with tempfile.TemporaryDirectory(prefix="cnn-ptq-") as tmp:
         staged = Path(tmp) / "prepared.onnx"
         onnx.save(prepared, str(staged))
-        qdq.quantize_qdq(staged, out_path, calibration, "w8a16", integers=integers)
+        qdq.quantize_qdq(staged, out_path, calibration, "w8a16", integers=integers, exact_scales=False)
     htp_requant.align_file(out_path, concat_scales=True)   # CPU QDQ then computes what the HTP computes
     if recipe.htp_calibration_inputs:       # and the HTP's truncating requantization gets its compensation
         report.htp_truncation = htp_truncation.calibrate_file(
