@@ -69,7 +69,8 @@ def main() -> int:
         build_decoder(spec, model.weights, TOKENS, "replace", name="smollm2_htp").save(plain, external_data="f.data")
         qdq.quantize_qdq(plain, quantized, feeds(spec, table, cal), "w8a16", calib_stride=8)
         held_feeds = feeds(spec, table, held)
-        ref = [create_session(plain, "cpu").run(["logits"], f)[0] for f in held_feeds]
+        float_session = create_session(plain, "cpu")
+        ref = [float_session.run(["logits"], f)[0] for f in held_feeds]
         runs = {"cpu": create_session(quantized, "cpu"),
                 "htp_as_compiled": ort.InferenceSession(str(quantized), sess_options=qnn_session_options(
                     "qnn-emulator", disable_cpu_fallback=True)),
