@@ -1,11 +1,12 @@
 """SmolLM2-135M's attention on the HTP emulator: the first `--layers` layers and the head (real weights from the
 bundled GGUF), in the NPU graph form (`replace`: a 16-token prefill into a 32-slot cache, one-hot cache writes),
-W8A16 per-channel, ranges from 64 chunks of the calibration text. Logits on held-out chunks against the float
-graph: CPU QDQ, the emulator compiling the file as it is, and the emulator through the run-time lowering, which
-splits every MatMul of two 16-bit activations (service/runtime/htp_matmul.py: the HTP reads the second input of
-such a MatMul at 8 bits). CPU fallback off. The last line is JSON.
+W8A16 per-channel after the recipe's rotation of the residual stream (`--no-rotation`: without), ranges from 64
+chunks of the calibration text. Logits on held-out chunks against the float graph: CPU QDQ, the emulator compiling
+the file as it is, and the emulator through the run-time lowering, which splits every MatMul of two 16-bit
+activations (service/runtime/htp_matmul.py: the HTP reads the second input of such a MatMul at 8 bits). CPU
+fallback off. The last line is JSON.
 
-    .venv/bin/python bench/htp_attention.py [--layers 2] [--held 4]
+    .venv/bin/python bench/htp_attention.py [--layers 2] [--held 4] [--no-rotation]
 """
 from __future__ import annotations
 
@@ -22,26 +23,13 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.modelbuild import calibration_text, qdq  # noqa: E402
-from service.modelbuild.decoder import MASK_VALUE, build_decoder, state_entries  # noqa: E402
+from service.modelbuild import calibration_text, qdq, rotation  # noqa: E402
+from service.modelbuild.decoder import build_decoder, empty_cache_feeds  # noqa: E402
 from service.modelbuild.gguf_llama import default_gguf, load_gguf  # noqa: E402
 from service.runtime.backends import create_session  # noqa: E402
 from service.runtime.providers import qnn_session_options  # noqa: E402
 
 TOKENS, SLOTS = 16, 32
-
-
-def feeds(spec, table, chunks) -> list[dict]:
-    """`replace`-mode inputs of a prefill from an empty cache: causal mask over the slots, one-hot writes."""
-    mask = np.full((1, 1, TOKENS, SLOTS), MASK_VALUE, np.float32)
-    write = np.zeros((1, 1, SLOTS, TOKENS), np.float32)
-    for t in range(TOKENS):
-        mask[0, 0, t, :t + 1] = 0.0
-        write[0, 0, t, t] = 1.0
-    states = {e["input"]: np.zeros(e["shape"], np.float32) for e in state_entries(spec, TOKENS, "replace")}
-    return [{"inputs_embeds": table[np.asarray(ids)][None].astype(np.float32),
-             "position_ids": np.arange(TOKENS, dtype=np.int64)[None], "token_mask": np.ones((1, TOKENS), np.float32),
-             "attention_mask": mask, "cache_write": write, **states} for ids in chunks]
 
 
 def score(ref: list, got: list) -> tuple[float, float]:
@@ -55,6 +43,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--held", type=int, default=4, help="held-out chunks of 16 tokens")
+    ap.add_argument("--rotation", action=argparse.BooleanOptionalAction, default=True,
+                    help="rotate the residual stream first, as the W8A16 recipe does (rotation.py)")
     args = ap.parse_args()
     from tokenizers import Tokenizer
     model = load_gguf(default_gguf(), context_length=SLOTS)
@@ -63,12 +53,15 @@ def main() -> int:
     cal_docs, held_docs = calibration_text.split()
     cal = calibration_text.token_chunks(lambda s: tok.encode(s).ids, cal_docs, TOKENS, 64, per_document=4)
     held = calibration_text.token_chunks(lambda s: tok.encode(s).ids, held_docs, TOKENS, args.held, per_document=1)
-    table = model.weights["embed"]
+    weights = model.weights
+    if args.rotation:        # the float function is unchanged (to ~1e-5), so the float reference is either graph
+        spec, weights, _ = rotation.rotate_residual(spec, weights, seed=0)
+    table = weights["embed"]
     with tempfile.TemporaryDirectory() as tmp:
         plain, quantized = Path(tmp) / "float.onnx", Path(tmp) / "w8a16.onnx"
-        build_decoder(spec, model.weights, TOKENS, "replace", name="smollm2_htp").save(plain, external_data="f.data")
-        qdq.quantize_qdq(plain, quantized, feeds(spec, table, cal), "w8a16", calib_stride=8)
-        held_feeds = feeds(spec, table, held)
+        build_decoder(spec, weights, TOKENS, "replace", name="smollm2_htp").save(plain, external_data="f.data")
+        qdq.quantize_qdq(plain, quantized, empty_cache_feeds(spec, table, cal, TOKENS), "w8a16", calib_stride=8)
+        held_feeds = empty_cache_feeds(spec, table, held, TOKENS)
         float_session = create_session(plain, "cpu")
         ref = [float_session.run(["logits"], f)[0] for f in held_feeds]
         runs = {"cpu": create_session(quantized, "cpu"),
@@ -80,7 +73,8 @@ def main() -> int:
             t0 = time.perf_counter()
             logits[name] = [session.run(["logits"], f)[0] for f in held_feeds]
             seconds[name] = round(time.perf_counter() - t0, 1)
-    result = {"bench": "htp_attention", "lm_htp_layers": args.layers, "held_tokens": len(held) * TOKENS}
+    result = {"bench": "htp_attention", "lm_htp_layers": args.layers, "held_tokens": len(held) * TOKENS,
+              "lm_htp_rotation": args.rotation}
     for name, got in logits.items():
         sqnr, top1 = score(ref, got)
         result.update({f"lm_w8a16_{name}_sqnr_db": sqnr, f"lm_w8a16_{name}_top1_agree": top1})

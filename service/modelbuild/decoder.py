@@ -99,6 +99,21 @@ def rotate_half_matrix(head_dim: int) -> np.ndarray:
     return r
 
 
+def empty_cache_feeds(spec: DecoderSpec, table: np.ndarray, chunks, tokens: int) -> list[dict]:
+    """`replace`-mode inputs of one prefill per chunk of `tokens` token ids, each from an empty cache: causal mask
+    over the context's slots, one-hot writes into slots 0..tokens-1 (what calibration and the HTP benches feed)."""
+    slots = spec.context_length
+    mask = np.full((1, 1, tokens, slots), MASK_VALUE, np.float32)
+    write = np.zeros((1, 1, slots, tokens), np.float32)
+    for t in range(tokens):
+        mask[0, 0, t, :t + 1] = 0.0
+        write[0, 0, t, t] = 1.0
+    states = {e["input"]: np.zeros(e["shape"], np.float32) for e in state_entries(spec, tokens, "replace")}
+    return [{"inputs_embeds": table[np.asarray(ids)][None].astype(np.float32),
+             "position_ids": np.arange(tokens, dtype=np.int64)[None], "token_mask": np.ones((1, tokens), np.float32),
+             "attention_mask": mask, "cache_write": write, **states} for ids in chunks]
+
+
 def state_entries(spec: DecoderSpec, tokens: int, mode: str) -> list[dict]:
     L, kv, hd = spec.context_length, spec.num_kv_heads, spec.head_dim
     entries = []
@@ -133,6 +148,17 @@ class _Writer:
             y = self.g.op("Add", [y, self.g.init(f"{name}.bias", np.asarray(bias, np.float32))])
         return y
 
+    def projections(self, x: str, prefix: str, weights: dict[str, np.ndarray], fused: str) -> list[str]:
+        """Several projections of one input. `append` (CPU): one MatMul `{prefix}.{fused}` split afterwards, fewer
+        and larger products. `replace` (the NPU's graphs, which are quantized): one MatMul each, so that each
+        output gets its own 16-bit range; fused, V took Q and K's range, 20x its own, and the HTP's blend of it
+        into the cache came out ~1 V step low (SmolLM2 W8A16: logits +1.8 dB on CPU QDQ, docs/quantization-htp.md)."""
+        if self.mode == "replace":
+            return [self.linear(x, f"{prefix}.{name}", w) for name, w in weights.items()]
+        widths = [int(w.shape[0]) for w in weights.values()]
+        y = self.linear(x, f"{prefix}.{fused}", np.concatenate(list(weights.values()), axis=0))
+        return list(self.g.op("Split", [y, self.g.const(widths, "int64")], n_out=len(widths), axis=-1))
+
     def rms_norm(self, x: str, name: str, weight: np.ndarray) -> str:
         # x / sqrt(mean(x^2) + eps) * weight over the last axis, as one node (see DECODER_OPSET).
         return self.g.op("RMSNormalization", [x, self.g.init(f"{name}.weight", np.asarray(weight, np.float32))],
@@ -146,9 +172,7 @@ class _Writer:
         s, g, T, L = self.spec, self.g, self.T, self.spec.context_length
         nh, kv, hd = s.num_heads, s.num_kv_heads, s.head_dim
         group = nh // kv
-        fused = np.concatenate([lw["q"], lw["k"], lw["v"]], axis=0)
-        qkv = self.linear(x, f"layers.{i}.attn.qkv", fused)
-        q, k, v = g.op("Split", [qkv, g.const([nh * hd, kv * hd, kv * hd], "int64")], n_out=3, axis=-1)
+        q, k, v = self.projections(x, f"layers.{i}.attn", {n: lw[n] for n in ("q", "k", "v")}, fused="qkv")
         q = self.reshape(q, [1, T, nh, hd])
         k = self.reshape(k, [1, T, kv, hd])
         if s.qk_norm:
@@ -225,9 +249,8 @@ class _Writer:
         return self.linear(y, f"layers.{i}.conv.out_proj", lw["out_proj"], lw.get("out_proj_bias"))
 
     def mlp(self, i: int, x: str, lw: dict) -> str:
-        g, I = self.g, self.spec.intermediate_size
-        gate_up = self.linear(x, f"layers.{i}.mlp.gate_up", np.concatenate([lw["gate"], lw["up"]], axis=0))
-        gate, up = g.op("Split", [gate_up, g.const([I, I], "int64")], n_out=2, axis=-1)
+        g = self.g
+        gate, up = self.projections(x, f"layers.{i}.mlp", {n: lw[n] for n in ("gate", "up")}, fused="gate_up")
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])
         return self.linear(g.op("Mul", [act, up]), f"layers.{i}.mlp.down", lw["down"])
 

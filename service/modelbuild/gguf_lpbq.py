@@ -87,11 +87,13 @@ def symmetric_part(w: NBitsWeight) -> np.ndarray:
 
 def decoder_blocks(transcoded: dict) -> dict[str, NBitsWeight]:
     """`load_gguf(transcode_blocks=True).transcoded` -> graph weight name -> NBitsWeight [N, K] for the 4-bit
-    layer weights of `decoder.build_decoder`'s graph (fused qkv and gate_up as that graph fuses them)."""
+    layer weights of `decoder.build_decoder`'s graphs: the fused qkv and gate_up of its append mode and the
+    separate projections of its replace mode (a name the graph lacks is not looked up)."""
     out = {}
     for i, lw in enumerate(transcoded["layers"]):
-        parts = {f"layers.{i}.attn.qkv.weight": ("q", "k", "v"), f"layers.{i}.attn.o.weight": ("o",),
-                 f"layers.{i}.mlp.gate_up.weight": ("gate", "up"), f"layers.{i}.mlp.down.weight": ("down",)}
+        parts = {f"layers.{i}.attn.qkv.weight": ("q", "k", "v"), f"layers.{i}.mlp.gate_up.weight": ("gate", "up")}
+        parts |= {f"layers.{i}.attn.{k}.weight": (k,) for k in ("q", "k", "v", "o")}
+        parts |= {f"layers.{i}.mlp.{k}.weight": (k,) for k in ("gate", "up", "down")}
         for name, keys in parts.items():
             ws = [lw[k] for k in keys]
             if all(isinstance(x, NBitsWeight) and x.bits == 4 for x in ws) and len({x.layout() for x in ws}) == 1:
