@@ -267,7 +267,10 @@ class GenerationEngine:
                 description = await asyncio.to_thread(self.describe_images, images)
                 if inspect.isawaitable(description):
                     description = await description
-            content = f"What the cameras show: {description}\n\n{content}"
+            # The question first: with the facts first SmolLM2-135M recited them and answered nothing else ("What
+            # is the capital of France?" beside "1 person, 1 horse, 1 dog" -> "1. The cameras show a person...");
+            # after the question it answers Paris and still describes the scene when asked about it.
+            content = f"{content}\n\nWhat the cameras show: {description}"
         try:
             if request.conversation is not None:    # old turns dropped until the answer has its room
                 prompt = request.conversation.prompt_for(
