@@ -21,7 +21,7 @@ import numpy as np
 
 from . import vision as vision_mod
 from .bundle_writer import KNOWN_VARIANTS, swap_in, write_bundle, write_manifest
-from .decoder import MASK_VALUE, DecoderSpec, state_entries
+from .decoder import DecoderSpec, replace_feed, state_entries
 from .gguf_llama import LoadedModel
 
 IMAGE_TOKEN = "<image>"
@@ -71,25 +71,6 @@ def with_image_token(loaded: LoadedModel) -> tuple[dict, np.ndarray, int]:
 
 
 # ------------------------------------------------------------------------------ replace-mode calibration
-def _replace_feed(H: int, L: int, T: int, rows: np.ndarray, start: int, pad: int, states: dict) -> dict:
-    """Graph inputs of one replace-mode step, laid out exactly as service.runtime.generator does."""
-    n = T - pad
-    embeds = np.zeros((1, T, H), np.float32)
-    embeds[0, pad:] = rows
-    positions = np.zeros((1, T), np.int64)
-    positions[0, pad:] = np.arange(start, start + n)
-    token_mask = np.zeros((1, T), np.float32)
-    token_mask[0, pad:] = 1.0
-    mask = np.full((1, 1, T, L), MASK_VALUE, np.float32)
-    write = np.zeros((1, 1, L, T), np.float32)
-    write[0, 0, start + np.arange(n), np.arange(pad, T)] = 1.0
-    visible = np.arange(L)[None, :] <= (start + np.arange(n))[:, None]
-    mask[0, 0, pad:][visible] = 0.0
-    mask[0, 0, :pad, 0] = 0.0
-    return {"inputs_embeds": embeds, "position_ids": positions, "token_mask": token_mask,
-            "attention_mask": mask, "cache_write": write, **states}
-
-
 def replace_trajectory(spec: DecoderSpec, embed_table: np.ndarray, prompt_embeds: np.ndarray, prefill, decode,
                        chunk: int, decode_steps: int) -> tuple[list[dict], list[dict]]:
     """Feeds of the float replace-mode graphs along a greedy run (prefill chunks, then decode steps)."""
@@ -103,7 +84,7 @@ def replace_trajectory(spec: DecoderSpec, embed_table: np.ndarray, prompt_embeds
     while start < len(prompt_embeds):
         p = pad if first else 0
         n = chunk - p
-        feed = _replace_feed(H, L, chunk, prompt_embeds[start:start + n], start, p, states)
+        feed = replace_feed(H, L, chunk, prompt_embeds[start:start + n], start, p, states)
         prefill_feeds.append(feed)
         outs = dict(zip([o.name for o in prefill.get_outputs()], prefill.run(None, feed)))
         states = {e["input"]: outs[e["output"]] for e in entries}
@@ -112,7 +93,7 @@ def replace_trajectory(spec: DecoderSpec, embed_table: np.ndarray, prompt_embeds
         if start >= L:
             break
         token = int(np.argmax(logits))
-        feed = _replace_feed(H, L, 1, embed_table[token][None], start, 0, states)
+        feed = replace_feed(H, L, 1, embed_table[token][None], start, 0, states)
         decode_feeds.append(feed)
         outs = dict(zip([o.name for o in decode.get_outputs()], decode.run(None, feed)))
         states = {e["input"]: outs[e["output"]] for e in entries}

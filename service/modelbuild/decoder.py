@@ -99,19 +99,31 @@ def rotate_half_matrix(head_dim: int) -> np.ndarray:
     return r
 
 
+def replace_feed(H: int, L: int, T: int, rows: np.ndarray, start: int, pad: int, states: dict) -> dict:
+    """Graph inputs of one replace-mode step, laid out exactly as service.runtime.generator does."""
+    n = T - pad
+    embeds = np.zeros((1, T, H), np.float32)
+    embeds[0, pad:] = rows
+    positions = np.zeros((1, T), np.int64)
+    positions[0, pad:] = np.arange(start, start + n)
+    token_mask = np.zeros((1, T), np.float32)
+    token_mask[0, pad:] = 1.0
+    mask = np.full((1, 1, T, L), MASK_VALUE, np.float32)
+    write = np.zeros((1, 1, L, T), np.float32)
+    write[0, 0, start + np.arange(n), np.arange(pad, T)] = 1.0
+    visible = np.arange(L)[None, :] <= (start + np.arange(n))[:, None]
+    mask[0, 0, pad:][visible] = 0.0
+    mask[0, 0, :pad, 0] = 0.0
+    return {"inputs_embeds": embeds, "position_ids": positions, "token_mask": token_mask,
+            "attention_mask": mask, "cache_write": write, **states}
+
+
 def empty_cache_feeds(spec: DecoderSpec, table: np.ndarray, chunks, tokens: int) -> list[dict]:
-    """`replace`-mode inputs of one prefill per chunk of `tokens` token ids, each from an empty cache: causal mask
-    over the context's slots, one-hot writes into slots 0..tokens-1 (what calibration and the HTP benches feed)."""
-    slots = spec.context_length
-    mask = np.full((1, 1, tokens, slots), MASK_VALUE, np.float32)
-    write = np.zeros((1, 1, slots, tokens), np.float32)
-    for t in range(tokens):
-        mask[0, 0, t, :t + 1] = 0.0
-        write[0, 0, t, t] = 1.0
+    """One `replace_feed` per chunk of `tokens` token ids, each a prefill from an empty cache (what calibration
+    and the HTP benches feed)."""
     states = {e["input"]: np.zeros(e["shape"], np.float32) for e in state_entries(spec, tokens, "replace")}
-    return [{"inputs_embeds": table[np.asarray(ids)][None].astype(np.float32),
-             "position_ids": np.arange(tokens, dtype=np.int64)[None], "token_mask": np.ones((1, tokens), np.float32),
-             "attention_mask": mask, "cache_write": write, **states} for ids in chunks]
+    return [replace_feed(spec.hidden_size, spec.context_length, tokens, table[np.asarray(ids)], 0, 0, states)
+            for ids in chunks]
 
 
 def state_entries(spec: DecoderSpec, tokens: int, mode: str) -> list[dict]:
